@@ -1,0 +1,9 @@
+"""loop: a hand-written Accelerator training loop with Trainer's knobs and Trainer's numbers."""
+
+from .callbacks import Callback, EarlyStopping
+from .config import TrainConfig
+from .errors import LoopError
+from .fit import TrainResult, train
+
+__all__ = ["TrainConfig", "train", "TrainResult", "Callback", "EarlyStopping", "LoopError"]
+__version__ = "0.1.0"

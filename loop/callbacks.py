@@ -1,0 +1,69 @@
+"""A small event interface. A callback returns nothing, or "stop" to end training after the current step.
+
+    class PrintLoss(loop.Callback):
+        def on_log(self, run, record):
+            if "loss" in record:
+                print(run.state.global_step, record["loss"])
+
+        def on_evaluate(self, run, metrics):
+            if metrics["eval_loss"] < 0.5:
+                return "stop"
+
+`run` gives read access to `run.config`, `run.state` (a TrainState), `run.model`, `run.optimizer`,
+`run.scheduler` and `run.accelerator`. A callback that defines `state_dict()`/`load_state_dict()` has its state
+saved in every checkpoint and restored on resume.
+"""
+
+from __future__ import annotations
+
+STOP = "stop"
+
+
+class Callback:
+    def on_train_begin(self, run): ...
+    def on_step_end(self, run): ...          # after every optimizer step, before logging/eval/save
+    def on_log(self, run, record: dict): ...  # every record appended to log_history
+    def on_evaluate(self, run, metrics: dict): ...
+    def on_save(self, run, path: str): ...   # a complete checkpoint now exists at `path`
+    def on_train_end(self, run): ...
+
+
+class EarlyStopping(Callback):
+    """Stop when metric_for_best_model has not improved by more than `threshold` for `patience` evaluations.
+
+    Trainer's EarlyStoppingCallback semantics: improvement is judged against the best value seen so far.
+    """
+
+    def __init__(self, patience: int = 1, threshold: float = 0.0):
+        self.patience, self.threshold, self.counter, self.best = patience, threshold, 0, None
+
+    def on_evaluate(self, run, metrics):
+        name = run.config.metric_for_best_model
+        if name is None:
+            from .errors import LoopError
+
+            raise LoopError("EarlyStopping needs metric_for_best_model; set it (e.g. --metric_for_best_model loss)")
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        value = metrics.get(key)
+        if value is None:
+            return None
+        better = (lambda a, b: a > b + self.threshold) if run.config.greater_is_better else (lambda a, b: a < b - self.threshold)
+        if self.best is None or better(value, self.best):
+            self.best, self.counter = value, 0
+        else:
+            self.counter += 1
+        return STOP if self.counter >= self.patience else None
+
+    def state_dict(self):
+        return {"counter": self.counter, "best": self.best}
+
+    def load_state_dict(self, state):
+        self.counter, self.best = state["counter"], state["best"]
+
+
+def fire(callbacks, event: str, run, *args) -> bool:
+    """Call `event` on every callback; True if any asked to stop."""
+    stop = False
+    for cb in callbacks:
+        stop = (getattr(cb, event)(run, *args) == STOP) or stop
+    return stop

@@ -1,0 +1,271 @@
+"""Checkpoints that survive anything (timm CheckpointSaver-style: write, then rename; keep best and last apart).
+
+Layout of `<output_dir>/checkpoint-<global_step>/`:
+
+    model.safetensors        weights, unwrapped (no `module.`/`_orig_mod.` prefixes)
+    optimizer.pt scheduler.pt scaler.pt   (absent with save_only_model; scaler only with fp16)
+    rng_state_<rank>.pth     every rank's python/numpy/torch/cuda RNG (now and at the epoch's start) and its
+                             loss accumulator since the last log record (for exact resume)
+    ema.safetensors          EMA weights (with ema_decay > 0)
+    loop_state.json          TrainState: step, data position, best metric, log history, callback state
+    train_config.json        the TrainConfig the checkpoint was made with
+    COMPLETE                 written last; a folder without it is never resumed from nor counted
+
+A checkpoint is written to `.tmp-checkpoint-<step>` and renamed into place only once complete, so a kill
+at any moment leaves either the previous set of checkpoints or the new one, never a half-written one that
+looks whole. Under FSDP/DeepSpeed the sharded model/optimizer state goes through accelerate's save_state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+
+from .errors import LoopError
+
+MARKER = "COMPLETE"
+PREFIX = "checkpoint-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(os.path.join(path, "loop_state.json"))
+
+
+def list_checkpoints(output_dir: str, warn: bool = False) -> list[tuple[int, str]]:
+    """Complete checkpoints as (step, path), oldest first; partial or junk folders are skipped (with a warning)."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        m = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if not m or not os.path.isdir(path):
+            continue
+        if not is_complete(path):
+            if warn:
+                warnings.warn(f"skipping {path}: incomplete or not a loop checkpoint (no {MARKER} marker)")
+            continue
+        try:
+            with open(os.path.join(path, "loop_state.json")) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            if warn:
+                warnings.warn(f"skipping {path}: its loop_state.json is unreadable")
+            continue
+        found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(value, output_dir: str):
+    """PATH | True | 'latest' | None -> a checkpoint path or None; a clear error if there is none."""
+    if value in (None, False, "", "none", "false", "False"):
+        return None
+    if value is True or str(value).lower() in ("true", "latest"):
+        found = list_checkpoints(output_dir, warn=True)
+        if not found:
+            raise LoopError(f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}; "
+                            "train without --resume_from_checkpoint or point it at a checkpoint folder")
+        return found[-1][1]
+    path = str(value)
+    if not os.path.isdir(path):
+        raise LoopError(f"resume_from_checkpoint: {path} does not exist; pass a checkpoint-<step> folder or 'latest'")
+    if not is_complete(path):
+        raise LoopError(f"resume_from_checkpoint: {path} is not a complete loop checkpoint (no {MARKER} marker); "
+                        "pass another checkpoint or 'latest' to take the newest complete one")
+    return path
+
+
+def clean_stale(output_dir: str):
+    """Remove temporary folders left by a save that was killed."""
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith(".tmp-checkpoint-") or name.startswith(".old-checkpoint-") or name == ".tmp-final":
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
+def save(run) -> str:
+    """Write a complete checkpoint for the current step; return its path. Collective: every rank calls it."""
+    acc, cfg, state = run.accelerator, run.config, run.state
+    final = os.path.join(cfg.output_dir, f"{PREFIX}{state.global_step}")
+    tmp = os.path.join(cfg.output_dir, f".tmp-{PREFIX}{state.global_step}")
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        if _sharded(acc) and not cfg.save_only_model:
+            acc.save_state(tmp)
+        else:
+            weights = acc.get_state_dict(run.model)  # unwrapped: no module./_orig_mod. prefixes
+            if acc.is_main_process:
+                acc.save(strip_prefixes(weights), os.path.join(tmp, "model.safetensors"), safe_serialization=True)
+                if not cfg.save_only_model:
+                    torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                    torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+                    if acc.scaler is not None:
+                        torch.save(acc.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        if not cfg.save_only_model:
+            # per rank: RNG now and at the epoch's start, and this rank's loss accumulator since the last log
+            torch.save({**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()},
+                       os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))
+        if acc.is_main_process:
+            if run.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()},
+                          os.path.join(tmp, "ema.safetensors"))
+            state.callback_states = {type(cb).__name__: cb.state_dict() for cb in run.callbacks
+                                     if hasattr(cb, "state_dict")}
+            with open(os.path.join(tmp, "loop_state.json"), "w") as f:
+                f.write(state.to_json())
+            with open(os.path.join(tmp, "train_config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                f.write(f"{state.global_step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # re-saving a step (after a resume): swap atomically, then drop the old
+                old = os.path.join(cfg.output_dir, f".old-{PREFIX}{state.global_step}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(cfg.output_dir)
+        acc.wait_for_everyone()
+    except OSError as e:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise LoopError(f"saving checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are intact - "
+                        "free disk space or change output_dir, then resume with --resume_from_checkpoint latest") from None
+    return final
+
+
+def rotate(output_dir: str, limit, keep: tuple = ()):
+    """Delete the oldest complete checkpoints beyond `limit`, never one in `keep` (best) nor the newest."""
+    if not limit:
+        return []
+    found = list_checkpoints(output_dir)
+    if not found:
+        return []
+    protected = {os.path.abspath(p) for p in keep if p} | {os.path.abspath(found[-1][1])}
+    removable = [p for _, p in found if os.path.abspath(p) not in protected]
+    excess = len(found) - max(limit, len(protected))
+    deleted = removable[:max(excess, 0)]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    out = {}
+    for k, v in state_dict.items():
+        for p in ("_orig_mod.", "module."):
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k.replace("._orig_mod.", ".")] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_weights(model, path: str):
+    """Load model.safetensors into an unwrapped model; tied weights saved once are fine."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if _is_tied(model, k, weights)}
+    if unexpected or set(missing) - tied:
+        raise LoopError(f"checkpoint {path} does not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}); resume with the model it was made with")
+
+
+def _is_tied(model, key, weights) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    t = params.get(key)
+    return t is not None and any(params.get(k) is not None and params[k].data_ptr() == t.data_ptr()
+                                 for k in weights)
+
+
+def load(run, path: str):
+    """Restore everything but the RNG (restored by the loop at the data position). Returns the saved RNG dict."""
+    acc = run.accelerator
+    if _sharded(acc) and os.path.exists(os.path.join(path, "optimizer.bin")) or \
+            os.path.exists(os.path.join(path, "pytorch_model_fsdp_0")):
+        acc.load_state(path)
+    else:
+        load_weights(acc.unwrap_model(run.model), path)
+        if not os.path.exists(os.path.join(path, "optimizer.pt")):
+            raise LoopError(f"{path} holds only the model (save_only_model); it can initialise a new run "
+                            "but not resume one")
+        run.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
+                                                 weights_only=False))
+        run.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        if acc.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
+            acc.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))
+    if run.ema is not None:
+        ema_file = os.path.join(path, "ema.safetensors")
+        if os.path.exists(ema_file):
+            from safetensors.torch import load_file
+
+            run.ema.load_state_dict(load_file(ema_file))
+        else:
+            warnings.warn(f"{path} has no EMA weights; the EMA restarts from the current weights")
+    rng_file = os.path.join(path, f"rng_state_{acc.process_index}.pth")
+    if not os.path.exists(rng_file):
+        warnings.warn(f"{rng_file} is missing (different world size?); random streams will differ")
+        return None
+    saved = torch.load(rng_file, weights_only=False)
+    run.tr_loss.copy_(saved["tr_loss"])
+    return saved
+
+
+def read_state(path: str):
+    from .state import TrainState
+
+    with open(os.path.join(path, "loop_state.json")) as f:
+        return TrainState.from_json(f.read())

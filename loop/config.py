@@ -1,0 +1,452 @@
+"""`TrainConfig`: every knob of a run, with `transformers.TrainingArguments`' names and defaults.
+
+Fields come in two groups. The *Trainer* group mirrors a TrainingArguments field of the same name, default and
+meaning, so that `TrainConfig.from_training_arguments(args)` and `.to_training_arguments()` round-trip. The *loop*
+group holds what Trainer does not have (EMA, telemetry, resume policy); each is off or inert by default so that a
+config built from TrainingArguments reproduces Trainer's numbers.
+
+TrainingArguments fields the loop does not implement are listed in `REFUSED`: setting one to a non-default value
+raises a `LoopError` naming it. Nothing is silently ignored; `coverage()` returns the whole table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields
+
+from .errors import LoopError, closest
+
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "sgd", "adafactor", "adagrad", "rmsprop")
+INTERVALS = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+SAMPLING = ("random", "sequential", "group_by_length")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def _f(default, help: str, group: str = "trainer", note: str = "", choices=None):
+    meta = {"help": help, "group": group, "note": note, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- Trainer group: what is trained, how long
+    output_dir: str = _f("trainer_output", "Where checkpoints, metrics.jsonl and the final model are written.")
+    per_device_train_batch_size: int = _f(8, "Micro-batch size per device (process) for training.")
+    per_device_eval_batch_size: int = _f(8, "Batch size per device for evaluation.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated into one optimizer step.")
+    num_train_epochs: float = _f(3.0, "Epochs to train (fractional allowed); ignored when max_steps > 0.")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    # ---------------------------------------------------------------- optimizer and schedule
+    learning_rate: float = _f(5e-5, "Peak learning rate.")
+    optim: str = _f("adamw_torch_fused", "Optimizer.", choices=OPTIMIZERS)
+    optim_args: typing.Optional[str] = _f(None, "Extra optimizer arguments 'k=v,k=v' (sgd/adagrad/rmsprop keys as Trainer).")
+    weight_decay: float = _f(0.0, "Decoupled weight decay; not applied to biases and norm weights (Trainer's grouping).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is still logged).")
+    lr_scheduler_type: str = _f("linear", "Any scheduler of transformers.get_scheduler.", choices=SCHEDULERS)
+    lr_scheduler_kwargs: typing.Optional[dict] = _f(None, "Extra scheduler arguments (JSON object on the CLI).")
+    warmup_steps: float = _f(0, "Warmup steps; a value < 1 is a ratio of the total steps (Trainer's rule).")
+    label_smoothing_factor: float = _f(0.0, "Label smoothing epsilon (Trainer's LabelSmoother).")
+    average_tokens_across_devices: bool = _f(True, "Normalise the loss by target items summed over all ranks.")
+    # ---------------------------------------------------------------- precision and speed
+    bf16: bool = _f(False, "bf16 mixed precision through the Accelerator.")
+    fp16: bool = _f(False, "fp16 mixed precision with a dynamic grad scaler through the Accelerator.")
+    tf32: typing.Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs (None: leave torch's default).")
+    gradient_checkpointing: bool = _f(False, "Activation (gradient) checkpointing via model.gradient_checkpointing_enable.")
+    gradient_checkpointing_kwargs: typing.Optional[dict] = _f(None, "Arguments for torch.utils.checkpoint.")
+    torch_compile: bool = _f(False, "Compile the model with torch.compile through the Accelerator.")
+    torch_compile_backend: typing.Optional[str] = _f(None, "torch.compile backend (default inductor).")
+    torch_compile_mode: typing.Optional[str] = _f(None, "torch.compile mode.")
+    torch_empty_cache_steps: typing.Optional[int] = _f(None, "Empty the device cache every N steps.")
+    use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
+    use_cache: bool = _f(False, "Value written to model.config.use_cache during training (Trainer's).")
+    # ---------------------------------------------------------------- data
+    seed: int = _f(42, "Seed set before anything random happens.")
+    data_seed: typing.Optional[int] = _f(None, "Separate seed for the data sampler.")
+    full_determinism: bool = _f(False, "Deterministic algorithms everywhere (slower).")
+    dataloader_drop_last: bool = _f(False, "Drop the last incomplete batch.")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    dataloader_pin_memory: bool = _f(True, "Pin host memory for faster copies to the GPU.")
+    dataloader_persistent_workers: bool = _f(False, "Keep eval/train workers alive between epochs.")
+    dataloader_prefetch_factor: typing.Optional[int] = _f(None, "Batches prefetched per worker.")
+    dataloader_multiprocessing_context: typing.Optional[str] = _f(None, "Multiprocessing start method for workers.")
+    dataloader_in_order: bool = _f(True, "Workers return batches in order.")
+    remove_unused_columns: bool = _f(True, "Drop dataset columns the model's forward does not accept.")
+    label_names: typing.Optional[list] = _f(None, "Input keys holding the labels (default: inferred from the model).")
+    train_sampling_strategy: str = _f("random", "Train sampler.", choices=SAMPLING)
+    length_column_name: str = _f("length", "Precomputed length column for group_by_length.")
+    # ---------------------------------------------------------------- logging
+    logging_strategy: str = _f("steps", "When to log the training loss.", choices=INTERVALS)
+    logging_steps: float = _f(500, "Log every N steps (a value < 1 is a ratio of the total steps).")
+    logging_first_step: bool = _f(False, "Also log after the first step.")
+    logging_nan_inf_filter: bool = _f(True, "Replace a nan/inf micro-batch loss by the running average when logging.")
+    include_num_input_tokens_seen: str = _f("no", "Track input tokens seen: no, all or non_padding.",
+                                            choices=("no", "all", "non_padding"))
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+    report_to: typing.Union[list, str] = _f("none", "Trackers to hand records to (accelerate trackers), or none.")
+    run_name: typing.Optional[str] = _f(None, "Run name for trackers.")
+    project: str = _f("huggingface", "Project name for trackers.")
+    log_level: str = _f("passive", "Logger level of the main process (passive keeps the library default).")
+    skip_memory_metrics: bool = _f(True, "Trainer's memory tracker; the loop reports peak memory in telemetry instead.",
+                                   note="the loop's telemetry reports peak device memory in every record")
+    # ---------------------------------------------------------------- evaluation
+    eval_strategy: str = _f("no", "When to evaluate.", choices=INTERVALS)
+    eval_steps: typing.Optional[float] = _f(None, "Evaluate every N steps (default logging_steps; < 1 is a ratio).")
+    eval_delay: float = _f(0, "Steps (or epochs) to wait before the first evaluation.")
+    eval_on_start: bool = _f(False, "Evaluate once before training.")
+    prediction_loss_only: bool = _f(False, "Evaluation returns the loss only (no predictions for metrics).")
+    eval_accumulation_steps: typing.Optional[int] = _f(None, "Move predictions to the CPU every N eval batches.")
+    metric_for_best_model: typing.Optional[str] = _f(None, "Metric that picks the best checkpoint and drives early stopping.")
+    greater_is_better: typing.Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better.")
+    # ---------------------------------------------------------------- checkpoints
+    save_strategy: str = _f("steps", "When to save a checkpoint.", choices=SAVE_STRATEGIES)
+    save_steps: float = _f(500, "Save every N steps (a value < 1 is a ratio of the total steps).")
+    save_total_limit: typing.Optional[int] = _f(None, "Keep at most N checkpoints (never deleting the best or the newest).")
+    save_only_model: bool = _f(False, "Checkpoints hold only the weights (no resume).")
+    load_best_model_at_end: bool = _f(False, "Load the best checkpoint's weights at the end.")
+    ignore_data_skip: bool = _f(False, "On resume, start the epoch's data from the beginning instead of the saved position.")
+    restore_callback_states_from_checkpoint: bool = _f(False, "Restore stateful callbacks from the checkpoint.")
+    resume_from_checkpoint: typing.Optional[str] = _f(None, "Checkpoint to resume from: a path, 'latest' or 'true'.")
+    # ---------------------------------------------------------------- distributed (DDP knobs; topology comes from `accelerate launch`)
+    ddp_find_unused_parameters: typing.Optional[bool] = _f(None, "DDP find_unused_parameters.")
+    ddp_bucket_cap_mb: typing.Optional[int] = _f(None, "DDP bucket size.")
+    ddp_broadcast_buffers: typing.Optional[bool] = _f(None, "DDP broadcast_buffers.")
+    ddp_static_graph: typing.Optional[bool] = _f(None, "DDP static_graph.")
+    ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
+
+    # ================================================================ loop group: what Trainer lacks
+    ema_decay: float = _f(0.0, "EMA of the weights with this decay (0 disables).", group="loop")
+    ema_warmup: bool = _f(False, "Use decay_t = min(ema_decay, (1+t)/(10+t)).", group="loop")
+    ema_start_step: int = _f(0, "Optimizer step from which the EMA is updated (before it, it tracks the weights).", group="loop")
+    ema_on_cpu: bool = _f(False, "Keep the EMA on the CPU instead of the training device.", group="loop")
+    telemetry: bool = _f(True, "Add tokens/s, samples/s, step time, peak memory and MFU under `loop/` keys to each record.", group="loop")
+    peak_tflops: typing.Optional[float] = _f(None, "Device peak TFLOP/s for MFU (default: looked up from the GPU name).", group="loop")
+    allow_inexact_resume: bool = _f(False, "Resume even if batch geometry or dataset length changed (data position is then approximate).", group="loop")
+    metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
+
+    def __post_init__(self):
+        self._coerce_types()
+        self.validate()
+
+    # ------------------------------------------------------------------ validation (runs before any model is touched)
+    def _coerce_types(self):
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.report_to = [t for t in self.report_to if t not in ("none", "")]
+        if isinstance(self.include_num_input_tokens_seen, bool):
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
+
+    def validate(self):
+        def bad(msg):
+            raise LoopError(msg)
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                bad(f"{f.name}={value!r} is not supported{closest(str(value), choices)}; choose one of: {', '.join(choices)}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            bad("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        if self.learning_rate < 0:
+            bad(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            bad(f"warmup_steps must be >= 0 (an int, or a ratio < 1), got {self.warmup_steps}")
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            bad(f"warmup_steps={self.warmup_steps}: use an integer number of steps, or a ratio below 1")
+        if self.max_grad_norm < 0:
+            bad(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if not 0 <= self.label_smoothing_factor < 1:
+            bad(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if self.fp16 and self.bf16:
+            bad("fp16 and bf16 are both set: choose one mixed-precision mode")
+        for tracker in self.report_to:
+            if tracker not in TRACKERS and tracker != "all":
+                bad(f"report_to={tracker!r} is not a known tracker{closest(tracker, TRACKERS)}; use one of {', '.join(TRACKERS)} or none")
+        if self.logging_strategy == "steps" and self.logging_steps <= 0:
+            bad("logging_strategy='steps' needs logging_steps > 0")
+        if self.eval_strategy == "steps" and not self.eval_steps:
+            self.eval_steps = self.logging_steps  # Trainer's rule: eval_steps defaults to logging_steps
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value > 1 and value != int(value):
+                bad(f"{name}={value}: use an integer number of steps, or a ratio below 1")
+        if self.save_strategy == "steps" and self.save_steps <= 0:
+            bad("save_strategy='steps' needs save_steps > 0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            bad(f"save_total_limit must be >= 1 or unset, got {self.save_total_limit}")
+        if (self.load_best_model_at_end or self.lr_scheduler_type == "reduce_lr_on_plateau") and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no":
+                bad("load_best_model_at_end needs evaluation: set eval_strategy to steps or epoch")
+            if self.save_strategy == "no":
+                bad("load_best_model_at_end needs checkpoints: set save_strategy to steps, epoch or best")
+            if self.save_strategy not in ("best", self.eval_strategy):
+                bad(f"load_best_model_at_end needs save_strategy ({self.save_strategy}) to match eval_strategy "
+                    f"({self.eval_strategy}), or save_strategy=best")
+            if self.save_strategy == "steps" and self.eval_strategy == "steps" and self.save_steps >= 1 \
+                    and self.eval_steps >= 1 and self.save_steps % self.eval_steps != 0:
+                bad(f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps ({self.eval_steps})")
+        if self.save_strategy == "best" and self.eval_strategy == "no":
+            bad("save_strategy='best' needs evaluation: set eval_strategy to steps or epoch")
+        if self.save_strategy == "best" and self.metric_for_best_model is None:
+            self.metric_for_best_model, self.greater_is_better = "loss", False
+        if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
+            bad("lr_scheduler_type='reduce_lr_on_plateau' steps on the eval metric: set eval_strategy to steps or epoch")
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True
+        if not 0 <= self.ema_decay < 1:
+            bad(f"ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
+        if self.ema_start_step < 0:
+            bad(f"ema_start_step must be >= 0, got {self.ema_start_step}")
+        if self.dataloader_num_workers < 0:
+            bad(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
+            bad("dataloader_prefetch_factor needs dataloader_num_workers > 0")
+        if self.use_cpu:
+            self.dataloader_pin_memory = False
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def mixed_precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Trainer's rule: an integer is a step count, a value < 1 a ratio of the total steps."""
+        return int(self.warmup_steps) if self.warmup_steps >= 1 else math.ceil(total_steps * self.warmup_steps)
+
+    def steps_for(self, name: str, total_steps: int):
+        """logging/eval/save steps as an int; a value < 1 is a ratio of total steps (Trainer's compute_steps)."""
+        value = getattr(self, f"{name}_steps")
+        if value is None:
+            return None
+        return math.ceil(total_steps * value) if value < 1 else int(value)
+
+    def loop_features(self) -> list[str]:
+        """Loop-only features that are switched on (reported by `loop compare`)."""
+        on = []
+        if self.ema_decay > 0:
+            on.append(f"ema (decay {self.ema_decay})")
+        if self.telemetry:
+            on.append("telemetry (extra loop/ keys in records; numbers unchanged)")
+        if self.allow_inexact_resume:
+            on.append("allow_inexact_resume")
+        return on
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ TrainingArguments round-trip
+    @classmethod
+    def from_training_arguments(cls, args, **loop_fields) -> "TrainConfig":
+        """Mirror `args`; refuse (naming it) any field the loop does not implement that is set to a non-default value.
+
+        Loop-only features stay off (parity mode: telemetry keys are not added) unless passed in `loop_fields`.
+        """
+        defaults = _default_training_arguments()
+        for name, rule in REFUSED.items():
+            if not hasattr(args, name):
+                continue
+            if not _same(getattr(args, name), getattr(defaults, name)):
+                raise LoopError(f"TrainingArguments.{name}={getattr(args, name)!r} is not supported by the loop: {rule}")
+        values = {}
+        for f in fields(cls):
+            if f.metadata["group"] != "trainer" or not hasattr(args, f.name):
+                continue
+            value = getattr(args, f.name)
+            value = getattr(value, "value", value)  # enums -> their string
+            values[f.name] = value
+        # transformers >= 5.20 names it activation_checkpointing; gradient_checkpointing mirrors it
+        if getattr(args, "activation_checkpointing", None):
+            values["gradient_checkpointing"] = True
+            values["gradient_checkpointing_kwargs"] = getattr(args, "activation_checkpointing_kwargs", None)
+        values["report_to"] = list(args.report_to) if args.report_to else "none"
+        if values.get("disable_tqdm") is None:
+            values["disable_tqdm"] = False
+        values.update({"telemetry": False, **loop_fields})
+        return cls(**values)
+
+    def to_training_arguments(self, **overrides):
+        """The TrainingArguments that make Trainer run this configuration."""
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.metadata["group"] == "trainer" and f.name in known}
+        kwargs["report_to"] = self.report_to or "none"
+        if "activation_checkpointing" in known:
+            kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+            kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+        kwargs.update(overrides)
+        return TrainingArguments(**kwargs)
+
+
+# TrainingArguments fields the loop does not implement, with what to do instead. Setting any of them to a
+# non-default value in from_training_arguments raises; they have no TrainConfig field, so the CLI refuses them too.
+REFUSED = {
+    "optim_target_modules": "GaLore/APOLLO-style optimizers are not implemented",
+    "bf16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
+    "fp16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
+    "activation_checkpointing_kwargs": "mirrored through gradient_checkpointing_kwargs",
+    "use_liger_kernel": "Liger kernels are not integrated",
+    "liger_kernel_config": "Liger kernels are not integrated",
+    "neftune_noise_alpha": "NEFTune is not implemented",
+    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
+    "log_on_each_node": "the loop logs on the main process only",
+    "log_level_replica": "replicas keep the library default log level",
+    "trackio_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
+    "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
+    "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
+    "eval_do_concat_batches": "predictions are always concatenated across batches",
+    "eval_use_gather_object": "predictions are gathered as tensors",
+    "include_for_metrics": "compute_metrics receives predictions and labels only",
+    "batch_eval_metrics": "compute_metrics runs once on the whole evaluation set",
+    "save_on_each_node": "checkpoints are written by the main process to a shared output_dir",
+    "enable_jit_checkpoint": "checkpoints are atomic; resume from the newest complete one instead",
+    "push_to_hub": "push the saved output_dir with huggingface_hub yourself",
+    "hub_token": "Hub upload is not implemented", "hub_private_repo": "Hub upload is not implemented",
+    "hub_model_id": "Hub upload is not implemented", "hub_strategy": "Hub upload is not implemented",
+    "hub_always_push": "Hub upload is not implemented", "hub_revision": "Hub upload is not implemented",
+    "accelerator_config": "configure accelerate with `accelerate launch --config_file launch_configs/...`",
+    "parallelism_config": "tensor/context parallelism is not implemented; use a launch config for DDP/FSDP/DeepSpeed",
+    "ddp_backend": "choose the backend in the accelerate launch config",
+    "fsdp": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
+    "fsdp_config": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
+    "deepspeed": "use `accelerate launch --config_file launch_configs/deepspeed_zero2.yaml` (or zero3)",
+    "debug": "underflow/overflow debugging is not implemented",
+}
+
+# Mirrored TrainingArguments fields whose behaviour has something worth knowing.
+NOTES = {
+    "do_train": "inert in Trainer too: `loop train` always trains",
+    "do_eval": "inert in Trainer too: evaluation follows eval_strategy",
+    "do_predict": "inert in Trainer too",
+    "local_rank": "set by the launcher; read through accelerate",
+    "resume_from_checkpoint": "also accepts 'latest'; inert in Trainer, honoured by `loop train`",
+    "report_to": "handed to accelerate's trackers",
+    "gradient_checkpointing": "named activation_checkpointing in transformers >= 5.20; both map here",
+    "activation_checkpointing": "mapped to gradient_checkpointing",
+    "skip_memory_metrics": "the loop's telemetry reports peak device memory instead of Trainer's memory tracker",
+    "logging_nan_inf_filter": "applied on device, without a host sync",
+    "train_sampling_strategy": "random, sequential, group_by_length (not batch_rebalance)",
+    "optim": "adamw_torch_fused, adamw_torch, sgd, adafactor, adagrad, rmsprop",
+    "eval_accumulation_steps": "accepted; predictions are moved to the CPU per batch anyway",
+    "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
+}
+INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing"}
+
+
+def _same(a, b) -> bool:
+    a, b = getattr(a, "value", a), getattr(b, "value", b)
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        return dataclasses.asdict(a) == dataclasses.asdict(b)
+    return a == b or (a in (None, [], {}, "") and b in (None, [], {}, ""))
+
+
+_DEFAULT_ARGS = None
+
+
+def _default_training_arguments():
+    global _DEFAULT_ARGS
+    if _DEFAULT_ARGS is None:
+        from transformers import TrainingArguments
+
+        _DEFAULT_ARGS = TrainingArguments(output_dir="unused", report_to="none")
+    return _DEFAULT_ARGS
+
+
+def coverage() -> list[tuple[str, str, str]]:
+    """(field, status, note) for every field of the installed TrainingArguments: mirrored, mirrored*, or refused."""
+    from transformers import TrainingArguments
+
+    ours = {f.name for f in fields(TrainConfig)}
+    rows = []
+    for f in dataclasses.fields(TrainingArguments):
+        if not f.init:
+            continue
+        if f.name in REFUSED:
+            rows.append((f.name, "refused", REFUSED[f.name]))
+        elif f.name in ours or f.name in INERT:
+            rows.append((f.name, "mirrored*" if f.name in NOTES else "mirrored", NOTES.get(f.name, "")))
+        else:
+            rows.append((f.name, "refused", "not implemented"))
+    return rows
+
+
+# ---------------------------------------------------------------------- value coercion (CLI strings, YAML values)
+def coerce(name, value, hint):
+    """Turn a CLI/YAML value into the field's type, or raise one clear line."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is typing.Union:
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+            return None
+        last_error = None
+        for arg in args:
+            try:
+                return coerce(name, value, arg)
+            except LoopError as e:
+                last_error = e
+        raise last_error
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if hint is int:
+            if isinstance(value, float) and value != int(value):
+                raise ValueError
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+                if value != int(value):
+                    raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint in (dict, list) or typing.get_origin(hint) in (dict, list):
+            target = typing.get_origin(hint) or hint
+            if isinstance(value, str):
+                import json
+
+                value = json.loads(value) if value.strip()[:1] in "[{" else (value.split(",") if target is list else None)
+            if not isinstance(value, target):
+                raise ValueError
+            return value
+    except (ValueError, TypeError):
+        pass
+    else:
+        return value
+    kind = getattr(hint, "__name__", str(hint))
+    raise LoopError(f"{name}={value!r} is not a valid {kind}; pass a {kind} value, e.g. --{name} {_example(hint)}")
+
+
+def _example(hint):
+    return {bool: "true", int: "8", float: "0.1", str: "text", dict: "'{\"k\": 1}'", list: "a,b"}.get(hint, "VALUE")

@@ -1,0 +1,91 @@
+"""Optimizer and learning-rate schedule, built exactly as Trainer builds them (same groups, same order, same kwargs)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .errors import LoopError
+
+# Trainer's rule: no weight decay on biases, LayerNorm weights, or anything whose name says norm.
+_NO_DECAY = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
+
+
+def decay_parameter_names(module: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: not inside an nn.LayerNorm, and not matching _NO_DECAY."""
+    names = []
+    for child_name, child in module.named_children():
+        for n in decay_parameter_names(child):
+            full = f"{child_name}.{n}"
+            if not isinstance(child, nn.LayerNorm) and not any(p.search(full.lower()) for p in _NO_DECAY):
+                names.append(full)
+    names += [k for k in module._parameters if not any(p.search(k.lower()) for p in _NO_DECAY)]
+    return names
+
+
+def _optim_args(text):
+    if not text:
+        return {}
+    try:
+        return dict(kv.split("=") for kv in text.replace(" ", "").split(","))
+    except ValueError:
+        raise LoopError(f"optim_args={text!r} is malformed; write it as 'key=value,key=value'") from None
+
+
+def build_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
+    decay = set(decay_parameter_names(model))
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
+         "weight_decay": config.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
+         "weight_decay": 0.0},
+    ]
+    if not groups[0]["params"] and not groups[1]["params"]:
+        raise LoopError("the model has no trainable parameters; unfreeze some (requires_grad=True) before training")
+    kwargs = {"lr": config.learning_rate}
+    extra = _optim_args(config.optim_args)
+    name = config.optim
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        kwargs.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+        if name == "adamw_torch_fused":
+            kwargs["fused"] = True
+        return torch.optim.AdamW(groups, **kwargs)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, scale_parameter=False, relative_step=False, **kwargs)
+    float_keys = {"sgd": ("momentum", "dampening", "weight_decay"), "adagrad": ("lr_decay", "weight_decay", "eps"),
+                  "rmsprop": ("momentum", "alpha", "eps", "weight_decay")}[name]
+    bool_keys = {"sgd": ("nesterov",), "adagrad": (), "rmsprop": ("centered",)}[name]
+    for key in float_keys:
+        if key in extra:
+            kwargs[key] = float(extra[key])
+    for key in bool_keys:
+        if key in extra:
+            kwargs[key] = extra[key].lower() in ("true", "1", "yes")
+    cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[name]
+    return cls(groups, **kwargs)
+
+
+def build_scheduler(config, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    try:
+        return get_scheduler(config.lr_scheduler_type, optimizer=optimizer,
+                             num_warmup_steps=config.warmup_for(total_steps), num_training_steps=total_steps,
+                             scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as e:
+        raise LoopError(f"lr_scheduler_type={config.lr_scheduler_type!r} with lr_scheduler_kwargs="
+                        f"{config.lr_scheduler_kwargs!r} failed: {e}") from None
+
+
+def is_plateau(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def current_lr(scheduler, optimizer) -> float:
+    """Trainer's _get_learning_rate: the scheduler's last lr (the group's lr for ReduceLROnPlateau)."""
+    lr = optimizer.param_groups[0]["lr"] if is_plateau(scheduler) else scheduler.get_last_lr()[0]
+    return lr.item() if torch.is_tensor(lr) else lr

@@ -1,0 +1,62 @@
+"""Where records go: log_history, <output_dir>/metrics.jsonl (one flushed JSON line each), the progress bar, trackers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from tqdm.auto import tqdm
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # keep the file valid JSON: nan/inf become strings
+    return v
+
+
+class Records:
+    def __init__(self, config, accelerator, total_steps: int, start_step: int):
+        self.config, self.accelerator = config, accelerator
+        self.main = accelerator.is_main_process
+        self.file = None
+        self.bar = None
+        self.trackers = bool(config.report_to) and self.main
+        if self.main and not config.disable_tqdm:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _open(self):
+        if self.file is None and self.main:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            self.file = open(os.path.join(self.config.output_dir, self.config.metrics_file), "a", encoding="utf-8")
+        return self.file
+
+    def write(self, record: dict, step: int):
+        """Append a record to metrics.jsonl and hand it to trackers (main process only)."""
+        if not self.main:
+            return
+        f = self._open()
+        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        f.flush()
+        if self.trackers:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(scalars, step=step)
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record.get('learning_rate', 0):.3g}", refresh=False)
+
+    def note(self, event: dict):
+        """A line in metrics.jsonl that is not a log record (e.g. where a run resumed); it has an `event` key."""
+        if self.main:
+            self._open().write(json.dumps(event) + "\n")
+            self.file.flush()
+
+    def advance(self, n: int = 1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -1,0 +1,104 @@
+"""One optimizer step over one gradient-accumulation window, with Trainer's semantics.
+
+Gradient-accumulation maths, spelled out once. A window holds W micro-batches (W = gradient_accumulation_steps,
+fewer in the last window of an epoch). The quantity we differentiate is
+
+    L = sum_{micro-batches m} sum_{target items i in m} loss_i  /  N,     N = target items in the whole window,
+                                                                           summed over all ranks,
+
+i.e. the mean over every target token of the global batch, however the tokens are spread over micro-batches and
+ranks. A model that takes `num_items_in_batch` (every transformers model) returns sum_i loss_i / N for its
+micro-batch; DDP averages gradients over R ranks, so each rank multiplies its loss by R to undo that average.
+A model that cannot take the count returns a per-micro-batch mean; we divide it by W, as Trainer does.
+For causal LMs the labels are shifted inside the model, so position 0 is never a target: N counts labels[..., 1:].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .errors import LoopError
+from .optim import current_lr, is_plateau
+
+IGNORE_INDEX = -100
+
+
+def count_target_items(window, shifts_labels: bool):
+    """Target items (labels != -100) in a window, as a device tensor; None if the batches carry no labels."""
+    if not window or not isinstance(window[0], dict) or "labels" not in window[0]:
+        return None
+    try:
+        return sum((b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if shifts_labels
+                    else b["labels"]).ne(IGNORE_INDEX).sum() for b in window)
+    except (TypeError, AttributeError):
+        return None
+
+
+def window_item_count(run, window):
+    """N for the window, summed over ranks (a collective, not a host sync)."""
+    n = count_target_items(window, run.shifts_labels) if run.accepts_loss_kwargs else None
+    if n is not None and run.config.average_tokens_across_devices and run.accelerator.num_processes > 1:
+        n = run.accelerator.gather(n.to(run.accelerator.device)).sum()
+    return n
+
+
+def forward_loss(run, model, batch, num_items):
+    """The micro-batch loss as Trainer's compute_loss returns it, and the model outputs."""
+    labels = None
+    if run.label_smoother is not None and "labels" in batch:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+    if run.accepts_loss_kwargs and num_items is not None:
+        batch = {**batch, "num_items_in_batch": num_items}
+    outputs = model(**batch)
+    if labels is not None:
+        loss = run.label_smoother(outputs, labels, shift_labels=run.smoothing_shifts_labels,
+                                  num_items_in_batch=num_items)
+    else:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+        if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.requires_grad and model.training:
+            keys = ", ".join(outputs.keys()) if isinstance(outputs, dict) else f"a {type(outputs).__name__}"
+            raise LoopError(f"the model returned no loss (got {keys}); give the batch a `labels` column or make "
+                            "forward return the scalar loss first (a dict with 'loss', or a tuple)")
+    if run.config.average_tokens_across_devices and run.accepts_loss_kwargs and num_items is not None:
+        loss = loss * run.accelerator.num_processes  # undo DDP's gradient average (see the module docstring)
+    return loss, outputs
+
+
+def optimizer_step(run, window) -> torch.Tensor:
+    """Forward/backward every micro-batch of `window`, clip, step, schedule. Returns the grad norm (on device).
+
+    The window's loss is added to run.tr_loss on device; nothing here waits for the device.
+    """
+    acc, model, cfg = run.accelerator, run.model, run.config
+    model.train()
+    num_items = window_item_count(run, window)
+    scaled_by_items = run.accepts_loss_kwargs and num_items is not None
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        acc.gradient_state._set_sync_gradients(last)  # gradients are all-reduced on the last micro-batch only
+        with contextlib.nullcontext() if last else acc.no_sync(model):
+            loss, _ = forward_loss(run, model, batch, num_items)
+            if not scaled_by_items:
+                loss = loss / len(window)
+            acc.backward(loss)
+        loss = loss.detach()
+        if cfg.logging_nan_inf_filter:  # a nan/inf micro-batch counts as the running average, decided on device
+            loss = torch.where(torch.isfinite(loss), loss,
+                               run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step))
+        run.tr_loss += loss
+        run.count_batch(batch)
+    # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
+    run.last_lr = current_lr(run.scheduler, run.optimizer)  # the lr this step used, as Trainer logs it
+    if not acc.optimizer_step_was_skipped:
+        if not is_plateau(run.scheduler):  # ReduceLROnPlateau steps on the eval metric instead
+            run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(model, run.state.global_step + 1)
+    model.zero_grad()
+    return grad_norm

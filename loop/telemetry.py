@@ -1,0 +1,100 @@
+"""Honest throughput telemetry: counted on the host from batch shapes, reduced across ranks only at log time.
+
+Loss records get, under `loop/` keys: step_time (s per optimizer step since the last record), samples_per_second,
+tokens_per_second (input tokens, padding included, all ranks), peak_memory_gb (max over ranks; the process's peak
+RSS on CPU) and mfu (6 * non-embedding params * tokens/s over the device's peak FLOP/s; GPU only).
+Trainer's own counters (num_input_tokens_seen, total_flos) are kept here too, with Trainer's meaning.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# dense bf16 peak TFLOP/s by device name fragment (no sparsity)
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+
+
+def _peak_tflops(config):
+    if config.peak_tflops:
+        return config.peak_tflops
+    if not torch.cuda.is_available() or config.use_cpu:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class Telemetry:
+    def __init__(self, run, main_input: str):
+        self.run, self.main_input = run, main_input
+        model = run.unwrapped
+        self.params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else \
+            sum(p.numel() for p in model.parameters())
+        self.flop_params = self.params if hasattr(model, "num_parameters") else 0  # Trainer counts flos for HF models only
+        self.tokens = self.samples = self.flos = 0  # since the last record, this rank, host ints (no sync)
+        self.unpadded = torch.zeros((), dtype=torch.int64, device=run.accelerator.device)
+        self.mode = run.config.include_num_input_tokens_seen
+        self.peak = _peak_tflops(run.config)
+        self.last_time, self.last_step = time.perf_counter(), run.state.global_step
+
+    def count(self, batch):
+        from transformers.trainer_pt_utils import find_batch_size
+
+        x = batch.get(self.main_input) if isinstance(batch, dict) else None
+        n = x.numel() if torch.is_tensor(x) else 0
+        self.tokens += n
+        self.samples += find_batch_size(batch) or 0
+        self.flos += 6 * n * self.flop_params
+        if self.mode == "non_padding" and isinstance(batch, dict) and "attention_mask" in batch:
+            self.unpadded += batch["attention_mask"].sum()  # stays on device
+
+    def _reduce(self):
+        acc = self.run.accelerator
+        local = torch.tensor([self.tokens, self.samples], dtype=torch.int64, device=acc.device)
+        flos = torch.tensor([float(self.flos)], dtype=torch.float64, device=acc.device)
+        tokens, samples = acc.gather(local.unsqueeze(0)).sum(0).tolist()
+        unpadded = int(acc.gather(self.unpadded.unsqueeze(0)).sum().item())
+        total_flos = float(acc.gather(flos).sum().item())
+        self.tokens = self.samples = self.flos = 0
+        self.unpadded.zero_()
+        return tokens, samples, unpadded, total_flos
+
+    def store_flos(self):
+        tokens, samples, unpadded, flos = self._reduce()
+        state = self.run.state
+        state.total_flos += flos
+        state.num_input_tokens_seen += unpadded if self.mode == "non_padding" else tokens
+        self._window = (tokens, samples)
+        return tokens, samples
+
+    def record(self, start_time=None, loss_record: bool = False) -> dict:
+        from transformers.trainer_utils import speed_metrics
+
+        run, state, out = self.run, self.run.state, {}
+        tokens, samples = self.store_flos()
+        if self.mode != "no":
+            out["num_input_tokens_seen"] = state.num_input_tokens_seen
+            if start_time is not None:
+                out.update(speed_metrics("train", start_time, num_tokens=state.num_input_tokens_seen))
+        if run.config.telemetry and loss_record:
+            now = time.perf_counter()
+            dt, steps = now - self.last_time, max(state.global_step - self.last_step, 1)
+            self.last_time, self.last_step = now, state.global_step
+            out["loop/step_time"] = dt / steps
+            out["loop/samples_per_second"] = samples / dt
+            out["loop/tokens_per_second"] = tokens / dt
+            out["loop/peak_memory_gb"] = self._peak_memory_gb()
+            if self.peak and tokens:
+                achieved = 6 * self.params * tokens / dt
+                out["loop/mfu"] = achieved / (self.peak * 1e12 * run.accelerator.num_processes)
+        return out
+
+    def _peak_memory_gb(self):
+        acc = self.run.accelerator
+        if acc.device.type == "cuda":
+            peak = torch.tensor([torch.cuda.max_memory_allocated(acc.device) / 2**30], device=acc.device)
+            return float(acc.gather(peak).max().item())
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
