@@ -139,7 +139,7 @@ def save(run) -> str:
         else:
             weights = acc.get_state_dict(run.model)  # unwrapped: no module./_orig_mod. prefixes
             if acc.is_main_process:
-                acc.save(strip_prefixes(weights), os.path.join(tmp, "model.safetensors"), safe_serialization=True)
+                save_weights(weights, os.path.join(tmp, "model.safetensors"))
                 if not cfg.save_only_model:
                     torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
                     torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -199,6 +199,19 @@ def rotate(output_dir: str, limit, keep: tuple = ()):
     for path in deleted:
         shutil.rmtree(path, ignore_errors=True)
     return deleted
+
+
+def save_weights(state_dict: dict, path: str):
+    """Unwrapped, de-aliased (tied weights stored once, under their first name), contiguous safetensors."""
+    from safetensors.torch import save_file
+
+    weights, seen = {}, set()
+    for k, v in strip_prefixes(state_dict).items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            weights[k] = v
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, path, metadata={"format": "pt"})
 
 
 def strip_prefixes(state_dict: dict) -> dict:

@@ -133,6 +133,8 @@ class TrainConfig:
     ema_on_cpu: bool = _f(False, "Keep the EMA on the CPU instead of the training device.", group="loop")
     telemetry: bool = _f(True, "Add tokens/s, samples/s, step time, peak memory and MFU under `loop/` keys to each record.", group="loop")
     peak_tflops: typing.Optional[float] = _f(None, "Device peak TFLOP/s for MFU (default: looked up from the GPU name).", group="loop")
+    early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many evaluations without improvement of metric_for_best_model.", group="loop")
+    early_stopping_threshold: float = _f(0.0, "Improvement smaller than this does not count (early stopping).", group="loop")
     allow_inexact_resume: bool = _f(False, "Resume even if batch geometry or dataset length changed (data position is then approximate).", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
@@ -217,6 +219,11 @@ class TrainConfig:
             bad(f"ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
         if self.ema_start_step < 0:
             bad(f"ema_start_step must be >= 0, got {self.ema_start_step}")
+        if self.early_stopping_patience is not None:
+            if self.eval_strategy == "no":
+                bad("early_stopping_patience needs evaluation: set eval_strategy to steps or epoch")
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model, self.greater_is_better = "loss", False
         if self.dataloader_num_workers < 0:
             bad(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:

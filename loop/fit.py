@@ -141,6 +141,10 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
     if config.eval_on_start and eval_dataset is None:
         raise LoopError("eval_on_start needs an eval_dataset")
     callbacks = list(callbacks or [])
+    if config.early_stopping_patience is not None:
+        from .callbacks import EarlyStopping
+
+        callbacks.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_threshold))
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
@@ -485,4 +489,4 @@ def _write_model(model, weights, folder, acc):
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
     else:
-        acc.save(weights, os.path.join(folder, "model.safetensors"), safe_serialization=True)
+        ckpt.save_weights(weights, os.path.join(folder, "model.safetensors"))

@@ -1,0 +1,58 @@
+"""What both tasks share: loading text data offline-friendly, loading Hub models with a clear offline error."""
+
+from __future__ import annotations
+
+import os
+
+from loop.errors import LoopError
+
+EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_raw(task, what: str):
+    """A DatasetDict with 'train' (and 'validation' if given) from local files or a Hub dataset."""
+    import datasets
+
+    if task.train_file or task.validation_file:
+        files = {k: v for k, v in (("train", task.train_file), ("validation", task.validation_file)) if v}
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                raise LoopError(f"--{split if split == 'train' else 'validation'}_file {path} does not exist; "
+                                "check the path")
+        exts = {os.path.splitext(p)[1].lower() for p in files.values()}
+        if len(exts) != 1 or next(iter(exts)) not in EXTENSIONS:
+            raise LoopError(f"data files must share one of the extensions {', '.join(EXTENSIONS)}; got {', '.join(exts)}")
+        ext = next(iter(exts))
+        kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+        return datasets.load_dataset(EXTENSIONS[ext], data_files=files, **kwargs)
+    if not task.dataset_name:
+        raise LoopError(f"the {what} task needs data: --train_file/--validation_file (local) or --dataset_name (Hub)")
+    try:
+        return datasets.load_dataset(task.dataset_name, task.dataset_config_name)
+    except (ConnectionError, OSError, ValueError) as e:
+        if "offline" in str(e).lower() or "connect" in str(e).lower() or "couldn't" in str(e).lower() \
+                or "resolve" in str(e).lower() or isinstance(e, ConnectionError):
+            raise LoopError(f"cannot reach the Hub for dataset {task.dataset_name!r} (offline?); point at local files "
+                            "with --train_file FILE --validation_file FILE (csv/tsv/json/parquet/txt)") from None
+        raise
+
+
+def from_pretrained(cls, name: str, **kwargs):
+    """cls.from_pretrained(name) with one clear line when the Hub cannot be reached or the path is wrong."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        where = "local path" if os.path.exists(name) else "Hub id"
+        raise LoopError(f"cannot load {name!r} ({where}): {str(e).splitlines()[0][:160]}; if offline, pass a local "
+                        "folder with --model_name_or_path /path/to/model (config.json + weights + tokenizer)") from None
+
+
+def check_columns(ds, columns, what):
+    missing = [c for c in columns if c and c not in ds.column_names]
+    if missing:
+        raise LoopError(f"the {what} data has no column {missing[0]!r} (it has {', '.join(ds.column_names)}); "
+                        f"set the column name, e.g. --text_column {ds.column_names[0]}")
+
+
+def subsample(ds, n):
+    return ds.select(range(min(n, len(ds)))) if n is not None else ds
