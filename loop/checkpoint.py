@@ -129,6 +129,7 @@ def save(run) -> str:
     acc, cfg, state = run.accelerator, run.config, run.state
     final = os.path.join(cfg.output_dir, f"{PREFIX}{state.global_step}")
     tmp = os.path.join(cfg.output_dir, f".tmp-{PREFIX}{state.global_step}")
+    run.telemetry.flush()  # flos and token counts into the state before it is written (collective)
     try:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,9 @@ def evaluate(run, loader, prefix: str = "eval") -> dict:
             labels = labels[0]
         with torch.no_grad():  # the prepared model's forward already runs under the Accelerator's autocast
             if has_labels:
-                loss, outputs = forward_loss(run, model, batch, window_item_count(run, [batch]))
+                # per-batch mean over this rank's targets: unlike Trainer, eval_loss does not depend on world size
+                n = window_item_count(run, [batch], across_ranks=False)
+                loss, outputs = forward_loss(run, model, batch, n, across_ranks=False)
                 loss = loss.detach().mean()
                 logits = tuple(v for k, v in outputs.items() if k not in ignore + ["loss"]) \
                     if isinstance(outputs, dict) else outputs[1:]

@@ -11,6 +11,7 @@ Host-device syncs happen only where a record is written (log boundaries, evaluat
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import os
 import sys
@@ -318,7 +319,7 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
         elif resumed and saved_rng is not None:
             ckpt.set_rng_state(saved_rng)  # resuming at an epoch boundary: the state at save time
         run.epoch_start_rng = saved_rng["epoch_start"] if (resumed and skip and saved_rng) else ckpt.rng_state()
-        batches = iter(epoch_loader)
+        batches = _started(epoch_loader)  # the loader's random draws happen here, under the epoch-start state
         if resumed and saved_rng is not None and skip:
             ckpt.set_rng_state(saved_rng)  # now continue from the saved random streams
         resumed, step = False, skip - 1
@@ -367,6 +368,17 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
 
     # ---------------------------------------------------------------- finish
     return _finish(run, records, start_time, start_step, processing_class)
+
+
+def _started(loader):
+    """iter(loader) with its first batch already fetched: accelerate's loaders are lazy generators, and the
+    worker seeds are drawn at the first next(). Fetching it now pins those draws to a known RNG state."""
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        return iter(())
+    return itertools.chain([first], it)
 
 
 def _set_epoch(loader, epoch):
@@ -423,7 +435,7 @@ def _finish(run, records, start_time, start_step, processing_class):
     train_loss = state.total_loss / max(state.global_step, 0.001)
     total_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     metrics = speed_metrics("train", start_time, num_samples=total_batch * steps_here, num_steps=steps_here)
-    run.telemetry.store_flos()
+    run.telemetry.flush()
     metrics["total_flos"] = state.total_flos
     metrics["train_loss"] = train_loss
     records.log(metrics)

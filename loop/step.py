@@ -37,15 +37,15 @@ def count_target_items(window, shifts_labels: bool):
         return None
 
 
-def window_item_count(run, window):
+def window_item_count(run, window, across_ranks=True):
     """N for the window, summed over ranks (a collective, not a host sync)."""
     n = count_target_items(window, run.shifts_labels) if run.accepts_loss_kwargs else None
-    if n is not None and run.config.average_tokens_across_devices and run.accelerator.num_processes > 1:
+    if n is not None and across_ranks and run.config.average_tokens_across_devices and run.accelerator.num_processes > 1:
         n = run.accelerator.gather(n.to(run.accelerator.device)).sum()
     return n
 
 
-def forward_loss(run, model, batch, num_items):
+def forward_loss(run, model, batch, num_items, across_ranks=True):
     """The micro-batch loss as Trainer's compute_loss returns it, and the model outputs."""
     labels = None
     if run.label_smoother is not None and "labels" in batch:
@@ -63,7 +63,7 @@ def forward_loss(run, model, batch, num_items):
             keys = ", ".join(outputs.keys()) if isinstance(outputs, dict) else f"a {type(outputs).__name__}"
             raise LoopError(f"the model returned no loss (got {keys}); give the batch a `labels` column or make "
                             "forward return the scalar loss first (a dict with 'loss', or a tuple)")
-    if run.config.average_tokens_across_devices and run.accepts_loss_kwargs and num_items is not None:
+    if across_ranks and run.config.average_tokens_across_devices and run.accepts_loss_kwargs and num_items is not None:
         loss = loss * run.accelerator.num_processes  # undo DDP's gradient average (see the module docstring)
     return loss, outputs
 

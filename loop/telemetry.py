@@ -32,7 +32,8 @@ class Telemetry:
         self.params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else \
             sum(p.numel() for p in model.parameters())
         self.flop_params = self.params if hasattr(model, "num_parameters") else 0  # Trainer counts flos for HF models only
-        self.tokens = self.samples = self.flos = 0  # since the last record, this rank, host ints (no sync)
+        self.tokens = self.samples = 0  # since the last loss record, this rank (host ints: no sync)
+        self.pending_tokens = self.pending_flos = 0  # not yet moved into the TrainState
         self.unpadded = torch.zeros((), dtype=torch.int64, device=run.accelerator.device)
         self.mode = run.config.include_num_input_tokens_seen
         self.peak = _peak_tflops(run.config)
@@ -45,39 +46,37 @@ class Telemetry:
         n = x.numel() if torch.is_tensor(x) else 0
         self.tokens += n
         self.samples += find_batch_size(batch) or 0
-        self.flos += 6 * n * self.flop_params
+        self.pending_tokens += n
+        self.pending_flos += 6 * n * self.flop_params
         if self.mode == "non_padding" and isinstance(batch, dict) and "attention_mask" in batch:
             self.unpadded += batch["attention_mask"].sum()  # stays on device
 
-    def _reduce(self):
+    def _sum(self, values, dtype):
         acc = self.run.accelerator
-        local = torch.tensor([self.tokens, self.samples], dtype=torch.int64, device=acc.device)
-        flos = torch.tensor([float(self.flos)], dtype=torch.float64, device=acc.device)
-        tokens, samples = acc.gather(local.unsqueeze(0)).sum(0).tolist()
-        unpadded = int(acc.gather(self.unpadded.unsqueeze(0)).sum().item())
-        total_flos = float(acc.gather(flos).sum().item())
-        self.tokens = self.samples = self.flos = 0
-        self.unpadded.zero_()
-        return tokens, samples, unpadded, total_flos
+        return acc.gather(torch.tensor([values], dtype=dtype, device=acc.device)).sum(0).tolist()
 
-    def store_flos(self):
-        tokens, samples, unpadded, flos = self._reduce()
+    def flush(self):
+        """Move this rank's flos and input tokens into the TrainState (Trainer's store_flos). Collective."""
+        flos, tokens = self._sum([float(self.pending_flos), float(self.pending_tokens)], torch.float64)
+        unpadded = int(self.run.accelerator.gather(self.unpadded.unsqueeze(0)).sum().item())
+        self.pending_flos = self.pending_tokens = 0
+        self.unpadded.zero_()
         state = self.run.state
         state.total_flos += flos
-        state.num_input_tokens_seen += unpadded if self.mode == "non_padding" else tokens
-        self._window = (tokens, samples)
-        return tokens, samples
+        state.num_input_tokens_seen += unpadded if self.mode == "non_padding" else int(tokens)
 
     def record(self, start_time=None, loss_record: bool = False) -> dict:
         from transformers.trainer_utils import speed_metrics
 
         run, state, out = self.run, self.run.state, {}
-        tokens, samples = self.store_flos()
+        self.flush()
         if self.mode != "no":
             out["num_input_tokens_seen"] = state.num_input_tokens_seen
             if start_time is not None:
                 out.update(speed_metrics("train", start_time, num_tokens=state.num_input_tokens_seen))
         if run.config.telemetry and loss_record:
+            tokens, samples = self._sum([self.tokens, self.samples], torch.int64)
+            self.tokens = self.samples = 0
             now = time.perf_counter()
             dt, steps = now - self.last_time, max(state.global_step - self.last_step, 1)
             self.last_time, self.last_step = now, state.global_step
@@ -86,8 +85,7 @@ class Telemetry:
             out["loop/tokens_per_second"] = tokens / dt
             out["loop/peak_memory_gb"] = self._peak_memory_gb()
             if self.peak and tokens:
-                achieved = 6 * self.params * tokens / dt
-                out["loop/mfu"] = achieved / (self.peak * 1e12 * run.accelerator.num_processes)
+                out["loop/mfu"] = 6 * self.params * tokens / dt / (self.peak * 1e12 * run.accelerator.num_processes)
         return out
 
     def _peak_memory_gb(self):

@@ -1,0 +1,21 @@
+"""Run by test_distributed.py, under torchrun (2 processes) or alone: train the tiny GPT-2, dump log_history."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import loop  # noqa: E402
+from helpers import LMData, tiny_gpt2  # noqa: E402
+
+out, batch = sys.argv[1], int(sys.argv[2])
+extra = dict(a.split("=", 1) for a in sys.argv[3:])
+config = loop.TrainConfig(output_dir=os.path.join(out, "run"), per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=2, max_steps=6, logging_steps=1, learning_rate=1e-3,
+                          save_strategy="no", use_cpu=True, disable_tqdm=True, telemetry=False,
+                          eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=3, **extra)
+result = loop.train(config, tiny_gpt2(), LMData(48, ragged=True), eval_dataset=LMData(12, seed=1, ragged=True))
+if int(os.environ.get("RANK", "0")) == 0:
+    with open(os.path.join(out, "log.json"), "w") as f:
+        json.dump(result.log_history, f)

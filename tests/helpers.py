@@ -1,0 +1,97 @@
+"""Tiny models and data made on the spot (no downloads)."""
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def tiny_gpt2(seed=0, dropout=0.0, vocab=64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+
+
+def tiny_bert_classifier(seed=0, dropout=0.1, num_labels=3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout))
+
+
+class LMData(torch.utils.data.Dataset):
+    """Random token rows; `ragged` adds -100 padding of varying length so item counts differ per batch."""
+
+    def __init__(self, n, length=16, seed=0, vocab=64, ragged=False):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, vocab, (n, length), generator=g)
+        self.labels = self.x.clone()
+        if ragged:
+            cut = torch.randint(2, length, (n,), generator=g)
+            for i, c in enumerate(cut):
+                self.labels[i, c:] = -100
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.labels[i]}
+
+
+class ClsData(torch.utils.data.Dataset):
+    def __init__(self, n, length=12, seed=0, vocab=50, num_labels=3):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(1, vocab, (n, length), generator=g)
+        self.y = torch.randint(0, num_labels, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
+
+
+class PlainRegressor(nn.Module):
+    """A plain nn.Module returning (loss, prediction), as Trainer accepts."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x, labels=None):
+        y = self.net(x).squeeze(-1)
+        return (nn.functional.mse_loss(y, labels), y) if labels is not None else (y,)
+
+
+class RegData(torch.utils.data.Dataset):
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def comparable(record):
+    """A log record without wall-clock values and loop-only keys."""
+    return {k: v for k, v in record.items()
+            if not k.endswith(("_runtime", "_per_second")) and not k.startswith("loop/")}
+
+
+def finite_equal(a, b):
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))

@@ -1,0 +1,62 @@
+"""Run by test_resume.py: train the tiny GPT-2 in a subprocess, optionally SIGKILL itself at a chosen moment.
+
+argv: OUT [key=value ...]; special keys: kill_after_step=N, kill_in_microbatch=N (the Nth forward call),
+kill_in_save=N (while writing the checkpoint of step N), resume=latest.
+"""
+
+import json
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import loop  # noqa: E402
+import loop.checkpoint  # noqa: E402
+from helpers import LMData, tiny_gpt2  # noqa: E402
+
+out = sys.argv[1]
+opts = dict(a.split("=", 1) for a in sys.argv[2:])
+kill_after_step = int(opts.pop("kill_after_step", 0))
+kill_in_microbatch = int(opts.pop("kill_in_microbatch", 0))
+kill_in_save = int(opts.pop("kill_in_save", 0))
+resume = opts.pop("resume", None)
+n_train = int(opts.pop("n_train", 40))
+base = dict(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=14,
+            logging_steps=1, save_steps=3, eval_strategy="steps", eval_steps=4, learning_rate=1e-3,
+            use_cpu=True, disable_tqdm=True, telemetry=False, per_device_eval_batch_size=4)
+base.update(opts)
+config = loop.TrainConfig(**base)
+
+
+class Killer(loop.Callback):
+    def on_step_end(self, run):
+        if run.state.global_step == kill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+model = tiny_gpt2(dropout=0.1)
+if kill_in_microbatch:
+    calls = {"n": 0}
+
+    def count_forward(module, args):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == kill_in_microbatch:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    model.register_forward_pre_hook(count_forward)
+if kill_in_save:
+    real = loop.checkpoint.save_weights
+
+    def dying_save(state_dict, path):
+        real(state_dict, path)
+        if f".tmp-checkpoint-{kill_in_save}" in path:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    loop.checkpoint.save_weights = dying_save
+
+result = loop.train(config, model, LMData(n_train, ragged=True), eval_dataset=LMData(10, seed=1),
+                    callbacks=[Killer()], resume_from_checkpoint=resume)
+with open(os.path.join(out, "result.json"), "w") as f:
+    json.dump(result.log_history, f)
