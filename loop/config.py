@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -405,7 +406,7 @@ def coerce(name, value, hint):
         return None
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
             return None
         last_error = None

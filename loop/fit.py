@@ -442,7 +442,8 @@ def _finish(run, records, start_time, start_step, processing_class):
     if cfg.load_best_model_at_end and state.best_checkpoint and os.path.isdir(state.best_checkpoint):
         ckpt.load_weights(run.unwrapped, state.best_checkpoint)
     if cfg.save_total_limit == 1 and state.best_checkpoint and acc.is_main_process:
-        for _, path in ckpt.list_checkpoints(cfg.output_dir)[:-1]:
+        # Trainer's rule: with a limit of 1 the newest was kept only while training could go on; keep the best
+        for _, path in ckpt.list_checkpoints(cfg.output_dir):
             if os.path.abspath(path) != os.path.abspath(state.best_checkpoint):
                 import shutil
 

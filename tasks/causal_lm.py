@@ -2,7 +2,8 @@
 
 Packing concatenates documents into block_size rows. Each document restarts its position_ids at 0 and no
 attention_mask is passed, so transformers builds a block-diagonal causal mask from the position_ids (sdpa/eager;
-varlen kernels for flash attention): no token attends across a document boundary. The first token of every
+varlen kernels for flash attention; this needs use_cache=False, which the loop sets for training and
+evaluation as Trainer does): no token attends across a document boundary. The first token of every
 document is labelled -100, so no loss term predicts one document from another. Padded mode keeps one document
 per row. Both modes train on exactly the same targets (tested).
 """

@@ -1,0 +1,97 @@
+"""The CLI: the default job, one-line errors, nothing that looks finished after a failure."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "loop", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=ENV, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_default_job_runs_and_held_out_loss_falls(tmp_path):
+    proc = run("train", "--output_dir", str(tmp_path), "--disable_tqdm", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 300
+    assert evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], (evals[0], evals[-1])
+    assert "eval_perplexity" in evals[-1]
+    losses = [r for r in records if "loss" in r]
+    assert all("loop/tokens_per_second" in r for r in losses)
+    assert os.path.exists(tmp_path / "model.safetensors") and os.path.exists(tmp_path / "config.json")
+    assert "held-out loss" in proc.stdout
+
+
+def test_help_lists_every_field_with_default():
+    proc = run("train", "--help")
+    assert proc.returncode == 0
+    import dataclasses
+
+    import loop
+
+    for f in dataclasses.fields(loop.TrainConfig):
+        assert f"--{f.name} (default" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["train", "--learning_rat", "1e-3"], ["--learning_rat", "did you mean `learning_rate`"]),
+    (["train", "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
+    (["trian"], ["did you mean `train`"]),
+    (["train", "--task", "causal"], ["unknown task", "causal_lm"]),
+    (["train", "--max_steps", "many"], ["max_steps", "not a valid int"]),
+    (["train", "--neftune_noise_alpha", "5"], ["neftune_noise_alpha", "not support"]),
+])
+def test_bad_options_give_one_clear_line(tmp_path, args, needles):
+    assert_one_line_error(run(*args, "--output_dir", str(tmp_path)), *needles)
+    assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+def test_missing_data_file_and_column(tmp_path):
+    proc = run("train", "--config", "tasks/configs/default.yaml", "--text_source", "none", "--train_file",
+               str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "missing.txt", "does not exist")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"body": "hello world"}\n{"body": "more text here"}\n')
+    proc = run("train", "--text_source", "none", "--train_file", str(data), "--validation_file", str(data),
+               "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "no column 'text'", "--text_column body")
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_empty_dataset_and_model_without_loss(tmp_path):
+    import torch
+
+    import loop
+    from helpers import LMData, tiny_gpt2
+
+    config = loop.TrainConfig(output_dir=str(tmp_path), max_steps=2, use_cpu=True, disable_tqdm=True)
+    with pytest.raises(loop.LoopError, match="empty"):
+        loop.train(config, tiny_gpt2(), [])
+
+    class NoLabels(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.arange(8)}
+
+    with pytest.raises(loop.LoopError, match="returned no loss.*labels"):
+        loop.train(config, tiny_gpt2(), NoLabels())
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")] if os.path.exists(tmp_path) else True

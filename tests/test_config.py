@@ -1,0 +1,78 @@
+"""TrainConfig: Trainer's names and defaults, clear refusals, validation before any model is touched."""
+
+import dataclasses
+
+import pytest
+from transformers import TrainingArguments
+
+import loop
+from loop.config import REFUSED, TrainConfig, coverage
+
+
+def test_defaults_match_training_arguments():
+    args = TrainingArguments(output_dir="x", report_to="none")
+    cfg = TrainConfig()
+    mismatched = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["group"] != "trainer" or not hasattr(args, f.name) or f.name in ("output_dir", "report_to",
+                                                                                   "disable_tqdm", "gradient_checkpointing"):
+            continue
+        theirs = getattr(args, f.name)
+        theirs = getattr(theirs, "value", theirs)
+        if getattr(cfg, f.name) != theirs:
+            mismatched.append((f.name, getattr(cfg, f.name), theirs))
+    assert not mismatched
+
+
+def test_round_trip_through_training_arguments():
+    cfg = TrainConfig(output_dir="o", learning_rate=3e-4, gradient_accumulation_steps=4, warmup_steps=0.1,
+                      lr_scheduler_type="cosine", eval_strategy="steps", eval_steps=7, bf16=False, seed=3)
+    back = TrainConfig.from_training_arguments(cfg.to_training_arguments(), telemetry=True)
+    assert back == cfg
+
+
+@pytest.mark.parametrize("name,value", [("neftune_noise_alpha", 5.0), ("fsdp", "full_shard"),
+                                        ("push_to_hub", True), ("auto_find_batch_size", True)])
+def test_unsupported_training_arguments_are_refused_by_name(name, value):
+    kwargs = {name: value}
+    if name == "fsdp":
+        pytest.skip("fsdp needs a distributed launch to construct TrainingArguments")
+    args = TrainingArguments(output_dir="x", report_to="none", **kwargs)
+    with pytest.raises(loop.LoopError, match=name):
+        TrainConfig.from_training_arguments(args)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(fp16=True, bf16=True), "fp16 and bf16"),
+    (dict(load_best_model_at_end=True), "needs evaluation"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch"), "match"),
+    (dict(learning_rate=-1), "learning_rate"),
+    (dict(optim="adamw"), "did you mean"),
+    (dict(lr_scheduler_type="cosin"), "did you mean `cosine`"),
+    (dict(max_steps=0), "nothing to train"),
+    (dict(warmup_steps=2.5), "warmup_steps"),
+    (dict(ema_decay=1.0), "ema_decay"),
+    (dict(per_device_train_batch_size="four"), "not a valid int"),
+    (dict(save_strategy="best"), "needs evaluation"),
+    (dict(report_to="tensorbord"), "did you mean `tensorboard`"),
+])
+def test_invalid_values_fail_at_construction(kwargs, match):
+    with pytest.raises(loop.LoopError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_coverage_table_lists_every_field():
+    rows = coverage()
+    names = {r[0] for r in rows}
+    assert names == {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert {r[1] for r in rows} <= {"mirrored", "mirrored*", "refused"}
+    for name in REFUSED:
+        if name in names:
+            assert dict((r[0], r[1]) for r in rows)[name] == "refused"
+
+
+def test_eval_steps_defaults_to_logging_steps_and_ratio_steps():
+    cfg = TrainConfig(eval_strategy="steps", logging_steps=7)
+    assert cfg.eval_steps == 7
+    assert TrainConfig(logging_steps=0.1).steps_for("logging", 95) == 10
+    assert TrainConfig(warmup_steps=0.06).warmup_for(100) == 6

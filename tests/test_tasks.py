@@ -1,0 +1,146 @@
+"""Both tasks on tiny local data; packing keeps documents apart and trains on the same targets as padding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import loop
+from helpers import tiny_gpt2
+from tasks import causal_lm, text_classification
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _docs(seed=0, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 60, (int(L),), generator=g).tolist() for L in torch.randint(3, 12, (n,), generator=g)]
+
+
+def test_pack_restarts_positions_and_never_targets_a_document_start():
+    docs = _docs()
+    rows = causal_lm.pack(docs, 16, pad_id=63)
+    flat_ids = sum(rows["input_ids"], [])
+    assert flat_ids[:sum(map(len, docs))] == sum(docs, [])
+    for ids, pos, lab in zip(rows["input_ids"], rows["position_ids"], rows["labels"]):
+        assert len(ids) == len(pos) == len(lab) == 16
+        for i, p in enumerate(pos):
+            if p == 0:
+                assert lab[i] == -100  # no loss predicts a document's first token from another document
+            else:
+                assert pos[i - 1] == p - 1
+
+
+def _sum_loss(model, batch):
+    # use_cache=False as in training: with a KV cache transformers does not look for packed sequences
+    out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    return nll, int((labels != -100).sum())
+
+
+def test_packed_and_padded_give_the_same_loss_on_the_same_documents():
+    model = tiny_gpt2(vocab=64).eval()
+    docs = _docs(n=6)
+    assert sum(map(len, docs)) <= 64  # one row: no document is cut by a row boundary
+    packed = {k: torch.tensor(v) for k, v in causal_lm.pack(docs, 64, pad_id=63).items()}
+    padded = causal_lm.pad_collator(63)([{"input_ids": d, "labels": d} for d in docs])
+    with torch.no_grad():
+        nll_p, n_p = _sum_loss(model, packed)
+        nll_u, n_u = _sum_loss(model, padded)
+        # and the model's own loss with num_items_in_batch (what the loop uses) agrees too
+        loss_p = model(**packed, num_items_in_batch=torch.tensor(n_p), use_cache=False).loss
+        loss_u = model(**padded, num_items_in_batch=torch.tensor(n_u), use_cache=False).loss
+    assert n_p == n_u == sum(len(d) - 1 for d in docs)
+    torch.testing.assert_close(nll_p, nll_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_without_position_ids_would_leak_across_documents():
+    """The boundary test is not vacuous: drop the position_ids and the packed loss changes."""
+    model = tiny_gpt2(vocab=64).eval()
+    packed = {k: torch.tensor(v) for k, v in causal_lm.pack(_docs(n=6), 32, pad_id=63).items()}
+    with torch.no_grad():
+        isolated, _ = _sum_loss(model, packed)
+        leaky, _ = _sum_loss(model, {k: v for k, v in packed.items() if k != "position_ids"})
+    assert abs(float(isolated - leaky)) > 1e-3
+
+
+def test_causal_lm_trains_packed_and_unpacked_from_local_text(tmp_path):
+    text = tmp_path / "docs.jsonl"
+    with open(text, "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n")
+    for packing in ("true", "false"):
+        out = tmp_path / f"out_{packing}"
+        proc = subprocess.run([sys.executable, "-m", "loop", "train", "--text_source", "none", "--train_file", str(text),
+                               "--max_steps", "20", "--packing", packing, "--block_size", "64", "--output_dir", str(out),
+                               "--eval_steps", "10", "--save_strategy", "no", "--disable_tqdm", "true",
+                               "--max_docs", "none", "--logging_steps", "10"],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]
+        assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def _tiny_encoder(folder):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["good", "great", "fun", "bad", "awful", "dull", "movie", "the", "a", "was", "plot", "acting"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=64, num_labels=2))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return words
+
+
+def _sentiment_tsv(path, n, seed):
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = ["good", "great", "fun"], ["bad", "awful", "dull"]
+    with open(path, "w") as f:
+        f.write("label\tsentence\n")
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            words = [rng.choice(pos if y else neg)] + rng.sample(["the", "movie", "was", "plot", "acting", "a"], 3)
+            rng.shuffle(words)
+            f.write(f"{y}\t{' '.join(words)}\n")
+
+
+def test_text_classification_learns_tiny_sentiment_from_tsv(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    _tiny_encoder(model_dir)
+    _sentiment_tsv(tmp_path / "train.tsv", 200, 0)
+    _sentiment_tsv(tmp_path / "validation.tsv", 60, 1)
+    task = text_classification.Task(model_name_or_path=str(model_dir), train_file=str(tmp_path / "train.tsv"),
+                                    validation_file=str(tmp_path / "validation.tsv"))
+    config = loop.TrainConfig(output_dir=str(tmp_path / "out"), num_train_epochs=4, per_device_train_batch_size=16,
+                              learning_rate=3e-3, eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
+                              metric_for_best_model="accuracy", load_best_model_at_end=True, use_cpu=True,
+                              disable_tqdm=True, train_sampling_strategy="group_by_length", logging_steps=5)
+    built = text_classification.build(task, config)
+    assert 1 not in built["train_dataset"][0]["input_ids"]  # no [UNK]: the tokenizer knows the words
+    result = loop.train(config, **built)
+    evals = [r for r in result.log_history if "eval_accuracy" in r]
+    assert len(evals) == 4 and "eval_f1" in evals[-1]
+    assert max(r["eval_accuracy"] for r in evals) >= 0.9, evals
+    assert os.path.exists(tmp_path / "out" / "tokenizer.json")
+    kept = [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]
+    assert len(kept) == 1
+
+
+def test_accuracy_f1():
+    from transformers.trainer_utils import EvalPrediction
+
+    m = text_classification.accuracy_f1(EvalPrediction(predictions=torch.tensor([[1., 0], [0, 1], [0, 1], [1, 0]]).numpy(),
+                                                       label_ids=torch.tensor([0, 1, 0, 0]).numpy()))
+    assert m["accuracy"] == 0.75
+    assert abs(m["f1"] - (0.8 + 2 / 3) / 2) < 1e-9
