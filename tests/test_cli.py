@@ -95,3 +95,15 @@ def test_empty_dataset_and_model_without_loss(tmp_path):
         loop.train(config, tiny_gpt2(), NoLabels())
     assert not os.path.exists(tmp_path / "model.safetensors")
     assert not [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")] if os.path.exists(tmp_path) else True
+
+
+def test_compare_on_default_job_reports_exact_parity_on_cpu(tmp_path):
+    proc = run("compare", "--output_dir", str(tmp_path), "--max_steps", "30", "--eval_steps", "15",
+               "--logging_steps", "5", "--save_steps", "15", "--disable_tqdm", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    report = json.load(open(tmp_path / "compare.json"))
+    assert report["parity"] is True and report["tolerance_rel"] == 0.0
+    assert report["difference"]["loss"]["max_abs"] == 0.0 and report["difference"]["steps_compared"] == 6
+    assert report["trainer"]["final_eval"]["eval_loss"] == report["loop"]["final_eval"]["eval_loss"]
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    assert "verdict: PARITY" in proc.stdout
