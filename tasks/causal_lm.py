@@ -155,7 +155,7 @@ def build(task: Task, config) -> dict:
             return tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
     # ----------------------------------------------------------------- model
     if task.model_name_or_path:
-        model = from_pretrained(AutoModelForCausalLM, task.model_name_or_path)
+        model = from_pretrained(AutoModelForCausalLM, task.model_name_or_path, dtype=torch.float32)
     else:
         overrides = dict(task.model_config or {})
         overrides.setdefault("vocab_size", vocab)

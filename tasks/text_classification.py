@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from loop.errors import LoopError
 
@@ -64,7 +65,8 @@ def build(task: Task, config) -> dict:
         raise LoopError(f"column {task.label_column!r} must hold integer class ids (got e.g. {labels[0]!r})")
     num_labels = task.num_labels or int(max(labels)) + 1
     tokenizer = from_pretrained(AutoTokenizer, task.tokenizer_name or task.model_name_or_path)
-    model = from_pretrained(AutoModelForSequenceClassification, task.model_name_or_path, num_labels=num_labels)
+    model = from_pretrained(AutoModelForSequenceClassification, task.model_name_or_path, num_labels=num_labels,
+                            dtype=torch.float32)  # fp32 master weights; bf16/fp16 come from autocast
 
     def tokenize(batch):
         args = (batch[task.text_column],) + ((batch[task.text_pair_column],) if task.text_pair_column else ())
