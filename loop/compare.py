@@ -32,11 +32,63 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _summary(history, wall, tokens, steps, device):
+class _StepClock:
+    """Wall time from the end of step `skip` to the final train record (after its last sync): steady-state speed,
+    without the one-time warm-up (CUDA context, lazy kernel loading, worker start-up) of the first steps."""
+
+    def __init__(self, skip):
+        self.skip, self.t0, self.t1, self.steps = skip, None, None, 0
+
+    def step(self, global_step):
+        if global_step == self.skip:
+            self.t0 = time.perf_counter()
+        self.steps = global_step
+
+    def end(self):
+        self.t1 = time.perf_counter()
+
+    def rate(self):
+        if self.t0 is None or self.t1 is None or self.steps <= self.skip:
+            return None
+        return (self.steps - self.skip) / (self.t1 - self.t0)
+
+
+def _clocks(skip):
+    from transformers import TrainerCallback
+
+    from .callbacks import Callback
+
+    clock = _StepClock(skip)
+
+    # the clock stops at the final train record (after the last loss sync), before any final model save
+    class LoopClock(Callback):
+        def on_step_end(self, run):
+            clock.step(run.state.global_step)
+
+        def on_log(self, run, record):
+            if "train_runtime" in record:
+                clock.end()
+
+    class TrainerClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.step(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "train_runtime" in logs:
+                clock.end()
+
+    return clock, LoopClock(), TrainerClock()
+
+
+def _summary(history, wall, tokens, steps, device, clock=None):
     final = next((r for r in reversed(history) if "train_runtime" in r), {})
     evals = [r for r in history if any(k.startswith("eval_") and k.endswith("loss") for k in r)]
     runtime = final.get("train_runtime", wall)
+    steady = clock.rate() if clock is not None else None
+    per_step_tokens = tokens / steps if tokens and steps else None
     return {
+        "steady_steps_per_second": steady,
+        "steady_tokens_per_second": steady * per_step_tokens if steady and per_step_tokens else None,
         "wall_time_s": wall, "train_runtime_s": runtime, "steps": steps,
         "steps_per_second": steps / runtime if runtime else None,
         "tokens_per_second": tokens / runtime if runtime and tokens else None,
@@ -116,12 +168,15 @@ def cmd_compare(argv) -> int:
 
     # ------------------------------------------------------------------ the loop (first: it pays any warm-up)
     loop_model = copy.deepcopy(model0)
+    total = config.max_steps if config.max_steps > 0 else None
+    skip = max(1, min(20, (total or 100) // 10))  # steps excluded from the steady-state rate
+    loop_clock, loop_cb, _ = _clocks(skip)
     start = time.time()
-    result = train(loop_cfg, loop_model, **built)
+    result = train(loop_cfg, loop_model, callbacks=[loop_cb], **built)
     loop_wall = time.time() - start
     device = next(loop_model.parameters()).device
     loop_tokens = _tokens_of(built, config, result.global_step)
-    loop_summary = _summary(result.log_history, loop_wall, loop_tokens, result.global_step, device)
+    loop_summary = _summary(result.log_history, loop_wall, loop_tokens, result.global_step, device, loop_clock)
     del loop_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -131,7 +186,8 @@ def cmd_compare(argv) -> int:
     args = config.to_training_arguments(output_dir=os.path.join(out, "trainer"))
     histories, trainer_wall = [], 0.0
     for _ in range(trainer_runs):  # more than one run measures Trainer's own run-to-run spread
-        trainer = Trainer(model=copy.deepcopy(model0), args=args, train_dataset=built["train_dataset"],
+        trainer_clock, _, trainer_cb = _clocks(skip)
+        trainer = Trainer(callbacks=[trainer_cb], model=copy.deepcopy(model0), args=args, train_dataset=built["train_dataset"],
                           eval_dataset=built.get("eval_dataset"), data_collator=built.get("data_collator"),
                           processing_class=built.get("processing_class"), compute_metrics=built.get("compute_metrics"),
                           preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"))
@@ -140,7 +196,8 @@ def cmd_compare(argv) -> int:
         trainer.train()
         trainer_wall = time.time() - start
         histories.append(trainer.state.log_history)
-    trainer_summary = _summary(trainer.state.log_history, trainer_wall, loop_tokens, trainer.state.global_step, device)
+    trainer_summary = _summary(trainer.state.log_history, trainer_wall, loop_tokens, trainer.state.global_step, device,
+                               trainer_clock)
     spread = max((_diff(histories[0], h)["loss"]["max_rel"] for h in histories[1:]), default=None)
 
     # ------------------------------------------------------------------ verdict, table, files
@@ -157,7 +214,7 @@ def cmd_compare(argv) -> int:
         "world_size": int(os.environ.get("WORLD_SIZE", "1")), "tolerance_rel": tolerance, "parity": ok,
         "trainer_runs": trainer_runs, "trainer_run_to_run_max_rel_loss_diff": spread,
         "trainer": trainer_summary, "loop": loop_summary, "difference": diff,
-        "loop_only_features_on": config.loop_features(), "run_order": ["loop", "trainer"],
+        "loop_only_features_on": config.loop_features(), "run_order": ["loop", "trainer"], "steady_skip": skip,
         "transformers": __import__("transformers").__version__, "torch": torch.__version__,
         "config": config.to_dict(),
     }
@@ -194,8 +251,8 @@ def _fmt(v):
 def table(report) -> str:
     t, l, d = report["trainer"], report["loop"], report["difference"]
     rows = [("", "Trainer", "loop")]
-    for key in ("steps", "train_loss", "steps_per_second", "tokens_per_second", "peak_memory_gb", "train_runtime_s",
-                "wall_time_s"):
+    for key in ("steps", "train_loss", "steady_steps_per_second", "steady_tokens_per_second", "steps_per_second",
+                "tokens_per_second", "peak_memory_gb", "train_runtime_s", "wall_time_s"):
         rows.append((key, _fmt(t[key]), _fmt(l[key])))
     for key in sorted(set(t["final_eval"]) | set(l["final_eval"])):
         rows.append((key, _fmt(t["final_eval"].get(key)), _fmt(l["final_eval"].get(key))))
@@ -211,5 +268,6 @@ def table(report) -> str:
               f"{_fmt(report['trainer_run_to_run_max_rel_loss_diff'])}",
               f"device {report['device']}, precision {report['precision']}, tolerance (rel) {report['tolerance_rel']:g}",
               f"loop-only features on: {', '.join(report['loop_only_features_on']) or 'none'}",
+              f"steady_*: after the first {report['steady_skip']} steps (warm-up excluded); run order: loop, then Trainer",
               f"verdict: {'PARITY' if report['parity'] else 'PARITY FAILED'}"]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -28,7 +29,7 @@ IGNORE_INDEX = -100
 
 def count_target_items(window, shifts_labels: bool):
     """Target items (labels != -100) in a window, as a device tensor; None if the batches carry no labels."""
-    if not window or not isinstance(window[0], dict) or "labels" not in window[0]:
+    if not window or not isinstance(window[0], Mapping) or "labels" not in window[0]:
         return None
     try:
         return sum((b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if shifts_labels

@@ -9,6 +9,7 @@ Trainer's own counters (num_input_tokens_seen, total_flos) are kept here too, wi
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -42,13 +43,13 @@ class Telemetry:
     def count(self, batch):
         from transformers.trainer_pt_utils import find_batch_size
 
-        x = batch.get(self.main_input) if isinstance(batch, dict) else None
+        x = batch.get(self.main_input) if isinstance(batch, Mapping) else None
         n = x.numel() if torch.is_tensor(x) else 0
         self.tokens += n
         self.samples += find_batch_size(batch) or 0
         self.pending_tokens += n
         self.pending_flos += 6 * n * self.flop_params
-        if self.mode == "non_padding" and isinstance(batch, dict) and "attention_mask" in batch:
+        if self.mode == "non_padding" and isinstance(batch, Mapping) and "attention_mask" in batch:
             self.unpadded += batch["attention_mask"].sum()  # stays on device
 
     def _sum(self, values, dtype):

@@ -17,16 +17,17 @@ def accuracy(p):
     return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
 
 
-def run_both(tmp_path, model, train, eval_ds=None, compute_metrics=None, **kw):
+def run_both(tmp_path, model, train, eval_ds=None, compute_metrics=None, data_collator=None, **kw):
     base = dict(per_device_train_batch_size=4, per_device_eval_batch_size=5, learning_rate=1e-3, logging_steps=1,
                 num_train_epochs=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
     base.update(kw)
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), **base)
     trainer = Trainer(model=clone(model), args=args, train_dataset=train, eval_dataset=eval_ds,
-                      compute_metrics=compute_metrics)
+                      compute_metrics=compute_metrics, data_collator=data_collator)
     trainer.train()
     config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
-    result = loop.train(config, clone(model), train, eval_dataset=eval_ds, compute_metrics=compute_metrics)
+    result = loop.train(config, clone(model), train, eval_dataset=eval_ds, compute_metrics=compute_metrics,
+                        data_collator=data_collator)
     return trainer.state.log_history, result.log_history
 
 
@@ -99,6 +100,21 @@ def test_sequence_classification_metrics_dropout_label_smoothing(tmp_path):
                              eval_strategy="steps", eval_steps=4, label_smoothing_factor=0.05, weight_decay=0.01)
     assert_same(expected, got)
     assert any("eval_accuracy" in r for r in got)
+
+
+def test_padding_collator_batches_ga_and_classification(tmp_path):
+    """DataCollatorWithPadding yields BatchEncoding (a Mapping, not a dict): items are counted as Trainer counts them."""
+    from transformers import BertTokenizerFast, DataCollatorWithPadding
+
+    words = [f"w{i}" for i in range(40)]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": tok(" ".join(words[j] for j in torch.randint(0, 40, (int(n),), generator=g)))["input_ids"],
+             "labels": int(torch.randint(0, 3, (1,), generator=g))} for n in torch.randint(2, 12, (30,), generator=g)]
+    expected, got = run_both(tmp_path, tiny_bert_classifier(), rows, rows[:9], compute_metrics=accuracy,
+                             data_collator=DataCollatorWithPadding(tok), max_steps=6, gradient_accumulation_steps=3,
+                             eval_strategy="steps", eval_steps=3)
+    assert_same(expected, got)
 
 
 def test_plain_module_without_loss_kwargs(tmp_path):
