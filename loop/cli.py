@@ -107,7 +107,10 @@ def _help(task_name="causal_lm") -> str:
 def cmd_train(argv):
     from .fit import train
 
+    from transformers import set_seed
+
     config, module, task = build_job(argv)
+    set_seed(config.seed)  # initial weights of a model built from a config (or a new head) follow the seed
     built = module.build(task, config)
     result = train(config, **built)
     if result.metrics and _is_main():

@@ -1,7 +1,9 @@
 """`loop compare`: the same job through transformers.Trainer and through the loop, side by side.
 
-Both start from identical initial weights (one model, deep-copied) and the same datasets. The loop runs first,
-so any one-time warm-up cost (CUDA context, kernel autotuning) is charged to the loop, not to Trainer.
+Both start from identical initial weights (checked by hash) and the same data. Each side runs in a fresh process
+of its own, so neither inherits the other's warm caches (CUDA context, lazy-loaded kernels, cuDNN/cuBLAS plans per
+shape). Under `accelerate launch` (or with --in_process) both run in one process, the loop first, so one-time
+costs are charged to the loop.
 Prints a table, writes `<output_dir>/compare.json` and `<output_dir>/compare.png`, exits 1 if parity fails.
 
 Tolerance on the per-step loss (relative): 0 (bit for bit) on CPU; on a GPU 1e-5 in fp32 and 1e-2 in bf16/fp16
@@ -24,12 +26,6 @@ def _peak_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return None
-
-
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 class _StepClock:
@@ -139,12 +135,57 @@ def _plot(path, trainer_hist, loop_hist):
     plt.close(fig)
 
 
+def _weights_sha(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _run_side(side, config, module, task, skip, built=None, model0=None):
+    """Train one side; return its history and timings. Builds the task itself unless given (in-process mode)."""
+    from transformers import Trainer, set_seed
+
+    from .fit import train
+
+    if built is None:
+        set_seed(config.seed)  # the same initial weights in both processes (checked by hash)
+        built = module.build(task, config)
+        model0 = built.pop("model")
+    model = copy.deepcopy(model0)
+    sha = _weights_sha(model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    clock, loop_cb, trainer_cb = _clocks(skip)
+    start = time.time()
+    if side == "loop":
+        result = train(dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop")), model,
+                       callbacks=[loop_cb], **built)
+        history, steps = result.log_history, result.global_step
+    else:
+        trainer = Trainer(model=model, args=config.to_training_arguments(output_dir=os.path.join(config.output_dir, "trainer")),
+                          callbacks=[trainer_cb], train_dataset=built["train_dataset"],
+                          eval_dataset=built.get("eval_dataset"), data_collator=built.get("data_collator"),
+                          processing_class=built.get("processing_class"), compute_metrics=built.get("compute_metrics"),
+                          preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"))
+        trainer.train()
+        history, steps = trainer.state.log_history, trainer.state.global_step
+    wall = time.time() - start
+    device = next(model.parameters()).device
+    tokens = _tokens_of(built, config, steps)
+    return {"history": history, "summary": _summary(history, wall, tokens, steps, device, clock),
+            "initial_weights_sha": sha, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
 def cmd_compare(argv) -> int:
-    from transformers import Trainer
+    import subprocess
+    import sys
 
     from .cli import build_job
     from .errors import LoopError
-    from .fit import train
 
     def take(flag, kind, example):
         nonlocal argv
@@ -160,61 +201,65 @@ def cmd_compare(argv) -> int:
 
     tolerance = take("--tolerance", float, "1e-5")
     trainer_runs = take("--trainer_runs", int, "2") or 1
+    side, side_out = take("--_side", str, "loop"), take("--_result", str, "FILE")
+    in_process = "--in_process" in argv
+    argv = [a for a in argv if a != "--in_process"]
     config, module, task = build_job(argv)
     out = config.output_dir
-    built = module.build(task, config)
-    model0 = built.pop("model")
-    loop_cfg = dataclasses.replace(config, output_dir=os.path.join(out, "loop"))
-
-    # ------------------------------------------------------------------ the loop (first: it pays any warm-up)
-    loop_model = copy.deepcopy(model0)
     total = config.max_steps if config.max_steps > 0 else None
     skip = max(1, min(20, (total or 100) // 10))  # steps excluded from the steady-state rate
-    loop_clock, loop_cb, _ = _clocks(skip)
-    start = time.time()
-    result = train(loop_cfg, loop_model, callbacks=[loop_cb], **built)
-    loop_wall = time.time() - start
-    device = next(loop_model.parameters()).device
-    loop_tokens = _tokens_of(built, config, result.global_step)
-    loop_summary = _summary(result.log_history, loop_wall, loop_tokens, result.global_step, device, loop_clock)
-    del loop_model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    _reset_peak(device)
+    if side is not None:  # a child process: one side, result to a file
+        result = _run_side(side, config, module, task, skip)
+        with open(side_out, "w") as f:
+            json.dump(result, f, default=str)
+        return 0
 
-    # ------------------------------------------------------------------ Trainer, same weights, same data
-    args = config.to_training_arguments(output_dir=os.path.join(out, "trainer"))
-    histories, trainer_wall = [], 0.0
-    for _ in range(trainer_runs):  # more than one run measures Trainer's own run-to-run spread
-        trainer_clock, _, trainer_cb = _clocks(skip)
-        trainer = Trainer(callbacks=[trainer_cb], model=copy.deepcopy(model0), args=args, train_dataset=built["train_dataset"],
-                          eval_dataset=built.get("eval_dataset"), data_collator=built.get("data_collator"),
-                          processing_class=built.get("processing_class"), compute_metrics=built.get("compute_metrics"),
-                          preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"))
-        _reset_peak(device)
-        start = time.time()
-        trainer.train()
-        trainer_wall = time.time() - start
-        histories.append(trainer.state.log_history)
-    trainer_summary = _summary(trainer.state.log_history, trainer_wall, loop_tokens, trainer.state.global_step, device,
-                               trainer_clock)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    runs = []
+    if in_process or distributed:
+        # one process: the loop first, so one-time per-process costs (CUDA context, kernel and cuDNN/cuBLAS
+        # plan caches) are charged to the loop, not to Trainer
+        from transformers import set_seed
+
+        set_seed(config.seed)
+        built = module.build(task, config)
+        model0 = built.pop("model")
+        for name in ["loop"] + ["trainer"] * trainer_runs:
+            runs.append(_run_side(name, config, module, task, skip, built, model0))
+        mode = "one process, loop first"
+    else:
+        # each side in a fresh process: neither inherits the other's warm caches
+        os.makedirs(out, exist_ok=True)
+        for i, name in enumerate(["loop"] + ["trainer"] * trainer_runs):
+            path = os.path.join(out, f".side-{i}.json")
+            proc = subprocess.run([sys.executable, "-m", "loop", "compare", *argv, "--_side", name, "--_result", path])
+            if proc.returncode != 0:
+                raise LoopError(f"the {name} run of `loop compare` failed (exit {proc.returncode}); see its output above")
+            with open(path) as f:
+                runs.append(json.load(f))
+            os.remove(path)
+        mode = "separate processes"
+    loop_run, trainer_run_list = runs[0], runs[1:]
+    histories = [r["history"] for r in trainer_run_list]
     spread = max((_diff(histories[0], h)["loss"]["max_rel"] for h in histories[1:]), default=None)
 
     # ------------------------------------------------------------------ verdict, table, files
-    on_gpu = device.type == "cuda"
+    on_gpu = loop_run["device"] != "cpu"
     if tolerance is None:
         tolerance = 0.0 if not on_gpu else (1e-5 if config.mixed_precision == "no" else 1e-2)
     if spread is not None:
         tolerance = max(tolerance, spread)
-    diff = _diff(trainer.state.log_history, result.log_history)
-    ok = (not diff["steps_only_in_one"] and diff["eval_records"][0] == diff["eval_records"][1]
+    diff = _diff(histories[0], loop_run["history"])
+    same_init = len({r["initial_weights_sha"] for r in runs}) == 1
+    ok = (same_init and not diff["steps_only_in_one"] and diff["eval_records"][0] == diff["eval_records"][1]
           and max(diff["loss"]["max_rel"], diff["learning_rate"]["max_rel"], diff["eval_loss_max_rel"]) <= tolerance)
     report = {
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "precision": config.mixed_precision,
+        "device": loop_run["device"], "precision": config.mixed_precision,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")), "tolerance_rel": tolerance, "parity": ok,
+        "identical_initial_weights": same_init, "mode": mode,
         "trainer_runs": trainer_runs, "trainer_run_to_run_max_rel_loss_diff": spread,
-        "trainer": trainer_summary, "loop": loop_summary, "difference": diff,
-        "loop_only_features_on": config.loop_features(), "run_order": ["loop", "trainer"], "steady_skip": skip,
+        "trainer": trainer_run_list[0]["summary"], "loop": loop_run["summary"], "difference": diff,
+        "loop_only_features_on": config.loop_features(), "steady_skip": skip,
         "transformers": __import__("transformers").__version__, "torch": torch.__version__,
         "config": config.to_dict(),
     }
@@ -222,7 +267,7 @@ def cmd_compare(argv) -> int:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "compare.json"), "w") as f:
             json.dump(report, f, indent=1, default=str)
-        _plot(os.path.join(out, "compare.png"), trainer.state.log_history, result.log_history)
+        _plot(os.path.join(out, "compare.png"), histories[0], loop_run["history"])
         print(table(report))
         print(f"report: {os.path.join(out, 'compare.json')}, plot: {os.path.join(out, 'compare.png')}")
     return 0 if ok else 1
@@ -268,6 +313,7 @@ def table(report) -> str:
               f"{_fmt(report['trainer_run_to_run_max_rel_loss_diff'])}",
               f"device {report['device']}, precision {report['precision']}, tolerance (rel) {report['tolerance_rel']:g}",
               f"loop-only features on: {', '.join(report['loop_only_features_on']) or 'none'}",
-              f"steady_*: after the first {report['steady_skip']} steps (warm-up excluded); run order: loop, then Trainer",
+              f"steady_*: after the first {report['steady_skip']} steps (warm-up excluded); {report['mode']}; "
+              f"identical initial weights: {report['identical_initial_weights']}",
               f"verdict: {'PARITY' if report['parity'] else 'PARITY FAILED'}"]
     return "\n".join(lines)
