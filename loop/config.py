@@ -99,7 +99,8 @@ class TrainConfig:
     report_to: typing.Union[list, str] = _f("none", "Trackers to hand records to (accelerate trackers), or none.")
     run_name: typing.Optional[str] = _f(None, "Run name for trackers.")
     project: str = _f("huggingface", "Project name for trackers.")
-    log_level: str = _f("passive", "Logger level of the main process (passive keeps the library default).")
+    log_level: str = _f("passive", "Logger level of the main process (passive keeps the library default).",
+                        choices=("passive", "debug", "info", "warning", "error", "critical", "detail"))
     skip_memory_metrics: bool = _f(True, "Trainer's memory tracker; the loop reports peak memory in telemetry instead.",
                                    note="the loop's telemetry reports peak device memory in every record")
     # ---------------------------------------------------------------- evaluation
@@ -313,7 +314,6 @@ REFUSED = {
     "optim_target_modules": "GaLore/APOLLO-style optimizers are not implemented",
     "bf16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
     "fp16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
-    "activation_checkpointing_kwargs": "mirrored through gradient_checkpointing_kwargs",
     "use_liger_kernel": "Liger kernels are not integrated",
     "liger_kernel_config": "Liger kernels are not integrated",
     "neftune_noise_alpha": "NEFTune is not implemented",
@@ -352,6 +352,9 @@ NOTES = {
     "report_to": "handed to accelerate's trackers",
     "gradient_checkpointing": "named activation_checkpointing in transformers >= 5.20; both map here",
     "activation_checkpointing": "mapped to gradient_checkpointing",
+    "activation_checkpointing_kwargs": "mapped to gradient_checkpointing_kwargs",
+    "restore_callback_states_from_checkpoint": "the loop always restores callback state (state_dict) for exact resume",
+    "log_level": "applied to the transformers logger of the main process",
     "skip_memory_metrics": "the loop's telemetry reports peak device memory instead of Trainer's memory tracker",
     "logging_nan_inf_filter": "applied on device, without a host sync",
     "train_sampling_strategy": "random, sequential, group_by_length (not batch_rebalance)",
@@ -359,7 +362,7 @@ NOTES = {
     "eval_accumulation_steps": "accepted; predictions are moved to the CPU per batch anyway",
     "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
 }
-INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing"}
+INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing", "activation_checkpointing_kwargs"}
 
 
 def _same(a, b) -> bool:

@@ -157,6 +157,10 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
     if config.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     acc = _make_accelerator(config)
+    if config.log_level != "passive" and acc.is_main_process:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(hf_logging.get_log_levels_dict()[config.log_level])
     if config.report_to:
         acc.init_trackers(config.run_name or config.project, config=_flat(config.to_dict()))
     if getattr(model, "config", None) is not None:
