@@ -57,11 +57,11 @@ class Run:
         self.last_lr = None
         self.epoch_start_rng = None
         self.telemetry = None
-        inspectee = model
+        # Trainer's rule: a model takes num_items_in_batch if it says so, or if its forward has **kwargs
         if hasattr(model, "accepts_loss_kwargs"):
             self.accepts_loss_kwargs = bool(model.accepts_loss_kwargs)
         else:
-            params = inspect.signature(inspectee.forward).parameters.values()
+            params = inspect.signature(model.forward).parameters.values()
             self.accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
         self.shifts_labels, self.smoothing_shifts_labels = _label_shift_rules(model)
         self.label_names = list(config.label_names) if config.label_names is not None else default_label_names(model)
@@ -298,14 +298,12 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
             if config.save_strategy == "best":
                 should_save = better
         if should_save:
+            if config.metric_for_best_model is not None and state.best_global_step == state.global_step:
+                # this checkpoint holds the best weights so far; recorded before saving so the saved state knows
+                state.best_checkpoint = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
             path = ckpt.save(run)
-            if better_checkpoint(path):
-                state.best_checkpoint = path
             ckpt.rotate(config.output_dir, config.save_total_limit, keep=(state.best_checkpoint,))
             stop = fire(callbacks, "on_save", run, path) or stop
-
-    def better_checkpoint(path):
-        return config.metric_for_best_model is not None and state.best_global_step == state.global_step
 
     if config.eval_on_start and not resumed:
         run_eval(on_start=True)

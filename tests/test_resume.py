@@ -203,3 +203,15 @@ def test_time_to_resume_does_not_grow_with_the_step(tmp_path):
                    resume_from_checkpoint=str(path))
         timings[name] = timer.elapsed
     assert timings["late"] < 3 * timings["early"] + 1.0, timings
+
+
+def test_best_checkpoint_survives_resume(tmp_path):
+    config = _train(tmp_path, eval_strategy="steps", eval_steps=2, metric_for_best_model="loss",
+                    learning_rate=5e-2, max_steps=8)
+    stop = type("S", (loop.Callback,), {"on_step_end": lambda s, run: "stop" if run.state.global_step == 6 else None})
+    loop.train(config, tiny_gpt2(), LMData(40), eval_dataset=LMData(8, seed=1), callbacks=[stop()])
+    saved = ckpt.read_state(str(tmp_path / "checkpoint-6"))
+    assert saved.best_checkpoint == str(tmp_path / f"checkpoint-{saved.best_global_step}")
+    result = loop.train(config, tiny_gpt2(), LMData(40), eval_dataset=LMData(8, seed=1), resume_from_checkpoint=True)
+    evals = [(r["eval_loss"], r["step"]) for r in result.log_history if "eval_loss" in r]
+    assert os.path.isdir(tmp_path / f"checkpoint-{min(evals)[1]}")
