@@ -248,8 +248,7 @@ def _is_tied(model, key, weights) -> bool:
 def load(run, path: str):
     """Restore everything but the RNG (restored by the loop at the data position). Returns the saved RNG dict."""
     acc = run.accelerator
-    if _sharded(acc) and os.path.exists(os.path.join(path, "optimizer.bin")) or \
-            os.path.exists(os.path.join(path, "pytorch_model_fsdp_0")):
+    if _sharded(acc) and not os.path.exists(os.path.join(path, "optimizer.pt")):  # written by accelerate save_state
         acc.load_state(path)
     else:
         load_weights(acc.unwrap_model(run.model), path)

@@ -110,10 +110,3 @@ def eval_loader(config, dataset, collator, accelerator):
         kw.update(sampler=SequentialSampler(dataset) if accelerator.num_processes <= 1 else None,
                   drop_last=config.dataloader_drop_last)
     return accelerator.prepare(DataLoader(dataset, **kw))
-
-
-def count_examples(loader, config) -> int:
-    try:
-        return len(loader.dataset)
-    except (TypeError, AttributeError):
-        return len(loader) * config.per_device_train_batch_size

@@ -415,7 +415,7 @@ class _Records:
         self.out = Records(run.config, run.accelerator, max_steps, start_step)
 
     def log(self, logs: dict, start_time=None, telemetry=False):
-        run, state, cfg = self.run, self.run.state, self.run.config
+        run, state = self.run, self.run.state
         logs = dict(logs)
         logs["epoch"] = state.epoch
         # reduces the step counters across ranks: a log-boundary sync

@@ -1,7 +1,6 @@
 """Tiny models and data made on the spot (no downloads)."""
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -91,7 +90,3 @@ def comparable(record):
     """A log record without wall-clock values and loop-only keys."""
     return {k: v for k, v in record.items()
             if not k.endswith(("_runtime", "_per_second")) and not k.startswith("loop/")}
-
-
-def finite_equal(a, b):
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))

@@ -78,7 +78,7 @@ def test_empty_dataset_and_model_without_loss(tmp_path):
     import torch
 
     import loop
-    from helpers import LMData, tiny_gpt2
+    from helpers import tiny_gpt2
 
     config = loop.TrainConfig(output_dir=str(tmp_path), max_steps=2, use_cpu=True, disable_tqdm=True)
     with pytest.raises(loop.LoopError, match="empty"):
