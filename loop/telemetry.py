@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 
 import torch
+from transformers.trainer_pt_utils import find_batch_size
 
 # dense bf16 peak TFLOP/s by device name fragment (no sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
@@ -41,16 +42,15 @@ class Telemetry:
         self.last_time, self.last_step = time.perf_counter(), run.state.global_step
 
     def count(self, batch):
-        from transformers.trainer_pt_utils import find_batch_size
-
         x = batch.get(self.main_input) if isinstance(batch, Mapping) else None
         n = x.numel() if torch.is_tensor(x) else 0
         self.tokens += n
         self.samples += find_batch_size(batch) or 0
         self.pending_tokens += n
         self.pending_flos += 6 * n * self.flop_params
-        if self.mode == "non_padding" and isinstance(batch, Mapping) and "attention_mask" in batch:
-            self.unpadded += batch["attention_mask"].sum()  # stays on device
+        if self.mode == "non_padding":  # Trainer's rule: the attention mask's sum, else every token
+            has_mask = isinstance(batch, Mapping) and "attention_mask" in batch
+            self.unpadded += batch["attention_mask"].sum() if has_mask else n  # stays on device
 
     def _sum(self, values, dtype):
         acc = self.run.accelerator
@@ -59,12 +59,13 @@ class Telemetry:
     def flush(self):
         """Move this rank's flos and input tokens into the TrainState (Trainer's store_flos). Collective."""
         flos, tokens = self._sum([float(self.pending_flos), float(self.pending_tokens)], torch.float64)
-        unpadded = int(self.run.accelerator.gather(self.unpadded.unsqueeze(0)).sum().item())
         self.pending_flos = self.pending_tokens = 0
-        self.unpadded.zero_()
+        if self.mode == "non_padding":  # the device counter is read only when it is the one reported
+            tokens = int(self.run.accelerator.gather(self.unpadded.unsqueeze(0)).sum().item())
+            self.unpadded.zero_()
         state = self.run.state
         state.total_flos += flos
-        state.num_input_tokens_seen += unpadded if self.mode == "non_padding" else int(tokens)
+        state.num_input_tokens_seen += int(tokens)
 
     def record(self, start_time=None, loss_record: bool = False) -> dict:
         from transformers.trainer_utils import speed_metrics

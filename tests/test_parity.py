@@ -57,6 +57,8 @@ CASES = {
     "eval_on_start_eval_delay": dict(max_steps=8, eval_on_start=True, eval_strategy="steps", eval_steps=2,
                                      eval_delay=4),
     "sequential_sampler": dict(max_steps=5, train_sampling_strategy="sequential"),
+    "tokens_seen_all": dict(max_steps=4, include_num_input_tokens_seen="all", eval_strategy="steps", eval_steps=2),
+    "tokens_seen_non_padding": dict(max_steps=4, include_num_input_tokens_seen="non_padding"),
 }
 SCHEDULERS = {
     "linear": {}, "cosine": {}, "cosine_with_restarts": {"num_cycles": 2}, "polynomial": {"power": 2.0},
