@@ -20,30 +20,23 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import check_columns, from_pretrained, load_raw, subsample
+from .common import DataSource, check_columns, from_pretrained, load_raw, subsample
 
 IGNORE = -100
 
 
 @dataclass
-class Task:
+class Task(DataSource):
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local folder of a pretrained causal LM (fine-tuning)."})
     model_type: str = field(default="gpt2", metadata={"help": "Architecture for training from scratch (with model_config)."})
     model_config: dict | None = field(default=None, metadata={"help": "Config overrides for training from scratch (JSON object)."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's); 'bytes' = byte-level, no files."})
     text_source: str | None = field(default=None, metadata={"help": "'stdlib': this Python's standard-library sources (offline everywhere)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config."})
-    train_file: str | None = field(default=None, metadata={"help": "Local train file (txt/json/jsonl/csv/parquet)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     text_column: str = field(default="text", metadata={"help": "Column holding the documents."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training row."})
     packing: bool = field(default=True, metadata={"help": "Pack documents into full rows (False: one padded document per row)."})
     validation_split_percentage: int = field(default=5, metadata={"help": "Held-out share when there is no validation split."})
     max_docs: int | None = field(default=None, metadata={"help": "Use at most this many documents (stdlib source)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train set to this many rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the eval set to this many rows."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
 
 
 class ByteTokenizer:

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 from loop.errors import LoopError
+
+
+@dataclass
+class DataSource:
+    """Where a task's text comes from and how much of it is used (the fields load_raw and subsample read)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (e.g. glue, imdb)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. sst2)."})
+    train_file: str | None = field(default=None, metadata={"help": "Local train file (txt/csv/tsv/json/jsonl/parquet)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train set to this many rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the eval set to this many rows."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 

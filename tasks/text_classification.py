@@ -9,17 +9,13 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import check_columns, from_pretrained, load_raw, subsample
+from .common import DataSource, check_columns, from_pretrained, load_raw, subsample
 
 
 @dataclass
-class Task:
+class Task(DataSource):
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local folder of a pretrained encoder."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name (e.g. glue, imdb)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. sst2)."})
-    train_file: str | None = field(default=None, metadata={"help": "Local train file (csv/tsv/json/jsonl/parquet)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     validation_split: str = field(default="validation", metadata={"help": "Name of the evaluation split (imdb: test)."})
     text_column: str = field(default="sentence", metadata={"help": "Column with the text (first sentence of a pair)."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Column with the second sentence of a pair."})
@@ -27,9 +23,6 @@ class Task:
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes (default: from the data)."})
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Dynamic padding to a multiple of this."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the eval set."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
 
 
 def accuracy_f1(eval_pred):
