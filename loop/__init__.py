@@ -3,7 +3,8 @@
 from .callbacks import Callback, EarlyStopping
 from .config import TrainConfig
 from .errors import LoopError
+from .evaluation import evaluate, predict
 from .fit import TrainResult, train
 
-__all__ = ["TrainConfig", "train", "TrainResult", "Callback", "EarlyStopping", "LoopError"]
+__all__ = ["TrainConfig", "train", "evaluate", "predict", "TrainResult", "Callback", "EarlyStopping", "LoopError"]
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
-"""`loop train|compare|fields [--config FILE.yaml] [--<field> VALUE ...]` (also `python -m loop ...`).
+"""`loop train|evaluate|compare|fields [--config FILE.yaml] [--<field> VALUE ...]` (also `python -m loop ...`).
 
-A job is one flat YAML mapping: `task:` picks the task module, TrainConfig fields and the task's own fields sit
-side by side. With no --config the embedded default job (tasks/configs/default.yaml) runs. Command-line
-`--field value` pairs override the file. Errors print one line (`error: ...`) and exit with status 2.
+A job is one flat YAML mapping: `task:` picks the task module (a built-in task, any importable module
+`my_lab.my_task`, or a .py file), TrainConfig fields and the task's own fields sit side by side. With no --config
+the embedded default job (tasks/configs/default.yaml) runs. Command-line `--field value` pairs override the file.
+`loop evaluate --config JOB --model_name_or_path DIR` evaluates a saved model (and its ema/) on the job's
+held-out data. Errors print one line (`error: ...`) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -10,82 +12,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import typing
 
-from .config import TrainConfig, coerce
+from .config import TrainConfig
 from .errors import LoopError, closest
+from .job import DEFAULT_TASK, build_job, build_task, job_from_values, job_values, parse_overrides, task_fields, task_module
 
-COMMANDS = ("train", "compare", "fields")
-DEFAULT_JOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "configs", "default.yaml")
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    out, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or arg == "--":
-            raise LoopError(f"unexpected argument {arg!r}; options look like --name value")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"  # a bare flag: --bf16
-        out[name] = value
-        i += 1
-    return out
+COMMANDS = ("train", "evaluate", "compare", "fields")
 
 
-def load_yaml(path: str) -> dict:
-    import yaml
-
-    if not os.path.isfile(path):
-        raise LoopError(f"config file {path} does not exist; check the path (examples are in tasks/configs/)")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise LoopError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
-    if not isinstance(data, dict):
-        raise LoopError(f"config file {path} must be a mapping of field: value")
-    return data
-
-
-def task_fields(task_name: str):
-    import tasks
-
-    return {f.name: f for f in dataclasses.fields(tasks.get(task_name).Task)}
-
-
-def build_job(argv: list[str]):
-    """(TrainConfig, task module, task config) from --config and overrides; one clear line on any mistake."""
-    import tasks
-
-    overrides = parse_overrides(argv)
-    path = overrides.pop("config", None)
-    values = load_yaml(path or DEFAULT_JOB)
-    values.update(overrides)
-    task_name = str(values.pop("task", "causal_lm"))
-    module = tasks.get(task_name)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tfields = task_fields(task_name)
-    unknown = [k for k in values if k not in train_fields and k not in tfields]
-    if unknown:
-        k = unknown[0]
-        from .config import REFUSED
-
-        if k in REFUSED:
-            raise LoopError(f"--{k} is a TrainingArguments option the loop does not support: {REFUSED[k]}")
-        raise LoopError(f"unknown option --{k}{closest(k, list(train_fields) + list(tfields))}; "
-                        "`loop train --help` lists every option")
-    hints = typing.get_type_hints(module.Task)
-    task_values = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in tfields}
-    config = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-    return config, module, module.Task(**task_values)
-
-
-def _help(task_name="causal_lm") -> str:
+def _help(argv=()) -> str:
+    """Every option; the task options of the job's task (`--task NAME` or the job file's), else of each built-in."""
     lines = [__doc__.strip(), "", "Training options (TrainConfig; Trainer's names and defaults):"]
     for group, title in (("trainer", None), ("loop", "Loop-only options (off or inert by default):")):
         if title:
@@ -96,23 +32,28 @@ def _help(task_name="causal_lm") -> str:
                 lines.append(f"  --{f.name} (default {default!r}): {f.metadata['help']}")
     import tasks
 
-    for name in tasks.TASKS:
-        lines += ["", f"Task options for task: {name}:"]
-        for f in task_fields(name).values():
-            lines.append(f"  --{f.name} (default {f.default!r}): {f.metadata.get('help', '')}")
-    lines += ["", "Commands: loop train | loop compare | loop fields (TrainingArguments coverage table)"]
+    argv = [a for a in argv if a not in ("-h", "--help")]
+    named = {"config", "task"} & set(parse_overrides(argv))
+    values = job_values(argv) if named else {}
+    names = [values.get("task", DEFAULT_TASK)] if named else list(tasks.TASKS)
+    for name in names:
+        module = task_module(name)
+        lines += ["", f"Task options for task: {name}" + (f" ({module.__doc__.strip().splitlines()[0]})"
+                                                           if module.__doc__ else "") + ":"]
+        for f in task_fields(module).values():
+            default = f.default if f.default is not dataclasses.MISSING else \
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+            lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    lines += ["", "Commands: loop train | loop evaluate | loop compare | loop fields (TrainingArguments coverage table)",
+              "Task options of your own task module: loop train --help --task my_lab.my_task"]
     return "\n".join(lines)
 
 
 def cmd_train(argv):
     from .fit import train
 
-    from transformers import set_seed
-
     config, module, task = build_job(argv)
-    set_seed(config.seed)  # initial weights of a model built from a config (or a new head) follow the seed
-    built = module.build(task, config)
-    result = train(config, **built)
+    result = train(config, **build_task(module, task, config))
     if result.metrics and _is_main():
         evals = [r for r in result.log_history if "eval_loss" in r]
         if evals:
@@ -121,6 +62,56 @@ def cmd_train(argv):
                   f"{last['eval_loss']:.4f} (step {last['step']})")
         print(f"done: {result.global_step} steps, train_loss {result.training_loss:.4f}, "
               f"model saved to {config.output_dir}")
+    return 0
+
+
+def cmd_evaluate(argv):
+    """Evaluate a saved model (`--model_name_or_path DIR`, as written by `loop train`) on the job's eval data,
+    and DIR/ema too when it exists. Prints the metrics and writes <output_dir>/eval_results.json."""
+    import json
+
+    from . import checkpoint as ckpt
+    from .evaluation import evaluate
+
+    values = job_values(argv)
+    folder = values.get("model_name_or_path")
+    if not folder:
+        raise LoopError("loop evaluate needs --model_name_or_path DIR, a folder written by `loop train` "
+                        "(its model.safetensors, and ema/ when the run kept an EMA)")
+    if not os.path.isfile(os.path.join(str(folder), "model.safetensors")):
+        raise LoopError(f"--model_name_or_path {folder} holds no model.safetensors; point it at the output_dir of "
+                        "a finished run (or a checkpoint-<step> folder)")
+    module = task_module(values.get("task", DEFAULT_TASK))
+    # a folder with config.json (a final model) builds the task's model from it; otherwise (a plain module, a
+    # checkpoint-<step>) the job builds its model and the saved weights are loaded into it
+    if "model_name_or_path" not in task_fields(module) or not os.path.isfile(os.path.join(folder, "config.json")):
+        values.pop("model_name_or_path")
+    config, module, task = job_from_values(values)
+    config.eval_strategy = "no"
+    built = build_task(module, task, config)
+    if built.get("eval_dataset") is None:
+        raise LoopError(f"task {module.__name__} built no eval_dataset; give it held-out data (e.g. --validation_file)")
+    from .run import call_model_init
+
+    model = built.get("model") or call_model_init(built["model_init"])
+    results = {}
+    for prefix, path in (("eval", folder), ("eval_ema", os.path.join(folder, "ema"))):
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            continue
+        ckpt.load_weights(model, path)  # the task's model, with the saved weights (any nn.Module)
+        results.update(evaluate(config, model, built["eval_dataset"], data_collator=built.get("data_collator"),
+                                compute_metrics=built.get("compute_metrics"),
+                                processing_class=built.get("processing_class"),
+                                preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"),
+                                compute_loss_func=built.get("compute_loss_func"), metric_key_prefix=prefix))
+    if _is_main():
+        os.makedirs(config.output_dir, exist_ok=True)
+        out = os.path.join(config.output_dir, "eval_results.json")
+        with open(out, "w") as f:
+            json.dump({"model": os.path.abspath(folder), **results}, f, indent=1)
+        for k, v in results.items():
+            print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"written to {out}")
     return 0
 
 
@@ -143,16 +134,18 @@ def main(argv=None) -> int:
         print(_help())
         return 0
     cmd, rest = argv[0], argv[1:]
-    if "-h" in rest or "--help" in rest:
-        print(_help())
-        return 0
     try:
+        if "-h" in rest or "--help" in rest:
+            print(_help(rest))
+            return 0
         if cmd not in COMMANDS:
             raise LoopError(f"unknown command {cmd!r}{closest(cmd, COMMANDS)}; use one of: {', '.join(COMMANDS)}")
         if cmd == "train":
             return cmd_train(rest)
         if cmd == "fields":
             return cmd_fields(rest)
+        if cmd == "evaluate":
+            return cmd_evaluate(rest)
         from .compare import cmd_compare
 
         return cmd_compare(rest)

@@ -1,6 +1,8 @@
 """`loop compare`: the same job through transformers.Trainer and through the loop, side by side.
 
-Both start from identical initial weights (checked by hash) and the same data. Each side runs in a fresh process
+Both start from identical initial weights (checked by hash) and the same data; each side builds the task afresh
+under the run's seed, and the task's hooks (compute_loss_func, optimizers, optimizer_cls_and_kwargs, model_init)
+go to Trainer and to the loop under the same names. Each side runs in a fresh process
 of its own, so neither inherits the other's warm caches (CUDA context, lazy-loaded kernels, cuDNN/cuBLAS plans per
 shape). Under `accelerate launch` (or with --in_process) both run in one process, the loop first, so one-time
 costs are charged to the loop.
@@ -13,7 +15,6 @@ least its own run-to-run spread (a few 1e-6 in fp32 on an H100).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -34,6 +35,11 @@ class _StepClock:
 
     def __init__(self, skip):
         self.skip, self.t0, self.t1, self.steps = skip, None, None, 0
+        self.initial_sha = self.model = None
+
+    def begin(self, model):
+        """The weights training starts from (after model_init, if any), hashed for the identical-start check."""
+        self.model, self.initial_sha = model, _weights_sha(model)
 
     def step(self, global_step):
         if global_step == self.skip:
@@ -58,6 +64,9 @@ def _clocks(skip):
 
     # the clock stops at the final train record (after the last loss sync), before any final model save
     class LoopClock(Callback):
+        def on_train_begin(self, run):
+            clock.begin(run.unwrapped)
+
         def on_step_end(self, run):
             clock.step(run.state.global_step)
 
@@ -66,6 +75,9 @@ def _clocks(skip):
                 clock.end()
 
     class TrainerClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            clock.begin(model)
+
         def on_step_end(self, args, state, control, **kw):
             clock.step(state.global_step)
 
@@ -145,47 +157,54 @@ def _weights_sha(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_side(side, config, module, task, skip, built=None, model0=None):
-    """Train one side; return its history and timings. Builds the task itself unless given (in-process mode)."""
-    from transformers import Trainer, set_seed
+# What of a task's build() Trainer takes under the same name (loop callbacks stay on the loop's side).
+_TRAINER_KEYS = ("train_dataset", "eval_dataset", "data_collator", "processing_class", "compute_metrics",
+                 "preprocess_logits_for_metrics", "compute_loss_func", "optimizer_cls_and_kwargs", "model_init",
+                 "optimizers")
 
+
+def _run_side(side, config, module, task, skip):
+    """Build the task afresh (same seed: same initial weights, checked by hash) and train one side with it."""
+    from transformers import Trainer
+
+    from .errors import LoopError
     from .fit import train
+    from .job import build_task
 
-    if built is None:
-        set_seed(config.seed)  # the same initial weights in both processes (checked by hash)
-        built = module.build(task, config)
-        model0 = built.pop("model")
-    model = copy.deepcopy(model0)
-    sha = _weights_sha(model)
+    built = build_task(module, task, config)
+    if built.get("optimizer_step") is not None:
+        raise LoopError("the task's optimizer_step has no Trainer equivalent, so `loop compare` cannot run it on "
+                        "Trainer's side; compare without it (build() can read an option of the task to leave it out)")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock, loop_cb, trainer_cb = _clocks(skip)
     start = time.time()
     if side == "loop":
-        result = train(dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop")), model,
-                       callbacks=[loop_cb], **built)
-        history, steps = result.log_history, result.global_step
+        extra = list(built.pop("callbacks", None) or [])
+        result = train(dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop")),
+                       callbacks=extra + [loop_cb], **built)
+        history, steps, model = result.log_history, result.global_step, clock.model
     else:
-        trainer = Trainer(model=model, args=config.to_training_arguments(output_dir=os.path.join(config.output_dir, "trainer")),
-                          callbacks=[trainer_cb], train_dataset=built["train_dataset"],
-                          eval_dataset=built.get("eval_dataset"), data_collator=built.get("data_collator"),
-                          processing_class=built.get("processing_class"), compute_metrics=built.get("compute_metrics"),
-                          preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"))
+        kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}
+        trainer = Trainer(model=built.get("model"),
+                          args=config.to_training_arguments(output_dir=os.path.join(config.output_dir, "trainer")),
+                          callbacks=[trainer_cb], **kwargs)
         trainer.train()
-        history, steps = trainer.state.log_history, trainer.state.global_step
+        history, steps, model = trainer.state.log_history, trainer.state.global_step, trainer.model
     wall = time.time() - start
     device = next(model.parameters()).device
     tokens = _tokens_of(built, config, steps)
     return {"history": history, "summary": _summary(history, wall, tokens, steps, device, clock),
-            "initial_weights_sha": sha, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "initial_weights_sha": clock.initial_sha,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def cmd_compare(argv) -> int:
     import subprocess
     import sys
 
-    from .cli import build_job
     from .errors import LoopError
+    from .job import build_job
 
     def take(flag, kind, example):
         nonlocal argv
@@ -218,14 +237,9 @@ def cmd_compare(argv) -> int:
     runs = []
     if in_process or distributed:
         # one process: the loop first, so one-time per-process costs (CUDA context, kernel and cuDNN/cuBLAS
-        # plan caches) are charged to the loop, not to Trainer
-        from transformers import set_seed
-
-        set_seed(config.seed)
-        built = module.build(task, config)
-        model0 = built.pop("model")
+        # plan caches) are charged to the loop, not to Trainer. Each side builds the task afresh.
         for name in ["loop"] + ["trainer"] * trainer_runs:
-            runs.append(_run_side(name, config, module, task, skip, built, model0))
+            runs.append(_run_side(name, config, module, task, skip))
         mode = "one process, loop first"
     else:
         # each side in a fresh process: neither inherits the other's warm caches

@@ -138,6 +138,11 @@ class TrainConfig:
     early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many evaluations without improvement of metric_for_best_model.", group="loop")
     early_stopping_threshold: float = _f(0.0, "Improvement smaller than this does not count (early stopping).", group="loop")
     allow_inexact_resume: bool = _f(False, "Resume even if batch geometry or dataset length changed (data position is then approximate).", group="loop")
+    param_groups: typing.Optional[list] = _f(
+        None, "Parameter groups chosen by name: a list of {pattern: REGEX, learning_rate: X, weight_decay: Y, name: N} "
+        "(JSON on the CLI). A parameter joins the first entry whose pattern it matches (re.search), else the default "
+        "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
+        group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
     def __post_init__(self):
@@ -232,6 +237,43 @@ class TrainConfig:
             bad("dataloader_prefetch_factor needs dataloader_num_workers > 0")
         if self.use_cpu:
             self.dataloader_pin_memory = False
+        self._validate_param_groups()
+
+    def _validate_param_groups(self):
+        import re
+
+        example = '[{"pattern": "classifier", "learning_rate": 1e-4}]'
+        if self.param_groups is None:
+            return
+        if not isinstance(self.param_groups, list):
+            raise LoopError(f"param_groups must be a list of mappings, e.g. --param_groups '{example}'")
+        names = set()
+        for i, e in enumerate(self.param_groups):
+            if not isinstance(e, dict) or not isinstance(e.get("pattern"), str):
+                raise LoopError(f"param_groups[{i}] = {e!r} needs a `pattern` (a regular expression over parameter "
+                                f"names), e.g. --param_groups '{example}'")
+            unknown = set(e) - {"pattern", "learning_rate", "weight_decay", "name"}
+            if unknown:
+                k = sorted(unknown)[0]
+                raise LoopError(f"param_groups[{i}] has an unknown key {k!r}"
+                                f"{closest(k, ('pattern', 'learning_rate', 'weight_decay', 'name'))}; "
+                                "keys are pattern, learning_rate, weight_decay, name")
+            try:
+                re.compile(e["pattern"])
+            except re.error as err:
+                raise LoopError(f"param_groups[{i}] pattern {e['pattern']!r} is not a valid regular expression ({err})") from None
+            for key in ("learning_rate", "weight_decay"):
+                if key in e:
+                    try:
+                        e[key] = float(e[key])
+                    except (TypeError, ValueError):
+                        raise LoopError(f"param_groups[{i}] {key}={e[key]!r} is not a number") from None
+                    if e[key] < 0:
+                        raise LoopError(f"param_groups[{i}] {key} must be >= 0, got {e[key]}")
+            name = e.get("name", e["pattern"])
+            if name in names:
+                raise LoopError(f"param_groups has two entries named {name!r}; give each a distinct `name`")
+            names.add(name)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -258,6 +300,8 @@ class TrainConfig:
             on.append("telemetry (extra loop/ keys in records; numbers unchanged)")
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
+        if self.param_groups:
+            on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on
 
     def to_dict(self) -> dict:

@@ -34,6 +34,16 @@ def default_label_names(model) -> list[str]:
     return find_labels(model.__class__)
 
 
+def default_collator(data_collator, processing_class=None):
+    """Trainer's default: pad with the tokenizer if one is given, else stack (default_data_collator)."""
+    if data_collator is not None:
+        return data_collator
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+
+    return DataCollatorWithPadding(processing_class) if isinstance(processing_class, PreTrainedTokenizerBase) \
+        else default_data_collator
+
+
 class _DropColumns:
     """Collator wrapper that drops keys the model cannot take (Trainer's RemoveColumnsCollator)."""
 

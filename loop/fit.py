@@ -1,16 +1,16 @@
-"""`loop.train`: the whole training run, top to bottom.
+"""`loop.train`: the whole training run, in five phases that each fit on a screen.
 
-    set seed -> Accelerator -> data -> optimizer/scheduler -> prepare -> (resume) -> epochs of windows:
-        window = next W micro-batches;  grad_norm = optimizer_step(run, window)   (step.py)
-        log / evaluate / save when due                                             (Trainer's DefaultFlowCallback)
-    -> final record -> best model -> save_model (+ EMA) -> callbacks' on_train_end
+    check_inputs  -> build (seed, Accelerator, model, data, plan, optimizer/scheduler, EMA)
+                  -> resume (state, weights, optimizer, RNG; when asked)
+                  -> train_epochs: windows of W micro-batches;  grad_norm = run.step_fn(run, window)   (step.py)
+                                   log / evaluate / save when due               (Trainer's DefaultFlowCallback order)
+                  -> finish (final record, best model, save_model + EMA, on_train_end)
 
 Host-device syncs happen only where a record is written (log boundaries, evaluation, checkpoints).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import os
@@ -20,17 +20,15 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from . import checkpoint as ckpt
 from .callbacks import Callback, fire
 from .config import TrainConfig
-from .data import default_label_names, eval_loader, has_length, prepare_dataset, train_loader
+from .data import default_collator, eval_loader, has_length, prepare_dataset, train_loader
 from .errors import LoopError
-from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler, is_plateau
-from .state import TrainState
-from .step import optimizer_step
+from .evaluation import evaluate_metrics
+from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
+from .run import Run, call_model_init, place_model, start
 from .telemetry import Telemetry
 
 
@@ -43,96 +41,73 @@ class TrainResult:
     output_dir: str = ""
 
 
-class Run:
-    """Everything a step, an evaluation or a callback may need, in one place."""
-
-    def __init__(self, config, model, accelerator, callbacks, compute_metrics, preprocess_logits_for_metrics):
-        self.config, self.model, self.accelerator = config, model, accelerator
-        self.unwrapped = model
-        self.callbacks = callbacks
-        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
-        self.state = TrainState()
-        self.optimizer = self.scheduler = self.ema = None
-        self.tr_loss = torch.tensor(0.0, device=accelerator.device)  # summed window losses since the last log
-        self.last_lr = None
-        self.epoch_start_rng = None
-        self.telemetry = None
-        # Trainer's rule: a model takes num_items_in_batch if it says so, or if its forward has **kwargs
-        if hasattr(model, "accepts_loss_kwargs"):
-            self.accepts_loss_kwargs = bool(model.accepts_loss_kwargs)
-        else:
-            params = inspect.signature(model.forward).parameters.values()
-            self.accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
-        self.shifts_labels, self.smoothing_shifts_labels = _label_shift_rules(model)
-        self.label_names = list(config.label_names) if config.label_names is not None else default_label_names(model)
-        self.label_smoother = None
-        if config.label_smoothing_factor != 0:
-            from transformers.trainer_pt_utils import LabelSmoother
-
-            self.label_smoother = LabelSmoother(epsilon=config.label_smoothing_factor)
-
-    def count_batch(self, batch):
-        if self.telemetry is not None:
-            self.telemetry.count(batch)
+@dataclass
+class Plan:
+    """How long the run is, in Trainer's arithmetic."""
+    steps_in_epoch: int       # micro-batches per epoch on this rank
+    updates_per_epoch: int    # optimizer steps per epoch
+    max_steps: int
+    num_epochs: int
+    log_every: int | None
+    eval_every: int | None
+    save_every: int | None
 
 
-def _label_shift_rules(model):
-    """(count items over labels[..., 1:], label smoother shifts labels): Trainer's two causal-LM rules."""
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover
-        return False, False
-    counts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and \
-        not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    smooth = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if hasattr(model, "_get_name") else False
-    return counts, smooth
+def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None, data_collator=None,
+          compute_metrics=None, callbacks=None, processing_class=None, resume_from_checkpoint=None,
+          preprocess_logits_for_metrics=None, compute_loss_func=None, optimizers=(None, None),
+          optimizer_cls_and_kwargs=None, model_init=None, optimizer_step=None) -> TrainResult:
+    """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (README: API).
+
+    Trainer's extension points carry Trainer's names: compute_loss_func(outputs, labels, num_items_in_batch),
+    optimizers=(optimizer, lr_scheduler), optimizer_cls_and_kwargs=(cls, kwargs), model_init (a fresh model per
+    run, instead of `model`). optimizer_step(run, window) -> grad_norm replaces the step (loop/step.py).
+    """
+    callbacks, resume_path = check_inputs(
+        config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers, optimizer_cls_and_kwargs,
+        compute_loss_func, optimizer_step, resume_from_checkpoint)
+    run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
+                processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
+                optimizer_cls_and_kwargs, optimizer_step)
+    saved_rng = resume(run, resume_path)
+    train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
+    return finish(run, processing_class)
 
 
-def _make_accelerator(config):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin
-    from accelerate.utils import InitProcessGroupKwargs
-    from datetime import timedelta
-
-    ddp = {"find_unused_parameters": config.ddp_find_unused_parameters
-           if config.ddp_find_unused_parameters is not None else not config.gradient_checkpointing}
-    for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
-        if getattr(config, f"ddp_{name}") is not None:
-            ddp[name] = getattr(config, f"ddp_{name}")
-    kwargs = {}
-    if config.torch_compile:
-        from accelerate.utils import TorchDynamoPlugin
-
-        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=config.torch_compile_backend or "inductor",
-                                                    mode=config.torch_compile_mode)
-    # The loop does gradient accumulation itself (whole windows), so the Accelerator accumulates over 1 step.
-    return Accelerator(
-        mixed_precision=config.mixed_precision, cpu=config.use_cpu,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.data_seed,
-                                                  even_batches=True, split_batches=False),
-        kwargs_handlers=[DistributedDataParallelKwargs(**ddp),
-                         InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
-        log_with=config.report_to or None, project_dir=config.output_dir, **kwargs)
-
-
-def _seed(config):
-    from transformers import enable_full_determinism, set_seed
-
-    enable_full_determinism(config.seed) if config.full_determinism else set_seed(config.seed)
-
-
-def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_collator=None, compute_metrics=None,
-          callbacks=None, processing_class=None, resume_from_checkpoint=None,
-          preprocess_logits_for_metrics=None) -> TrainResult:
-    """Train `model` on `train_dataset` as Trainer would with the same configuration. See README for the API."""
-    # ---------------------------------------------------------------- check inputs before anything is touched
+# ====================================================================================== 1. check inputs
+def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers,
+                 optimizer_cls_and_kwargs, compute_loss_func, optimizer_step, resume_from_checkpoint):
+    """Refuse bad input with one line before anything is touched. Returns (callbacks, checkpoint to resume or None)."""
     if not isinstance(config, TrainConfig):
         raise LoopError(f"config must be a loop.TrainConfig, got {type(config).__name__}; "
                         "build one with TrainConfig(...) or TrainConfig.from_training_arguments(args)")
-    if not isinstance(model, nn.Module):
+    if model is None and model_init is None:
+        raise LoopError("train needs a model, or a model_init that returns one")
+    if model is not None and model_init is not None:
+        raise LoopError("pass either model or model_init, not both (model_init builds a fresh model for the run)")
+    if model is not None and not isinstance(model, torch.nn.Module):
         raise LoopError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+        raise LoopError("optimizers must be a pair (optimizer, lr_scheduler); either may be None")
+    optimizer, scheduler = optimizers
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise LoopError(f"optimizers[0] must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if scheduler is not None and optimizer is None:
+        raise LoopError("optimizers=(None, scheduler): a scheduler needs its optimizer; pass (optimizer, scheduler)")
+    if optimizer is not None and optimizer_cls_and_kwargs is not None:
+        raise LoopError("pass either optimizers or optimizer_cls_and_kwargs, not both")
+    if optimizer is not None and model_init is not None:
+        raise LoopError("model_init builds a new model, so an optimizer made beforehand cannot hold its parameters; "
+                        "pass optimizer_cls_and_kwargs instead of optimizers")
+    if optimizer is not None and config.param_groups:
+        raise LoopError("param_groups shapes the optimizer the loop builds; with optimizers=(...) build the groups "
+                        "into your optimizer, or drop param_groups")
+    if optimizer_cls_and_kwargs is not None and (not isinstance(optimizer_cls_and_kwargs, (tuple, list))
+                                                 or len(optimizer_cls_and_kwargs) != 2):
+        raise LoopError("optimizer_cls_and_kwargs must be a pair (optimizer class, dict of its keyword arguments)")
+    for name, fn in (("compute_loss_func", compute_loss_func), ("optimizer_step", optimizer_step)):
+        if fn is not None and not callable(fn):
+            raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
     if train_dataset is None:
         raise LoopError("train_dataset is required")
     if not has_length(train_dataset) and config.max_steps <= 0:
@@ -149,45 +124,61 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
-    resume_from_checkpoint = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
-    resume_path = ckpt.resolve_resume(resume_from_checkpoint, config.output_dir)
+    resume = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
+    return callbacks, ckpt.resolve_resume(resume, config.output_dir)
 
-    # ---------------------------------------------------------------- seed, accelerator, model, data
-    _seed(config)  # before anything random, exactly where Trainer seeds
-    if config.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
-    acc = _make_accelerator(config)
-    if config.log_level != "passive" and acc.is_main_process:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity(hf_logging.get_log_levels_dict()[config.log_level])
+# ====================================================================================== 2. build
+def build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
+          processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers, optimizer_cls_and_kwargs,
+          optimizer_step) -> Run:
+    """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
+    acc = start(config)  # seeds first, exactly where Trainer seeds
     if config.report_to:
         acc.init_trackers(config.run_name or config.project, config=_flat(config.to_dict()))
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = config.use_cache
-    if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise LoopError(f"gradient_checkpointing needs a model with gradient_checkpointing_enable(); "
-                            f"{type(model).__name__} has none")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
-    model = model.to(acc.device)
-    run = Run(config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics)
+    if model_init is not None:
+        model = call_model_init(model_init)  # after the seed, as Trainer.train() does
+    model = place_model(config, model, acc)
+    run = Run(config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func,
+              optimizer_step)
 
-    if data_collator is None:
-        from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
-
-        data_collator = DataCollatorWithPadding(processing_class) \
-            if isinstance(processing_class, PreTrainedTokenizerBase) else default_data_collator
-    train_ds, train_collate = prepare_dataset(train_dataset, data_collator, model, config, run.label_names, "train")
-    eval_ds, eval_collate = prepare_dataset(eval_dataset, data_collator, model, config, run.label_names, "eval")
+    collator = default_collator(data_collator, processing_class)
+    train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
+    eval_ds, eval_collate = prepare_dataset(eval_dataset, collator, model, config, run.label_names, "eval")
     main_input = getattr(model, "main_input_name", "input_ids")
-    loader = train_loader(config, train_ds, train_collate, acc, main_input)
-    evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
+    run.loader = train_loader(config, train_ds, train_collate, acc, main_input)
+    run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
+    run.plan = plan = make_plan(config, run.loader)
 
-    # ---------------------------------------------------------------- how long (Trainer's arithmetic)
+    optimizer, scheduler = optimizers
+    if optimizer is None:
+        optimizer = build_optimizer(config, model, optimizer_cls_and_kwargs)
+        run.group_names = parameter_groups(config, model)[1] if config.param_groups else []
+    run.model, run.optimizer = acc.prepare(model, optimizer)
+    run.unwrapped = acc.unwrap_model(run.model)
+    # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
+    run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
+    if config.ema_decay > 0:
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise LoopError("ema_decay under FSDP/DeepSpeed is not supported yet: the EMA needs whole weights; "
+                            "use a DDP launch config or set ema_decay 0")
+        from .ema import EMA
+
+        run.ema = EMA(run.unwrapped, config.ema_decay, config.ema_warmup, config.ema_start_step,
+                      device="cpu" if config.ema_on_cpu else None)
+    run.state.max_steps = plan.max_steps
+    run.state.geometry = {"per_device_train_batch_size": config.per_device_train_batch_size,
+                          "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                          "world_size": acc.num_processes,
+                          "train_examples": len(train_ds) if has_length(train_ds) else None}
+    run.telemetry = Telemetry(run, main_input)
+    return run
+
+
+def make_plan(config, loader) -> Plan:
     GA = config.gradient_accumulation_steps
     if has_length(loader):
-        steps_in_epoch = len(loader)  # micro-batches per epoch on this rank
+        steps_in_epoch = len(loader)
         if steps_in_epoch == 0:
             raise LoopError("the train dataset gives no batch (fewer examples than one batch with "
                             "dataloader_drop_last); lower the batch size or add data")
@@ -201,175 +192,172 @@ def train(config: TrainConfig, model, train_dataset, eval_dataset=None, data_col
     else:
         max_steps, num_epochs, updates_per_epoch = config.max_steps, sys.maxsize, config.max_steps
         steps_in_epoch = max_steps * GA
-    log_every, eval_every, save_every = (config.steps_for(k, max_steps) for k in ("logging", "eval", "save"))
+    every = (config.steps_for(k, max_steps) for k in ("logging", "eval", "save"))
+    return Plan(steps_in_epoch, updates_per_epoch, max_steps, num_epochs, *every)
 
-    # ---------------------------------------------------------------- optimizer, schedule, prepare
-    run.optimizer = build_optimizer(config, model)
-    run.model, run.optimizer = acc.prepare(model, run.optimizer)
-    run.unwrapped = acc.unwrap_model(run.model)
-    run.scheduler = build_scheduler(config, run.optimizer, max_steps)
-    if config.ema_decay > 0:
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            raise LoopError("ema_decay under FSDP/DeepSpeed is not supported yet: the EMA needs whole weights; "
-                            "use a DDP launch config or set ema_decay 0")
-        from .ema import EMA
 
-        run.ema = EMA(run.unwrapped, config.ema_decay, config.ema_warmup, config.ema_start_step,
-                      device="cpu" if config.ema_on_cpu else None)
-    state = run.state
-    state.max_steps = max_steps
-    state.geometry = {"per_device_train_batch_size": config.per_device_train_batch_size, "gradient_accumulation_steps": GA,
-                      "world_size": acc.num_processes,
-                      "train_examples": len(train_ds) if has_length(train_ds) else None}
-
-    # ---------------------------------------------------------------- resume
+# ====================================================================================== 3. resume
+def resume(run, resume_path):
+    """Load the checkpoint's state, weights, optimizer, scheduler, EMA and callbacks. Returns the saved RNG (or None)."""
+    acc, config = run.accelerator, run.config
     saved_rng = None
     if resume_path is not None:
         saved = ckpt.read_state(resume_path)
-        changed = {k: (saved.geometry.get(k), v) for k, v in state.geometry.items() if saved.geometry.get(k) != v}
+        geometry = run.state.geometry
+        changed = {k: (saved.geometry.get(k), v) for k, v in geometry.items() if saved.geometry.get(k) != v}
         if changed and not config.allow_inexact_resume:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise LoopError(f"cannot resume {resume_path} exactly: {what}; restore those settings, or pass "
                             "--allow_inexact_resume true to accept an approximate data position")
-        geometry = state.geometry
         run.state = state = saved
-        state.geometry, state.max_steps = geometry, max_steps
+        state.geometry, state.max_steps = geometry, run.plan.max_steps
         saved_rng = ckpt.load(run, resume_path)
-        for cb in callbacks:
+        for cb in run.callbacks:
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in state.callback_states:
                 cb.load_state_dict(state.callback_states[type(cb).__name__])
         if changed:  # inexact: keep the epoch, restart its data
             state.batches_in_epoch = 0
-    resumed = resume_path is not None
-    start_step = state.global_step
-
-    # ---------------------------------------------------------------- bookkeeping shared by the handlers below
-    records = _Records(run, max_steps, start_step)
-    run.telemetry = Telemetry(run, main_input)
+    run.start_step = run.state.global_step
+    run.records = _Records(run, run.plan.max_steps, run.start_step)
     if acc.is_main_process:
         ckpt.clean_stale(config.output_dir)
-    if resumed:
-        records.out.note({"event": "resumed", "from": resume_path, "step": state.global_step})
-    start_time = time.time()
-    stop = fire(callbacks, "on_train_begin", run)
-    grad_norm = None
+    if resume_path is not None:
+        run.records.out.note({"event": "resumed", "from": resume_path, "step": run.state.global_step})
+    return saved_rng
 
-    def log_loss():
-        """A loss record: the one sync point of the training loop (log boundary)."""
-        loss_sum = acc.gather(run.tr_loss).mean().item()
-        run.tr_loss -= run.tr_loss  # Trainer resets this way (keeps nan visible)
-        record = {"loss": loss_sum / (state.global_step - state.last_logged_step)}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm
-        record["learning_rate"] = run.last_lr
-        state.total_loss += loss_sum
-        state.last_logged_step = state.global_step
-        records.log(record, start_time, telemetry=True)
 
-    def run_eval(on_start=False):
-        metrics = evaluate(run, evaluator)
-        records.log(metrics)
-        stop_now = fire(callbacks, "on_evaluate", run, metrics)
-        if run.ema is not None:
-            run.ema.swap(run.unwrapped)  # EMA weights in; swapped back right after
-            ema_metrics = evaluate(run, evaluator, prefix="eval_ema")
-            run.ema.swap(run.unwrapped)
-            records.log(ema_metrics)
-            metrics = {**metrics, **ema_metrics}
-        if is_plateau(run.scheduler) and not on_start:
-            run.scheduler.step(_metric(config, metrics))
-        return metrics, stop_now
-
-    def log_eval_save(should_log, should_eval, should_save):
-        """Trainer's _maybe_log_save_evaluate, in the same order."""
-        nonlocal stop
-        if should_log and state.global_step > state.last_logged_step:
-            log_loss()
-        if should_eval:
-            metrics, stop_now = run_eval()
-            stop = stop or stop_now
-            value = _metric(config, metrics) if config.metric_for_best_model else None
-            better = value is not None and (state.best_metric is None or
-                                            (value > state.best_metric if config.greater_is_better else value < state.best_metric))
-            if better:
-                state.best_metric = value
-                if config.save_strategy != "no":
-                    state.best_global_step = state.global_step
-            if config.save_strategy == "best":
-                should_save = better
-        if should_save:
-            if config.metric_for_best_model is not None and state.best_global_step == state.global_step:
-                # this checkpoint holds the best weights so far; recorded before saving so the saved state knows
-                state.best_checkpoint = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
-            path = ckpt.save(run)
-            ckpt.rotate(config.output_dir, config.save_total_limit, keep=(state.best_checkpoint,))
-            stop = fire(callbacks, "on_save", run, path) or stop
-
+# ====================================================================================== 4. the epochs
+def train_epochs(run, resumed: bool, saved_rng):
+    """Epochs of accumulation windows; after each optimizer step, log / evaluate / save when due."""
+    config, state, plan, GA = run.config, run.state, run.plan, run.config.gradient_accumulation_steps
+    run.start_time = time.time()
+    run.telemetry.last_time, run.telemetry.last_step = time.perf_counter(), state.global_step
+    run.stop = fire(run.callbacks, "on_train_begin", run)
     if config.eval_on_start and not resumed:
-        run_eval(on_start=True)
-
-    # ---------------------------------------------------------------- the epochs
-    for epoch in range(state.epoch_index, num_epochs):
-        if stop or state.global_step >= max_steps:
+        run_eval(run, on_start=True)
+    for epoch in range(state.epoch_index, plan.num_epochs):
+        if run.stop or state.global_step >= plan.max_steps:
             break
         state.epoch_index = epoch
-        skip = state.batches_in_epoch if resumed and not config.ignore_data_skip else 0
-        epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
-        _set_epoch(epoch_loader, epoch)
-        if resumed and saved_rng is not None and skip:
-            ckpt.set_rng_state(saved_rng["epoch_start"])  # so iter() draws what it drew the first time
-        elif resumed and saved_rng is not None:
-            ckpt.set_rng_state(saved_rng)  # resuming at an epoch boundary: the state at save time
-        run.epoch_start_rng = saved_rng["epoch_start"] if (resumed and skip and saved_rng) else ckpt.rng_state()
-        batches = _started(epoch_loader)  # the loader's random draws happen here, under the epoch-start state
-        if resumed and saved_rng is not None and skip:
-            ckpt.set_rng_state(saved_rng)  # now continue from the saved random streams
+        batches, skip = _epoch_batches(run, epoch, resumed, saved_rng)
         resumed, step = False, skip - 1
-        remainder = steps_in_epoch % GA or GA
-        for update in range(skip // GA, updates_per_epoch):
-            window = []
-            for _ in range(GA if update != updates_per_epoch - 1 else remainder):
-                try:
-                    window.append(next(batches))
-                except StopIteration:
-                    break
+        remainder = plan.steps_in_epoch % GA or GA
+        for update in range(skip // GA, plan.updates_per_epoch):
+            window = list(itertools.islice(batches, GA if update != plan.updates_per_epoch - 1 else remainder))
             if not window:
                 break
-            grad_norm = optimizer_step(run, window)
+            run.grad_norm = run.step_fn(run, window)
             step += len(window)
             state.batches_in_epoch = step + 1
             state.global_step += 1
-            state.epoch = epoch + (step + 1) / steps_in_epoch
-            records.out.advance()
-            stop = fire(callbacks, "on_step_end", run) or stop
+            state.epoch = epoch + (step + 1) / plan.steps_in_epoch
+            run.records.out.advance()
+            run.stop = fire(run.callbacks, "on_step_end", run) or run.stop
             if config.torch_empty_cache_steps and state.global_step % config.torch_empty_cache_steps == 0:
                 from accelerate.utils.memory import clear_device_cache
 
                 clear_device_cache()
-            gs = state.global_step
-            should_log = (gs == 1 and config.logging_first_step) or \
-                (config.logging_strategy == "steps" and gs % log_every == 0)
-            eval_due = config.eval_strategy == "steps" and config.eval_delay <= gs
-            should_eval = eval_due and gs % eval_every == 0
-            should_save = config.save_strategy == "steps" and save_every > 0 and gs % save_every == 0
-            if gs >= max_steps:
-                stop = True
-                should_eval = should_eval or eval_due
-                should_save = should_save or config.save_strategy == "steps"
-            log_eval_save(should_log, should_eval, should_save)
-            if stop:
+            log_eval_save(run, *_due(run))
+            if run.stop:
                 break
         if step < 0:
             warnings.warn(f"epoch {epoch} gave no batch; stopping at step {state.global_step}")
-            stop = True
+            run.stop = True
         # epoch end: the position moves to the next epoch before anything is saved
         state.epoch_index, state.batches_in_epoch = epoch + 1, 0
-        log_eval_save(config.logging_strategy == "epoch",
+        log_eval_save(run, config.logging_strategy == "epoch",
                       config.eval_strategy == "epoch" and config.eval_delay <= state.epoch,
                       config.save_strategy == "epoch")
 
-    # ---------------------------------------------------------------- finish
-    return _finish(run, records, start_time, start_step, processing_class)
+
+def _epoch_batches(run, epoch, resumed, saved_rng):
+    """The epoch's batch iterator, started, and how many micro-batches a resume skips. On resume the RNG is set to the
+    epoch's start before the iterator draws (so it draws what it drew the first time), then to the saved state."""
+    config, acc = run.config, run.accelerator
+    skip = run.state.batches_in_epoch if resumed and not config.ignore_data_skip else 0
+    epoch_loader = acc.skip_first_batches(run.loader, skip) if skip else run.loader
+    _set_epoch(epoch_loader, epoch)
+    restore = saved_rng if resumed else None
+    if restore is not None:
+        ckpt.set_rng_state(restore["epoch_start"] if skip else restore)  # at an epoch boundary: the state at save
+    run.epoch_start_rng = restore["epoch_start"] if (restore is not None and skip) else ckpt.rng_state()
+    batches = _started(epoch_loader)  # the loader's random draws happen here, under the epoch-start state
+    if restore is not None and skip:
+        ckpt.set_rng_state(restore)  # now continue from the saved random streams
+    return batches, skip
+
+
+def _due(run):
+    """(should_log, should_eval, should_save) after this step; the last step stops the run and forces eval/save."""
+    config, plan, gs = run.config, run.plan, run.state.global_step
+    should_log = (gs == 1 and config.logging_first_step) or \
+        (config.logging_strategy == "steps" and gs % plan.log_every == 0)
+    eval_due = config.eval_strategy == "steps" and config.eval_delay <= gs
+    should_eval = eval_due and gs % plan.eval_every == 0
+    should_save = config.save_strategy == "steps" and plan.save_every > 0 and gs % plan.save_every == 0
+    if gs >= plan.max_steps:
+        run.stop = True
+        should_eval = should_eval or eval_due
+        should_save = should_save or config.save_strategy == "steps"
+    return should_log, should_eval, should_save
+
+
+def log_loss(run):
+    """A loss record: the one sync point of the training loop (log boundary)."""
+    acc, state = run.accelerator, run.state
+    loss_sum = acc.gather(run.tr_loss).mean().item()
+    run.tr_loss -= run.tr_loss  # Trainer resets this way (keeps nan visible)
+    record = {"loss": loss_sum / (state.global_step - state.last_logged_step)}
+    if run.grad_norm is not None:
+        record["grad_norm"] = run.grad_norm.item() if torch.is_tensor(run.grad_norm) else run.grad_norm
+    record["learning_rate"] = run.last_lr
+    for name, lr in zip(run.group_names, run.last_group_lrs):
+        record[f"learning_rate/{name}"] = lr
+    state.total_loss += loss_sum
+    state.last_logged_step = state.global_step
+    run.records.log(record, run.start_time, telemetry=True)
+
+
+def run_eval(run, on_start=False):
+    """Evaluate (and the EMA weights, swapped in place); returns (metrics, a callback asked to stop)."""
+    metrics = evaluate_metrics(run, run.evaluator)
+    run.records.log(metrics)
+    stop_now = fire(run.callbacks, "on_evaluate", run, metrics)
+    if run.ema is not None:
+        run.ema.swap(run.unwrapped)  # EMA weights in; swapped back right after
+        ema_metrics = evaluate_metrics(run, run.evaluator, prefix="eval_ema")
+        run.ema.swap(run.unwrapped)
+        run.records.log(ema_metrics)
+        metrics = {**metrics, **ema_metrics}
+    if is_plateau(run.scheduler) and not on_start:
+        run.scheduler.step(_metric(run.config, metrics))
+    return metrics, stop_now
+
+
+def log_eval_save(run, should_log, should_eval, should_save):
+    """Trainer's _maybe_log_save_evaluate, in the same order."""
+    config, state = run.config, run.state
+    if should_log and state.global_step > state.last_logged_step:
+        log_loss(run)
+    if should_eval:
+        metrics, stop_now = run_eval(run)
+        run.stop = run.stop or stop_now
+        value = _metric(config, metrics) if config.metric_for_best_model else None
+        better = value is not None and (state.best_metric is None or
+                                        (value > state.best_metric if config.greater_is_better else value < state.best_metric))
+        if better:
+            state.best_metric = value
+            if config.save_strategy != "no":
+                state.best_global_step = state.global_step
+        if config.save_strategy == "best":
+            should_save = better
+    if should_save:
+        if config.metric_for_best_model is not None and state.best_global_step == state.global_step:
+            # this checkpoint holds the best weights so far; recorded before saving so the saved state knows
+            state.best_checkpoint = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
+        path = ckpt.save(run)
+        ckpt.rotate(config.output_dir, config.save_total_limit, keep=(state.best_checkpoint,))
+        run.stop = fire(run.callbacks, "on_save", run, path) or run.stop
 
 
 def _started(loader):
@@ -426,17 +414,19 @@ class _Records:
         fire(run.callbacks, "on_log", run, record)
 
 
-def _finish(run, records, start_time, start_step, processing_class):
+# ====================================================================================== 5. finish
+def finish(run, processing_class=None) -> TrainResult:
+    """The final record, the best model, the saved model (and EMA), on_train_end."""
     from transformers.trainer_utils import speed_metrics
 
-    acc, cfg, state = run.accelerator, run.config, run.state
+    acc, cfg, state, records, start_step = run.accelerator, run.config, run.state, run.records, run.start_step
     loss_sum = acc.gather(run.tr_loss).mean().item()
     state.total_loss += loss_sum
     steps_here = state.global_step - start_step
     # train_loss averages every step of the run, including those before a resume (the uninterrupted value)
     train_loss = state.total_loss / max(state.global_step, 0.001)
     total_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
-    metrics = speed_metrics("train", start_time, num_samples=total_batch * steps_here, num_steps=steps_here)
+    metrics = speed_metrics("train", run.start_time, num_samples=total_batch * steps_here, num_steps=steps_here)
     run.telemetry.flush()
     metrics["total_flos"] = state.total_flos
     metrics["train_loss"] = train_loss

@@ -34,16 +34,45 @@ def _optim_args(text):
         raise LoopError(f"optim_args={text!r} is malformed; write it as 'key=value,key=value'") from None
 
 
-def build_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
+def parameter_groups(config, model: nn.Module) -> tuple[list[dict], list[str]]:
+    """Trainer's two groups (weight decay / none), then two per `param_groups` entry, and the entries' names.
+
+    A parameter goes to the first entry whose `pattern` (a regular expression) it matches by name, else to the
+    default groups at learning_rate/weight_decay. Within every entry biases and norm weights keep no weight decay.
+    The default groups come first (possibly empty), so group 0's learning rate is `learning_rate`'s schedule, which
+    is what the `learning_rate` record reports, as in Trainer.
+    """
     decay = set(decay_parameter_names(model))
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
-         "weight_decay": config.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
-         "weight_decay": 0.0},
-    ]
-    if not groups[0]["params"] and not groups[1]["params"]:
+    entries = config.param_groups or []
+    patterns = [re.compile(e["pattern"]) for e in entries]
+    buckets = [([], []) for _ in range(len(entries) + 1)]  # (decay, no decay) for the default, then each entry
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        i = next((j + 1 for j, pat in enumerate(patterns) if pat.search(n)), 0)
+        buckets[i][0 if n in decay else 1].append(p)
+    for e, (with_decay, without) in zip(entries, buckets[1:]):
+        if not with_decay and not without:
+            names = [n for n, p in model.named_parameters() if p.requires_grad][:3]
+            raise LoopError(f"param_groups pattern {e['pattern']!r} matches no trainable parameter not already taken "
+                            f"by an earlier entry; parameter names look like {', '.join(names)}")
+    groups = [{"params": buckets[0][0], "weight_decay": config.weight_decay}, {"params": buckets[0][1], "weight_decay": 0.0}]
+    for e, (with_decay, without) in zip(entries, buckets[1:]):
+        lr = {"lr": e["learning_rate"]} if "learning_rate" in e else {}
+        groups += [{"params": with_decay, "weight_decay": e.get("weight_decay", config.weight_decay), **lr},
+                   {"params": without, "weight_decay": 0.0, **lr}]
+    if not any(g["params"] for g in groups):
         raise LoopError("the model has no trainable parameters; unfreeze some (requires_grad=True) before training")
+    return groups, [e.get("name", e["pattern"]) for e in entries]
+
+
+def build_optimizer(config, model: nn.Module, optimizer_cls_and_kwargs=None) -> torch.optim.Optimizer:
+    """The optimizer Trainer's create_optimizer builds: `optim` by name, or `optimizer_cls_and_kwargs=(cls, kwargs)`
+    over the same parameter groups (the kwargs then hold the learning rate, as in Trainer)."""
+    groups, _ = parameter_groups(config, model)
+    if optimizer_cls_and_kwargs is not None:
+        cls, kwargs = optimizer_cls_and_kwargs
+        return cls(groups, **dict(kwargs))
     kwargs = {"lr": config.learning_rate}
     extra = _optim_args(config.optim_args)
     name = config.optim
@@ -89,3 +118,9 @@ def current_lr(scheduler, optimizer) -> float:
     """Trainer's _get_learning_rate: the scheduler's last lr (the group's lr for ReduceLROnPlateau)."""
     lr = optimizer.param_groups[0]["lr"] if is_plateau(scheduler) else scheduler.get_last_lr()[0]
     return lr.item() if torch.is_tensor(lr) else lr
+
+
+def group_lrs(scheduler, optimizer) -> list[float]:
+    """The learning rate of each `param_groups` entry (its weight-decay group: groups 2, 4, ...), as current_lr."""
+    lrs = [g["lr"] for g in optimizer.param_groups] if is_plateau(scheduler) else scheduler.get_last_lr()
+    return [lr.item() if torch.is_tensor(lr) else lr for lr in lrs[2::2]]

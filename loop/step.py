@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from .errors import LoopError
-from .optim import current_lr, is_plateau
+from .optim import current_lr, group_lrs, is_plateau
 
 IGNORE_INDEX = -100
 
@@ -39,8 +39,9 @@ def count_target_items(window, shifts_labels: bool):
 
 
 def window_item_count(run, window, across_ranks=True):
-    """N for the window, summed over ranks (a collective, not a host sync)."""
-    n = count_target_items(window, run.shifts_labels) if run.accepts_loss_kwargs else None
+    """N for the window, summed over ranks (a collective, not a host sync). Counted, as Trainer counts it, when the
+    model takes `num_items_in_batch` or a compute_loss_func will receive it."""
+    n = count_target_items(window, run.shifts_labels) if run.accepts_loss_kwargs or run.compute_loss_func else None
     if n is not None and across_ranks and run.config.average_tokens_across_devices and run.accelerator.num_processes > 1:
         n = run.accelerator.gather(n.to(run.accelerator.device)).sum()
     return n
@@ -49,24 +50,80 @@ def window_item_count(run, window, across_ranks=True):
 def forward_loss(run, model, batch, num_items, across_ranks=True):
     """The micro-batch loss as Trainer's compute_loss returns it, and the model outputs."""
     labels = None
-    if run.label_smoother is not None and "labels" in batch:
+    if (run.label_smoother is not None or run.compute_loss_func is not None) and "labels" in batch:
         batch = dict(batch)
-        labels = batch.pop("labels")
+        labels = batch.pop("labels")  # the loss is computed outside the model
     if run.accepts_loss_kwargs and num_items is not None:
         batch = {**batch, "num_items_in_batch": num_items}
     outputs = model(**batch)
-    if labels is not None:
+    if run.compute_loss_func is not None:
+        loss = run.compute_loss_func(outputs, labels, num_items_in_batch=num_items)
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            raise LoopError(f"compute_loss_func returned {type(loss).__name__}"
+                            f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}; it must return a scalar tensor")
+    elif labels is not None:
         loss = run.label_smoother(outputs, labels, shift_labels=run.smoothing_shifts_labels,
                                   num_items_in_batch=num_items)
     else:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0] \
+            if isinstance(outputs, (tuple, list)) else None
         if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.requires_grad and model.training:
-            keys = ", ".join(outputs.keys()) if isinstance(outputs, dict) else f"a {type(outputs).__name__}"
-            raise LoopError(f"the model returned no loss (got {keys}); give the batch a `labels` column or make "
-                            "forward return the scalar loss first (a dict with 'loss', or a tuple)")
-    if across_ranks and run.config.average_tokens_across_devices and run.accepts_loss_kwargs and num_items is not None:
+            got = ", ".join(outputs.keys()) if isinstance(outputs, Mapping) else f"a {type(outputs).__name__}"
+            raise LoopError(f"the model returned no loss (got {got}); give the batch a `labels` column, make forward "
+                            "return the scalar loss first (a dict with 'loss', or a tuple), or pass compute_loss_func")
+    if across_ranks and run.config.average_tokens_across_devices and num_items is not None \
+            and (run.accepts_loss_kwargs or run.compute_loss_func is not None):
         loss = loss * run.accelerator.num_processes  # undo DDP's gradient average (see the module docstring)
     return loss, outputs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The pieces of one optimizer step. `optimizer_step` below puts them together; a custom step
+# (loop.train(..., optimizer_step=fn)) can reuse them (the README's adversarial-training example does).
+
+@contextlib.contextmanager
+def grad_sync(run, sync: bool):
+    """Backward passes inside reduce gradients across ranks only when `sync` (the window's last backward); the
+    others accumulate locally under DDP's no_sync. accelerate's optimizer steps only after a synced backward."""
+    run.accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model):
+        yield
+
+
+def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:
+    """The loss of one micro-batch, scaled so that the window's gradients sum to those of the whole-window mean."""
+    loss, _ = forward_loss(run, run.model, batch, num_items)
+    # normalised by N already (by the model or compute_loss_func); otherwise a per-batch mean: divide by W
+    scaled = (run.accepts_loss_kwargs and num_items is not None) or run.compute_loss_func is not None
+    return loss if scaled else loss / window_size
+
+
+def track_loss(run, loss: torch.Tensor, batch):
+    """Add a micro-batch loss to the running sum logged at the next record (on device: no sync)."""
+    loss = loss.detach()
+    if run.config.logging_nan_inf_filter:  # a nan/inf micro-batch counts as the running average, decided on device
+        loss = torch.where(torch.isfinite(loss), loss,
+                           run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step))
+    run.tr_loss += loss
+    run.count_batch(batch)
+
+
+def apply_gradients(run) -> torch.Tensor:
+    """Clip, step the optimizer, the schedule and the EMA, zero the gradients. Returns the pre-clip grad norm."""
+    acc, cfg = run.accelerator, run.config
+    # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
+    run.last_lr = current_lr(run.scheduler, run.optimizer)  # the lr this step used, as Trainer logs it
+    if run.group_names:
+        run.last_group_lrs = group_lrs(run.scheduler, run.optimizer)
+    if not acc.optimizer_step_was_skipped:
+        if not is_plateau(run.scheduler):  # ReduceLROnPlateau steps on the eval metric instead
+            run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.model, run.state.global_step + 1)
+    run.model.zero_grad()
+    return grad_norm
 
 
 def optimizer_step(run, window) -> torch.Tensor:
@@ -74,32 +131,11 @@ def optimizer_step(run, window) -> torch.Tensor:
 
     The window's loss is added to run.tr_loss on device; nothing here waits for the device.
     """
-    acc, model, cfg = run.accelerator, run.model, run.config
-    model.train()
+    run.model.train()
     num_items = window_item_count(run, window)
-    scaled_by_items = run.accepts_loss_kwargs and num_items is not None
     for i, batch in enumerate(window):
-        last = i == len(window) - 1
-        acc.gradient_state._set_sync_gradients(last)  # gradients are all-reduced on the last micro-batch only
-        with contextlib.nullcontext() if last else acc.no_sync(model):
-            loss, _ = forward_loss(run, model, batch, num_items)
-            if not scaled_by_items:
-                loss = loss / len(window)
-            acc.backward(loss)
-        loss = loss.detach()
-        if cfg.logging_nan_inf_filter:  # a nan/inf micro-batch counts as the running average, decided on device
-            loss = torch.where(torch.isfinite(loss), loss,
-                               run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step))
-        run.tr_loss += loss
-        run.count_batch(batch)
-    # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
-    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
-    run.last_lr = current_lr(run.scheduler, run.optimizer)  # the lr this step used, as Trainer logs it
-    if not acc.optimizer_step_was_skipped:
-        if not is_plateau(run.scheduler):  # ReduceLROnPlateau steps on the eval metric instead
-            run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update(model, run.state.global_step + 1)
-    model.zero_grad()
-    return grad_norm
+        with grad_sync(run, sync=i == len(window) - 1):  # gradients are all-reduced on the last micro-batch only
+            loss = micro_batch_loss(run, batch, num_items, len(window))
+            run.accelerator.backward(loss)
+        track_loss(run, loss, batch)
+    return apply_gradients(run)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import loop  # noqa: E402
-from loop.cli import build_job  # noqa: E402
+from loop.job import build_job  # noqa: E402
 
 out = sys.argv[1]
 config, module, task = build_job(["--config", "tasks/configs/sst2_minilm.yaml", "--model_name_or_path", ".data/minilm",

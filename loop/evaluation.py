@@ -1,0 +1,139 @@
+"""Evaluation and prediction with Trainer's numbers: per-batch losses weighted by batch size, predictions and
+labels gathered across ranks without duplicates.
+
+gather_for_metrics drops the samples that DistributedSampler-style padding repeats on the last batch, so no
+sample is counted twice across ranks.
+
+`evaluate(config, model, eval_dataset, ...)` and `predict(config, model, test_dataset, ...)` are
+Trainer.evaluate / Trainer.predict for a model outside a training run; `evaluation_loop` is what both, and the
+evaluations during training, run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .errors import LoopError
+from .step import forward_loss, window_item_count
+
+
+def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = None):
+    """One pass over `loader`: (predictions, label_ids, metrics) as Trainer's evaluation_loop returns them."""
+    from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_detach
+    from transformers.trainer_utils import EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
+
+    acc, model, cfg = run.accelerator, run.model, run.config
+    start = time.time()
+    model.eval()
+    if loss_only is None:  # predictions are gathered only when something will read them
+        loss_only = run.compute_metrics is None or cfg.prediction_loss_only
+    ignore = list(getattr(getattr(run.unwrapped, "config", None), "keys_to_ignore_at_inference", ["past_key_values"])) \
+        if hasattr(run.unwrapped, "config") else []
+    losses, preds, labels_all = (EvalLoopContainer(True, padding_index=-100) for _ in range(3))
+    batch_size, seen = cfg.per_device_eval_batch_size, 0
+    for batch in loader:
+        seen += find_batch_size(batch) or 0
+        has_labels = bool(run.label_names) and all(batch.get(k) is not None for k in run.label_names)
+        labels = nested_detach(tuple(batch.get(k) for k in run.label_names)) if has_labels else None
+        if labels is not None and len(labels) == 1:
+            labels = labels[0]
+        with torch.no_grad():  # the prepared model's forward already runs under the Accelerator's autocast
+            if has_labels:
+                # per-batch mean over this rank's targets: unlike Trainer, eval_loss does not depend on world size
+                n = window_item_count(run, [batch], across_ranks=False)
+                loss, outputs = forward_loss(run, model, batch, n, across_ranks=False)
+                loss = loss.detach().mean()
+                logits = _predictions(run, outputs, ignore + ["loss"])
+            else:
+                loss, outputs = None, model(**batch)
+                logits = _predictions(run, outputs, ignore, has_loss=False)
+        if loss is not None:
+            losses.add(acc.gather_for_metrics(loss.repeat(batch_size)))
+        if loss_only:
+            continue
+        logits = nested_detach(logits)
+        logits = logits[0] if isinstance(logits, tuple) and len(logits) == 1 else logits
+        if labels is not None:
+            labels = acc.pad_across_processes(labels, dim=1, pad_index=-100)
+        logits = acc.pad_across_processes(logits, dim=1, pad_index=-100)
+        if run.preprocess_logits_for_metrics is not None:
+            logits = run.preprocess_logits_for_metrics(logits, labels)
+        preds.add(acc.gather_for_metrics(logits))
+        if labels is not None:
+            labels_all.add(acc.gather_for_metrics(labels))
+    all_losses, all_preds, all_labels = losses.get_arrays(), preds.get_arrays(), labels_all.get_arrays()
+    num_samples = len(loader.dataset) if hasattr(loader.dataset, "__len__") else seen
+    metrics = {}
+    if run.compute_metrics is not None and all_preds is not None and all_labels is not None:
+        metrics = run.compute_metrics(EvalPrediction(predictions=all_preds, label_ids=all_labels))
+    metrics = denumpify_detensorize(metrics or {})
+    if isinstance(all_losses, np.ndarray):
+        finite = np.isfinite(all_losses)
+        if cfg.logging_nan_inf_filter and finite.any():
+            all_losses = all_losses[finite]
+        metrics[f"{prefix}_loss"] = all_losses.mean().item()
+    metrics = {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
+    total_batch = cfg.per_device_eval_batch_size * acc.num_processes
+    metrics.update(speed_metrics(prefix, start, num_samples=num_samples,
+                                 num_steps=math.ceil(num_samples / total_batch)))
+    return PredictionOutput(predictions=all_preds, label_ids=all_labels, metrics=metrics)
+
+
+def _predictions(run, outputs, ignore, has_loss=True):
+    """What the model predicted: its outputs without the loss (Trainer: a dict's other keys, a tuple's tail).
+    With compute_loss_func the model returns no loss, so all of its output is prediction: a bare tensor or a whole
+    tuple (Trainer would slice off their first element as if it were a loss)."""
+    if isinstance(outputs, Mapping):
+        return tuple(v for k, v in outputs.items() if k not in ignore)
+    if torch.is_tensor(outputs):
+        return (outputs,)
+    return tuple(outputs[1:]) if has_loss and run.compute_loss_func is None else tuple(outputs)
+
+
+def evaluate_metrics(run, loader, prefix: str = "eval") -> dict:
+    """The metrics of one evaluation during training (predictions only if compute_metrics reads them)."""
+    return evaluation_loop(run, loader, prefix).metrics
+
+
+# ---------------------------------------------------------------------------------------------- stand-alone
+def _inference_run(config, model, dataset, data_collator, processing_class, compute_metrics,
+                   preprocess_logits_for_metrics, compute_loss_func, what):
+    from .data import default_collator, eval_loader, prepare_dataset
+    from .run import Run, place_model, start
+
+    if dataset is None:
+        raise LoopError(f"{what} needs a dataset")
+    acc = start(config)
+    model = place_model(config, model, acc)
+    run = Run(config, model, acc, compute_metrics=compute_metrics,
+              preprocess_logits_for_metrics=preprocess_logits_for_metrics, compute_loss_func=compute_loss_func)
+    ds, collate = prepare_dataset(dataset, default_collator(data_collator, processing_class), model, config,
+                                  run.label_names, what)
+    loader = eval_loader(config, ds, collate, acc)
+    run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
+    run.unwrapped = acc.unwrap_model(run.model)
+    return run, loader
+
+
+def evaluate(config, model, eval_dataset, data_collator=None, compute_metrics=None, processing_class=None,
+             preprocess_logits_for_metrics=None, compute_loss_func=None, metric_key_prefix: str = "eval") -> dict:
+    """Trainer.evaluate for `model` outside a training run: `eval_`-prefixed metrics (loss, compute_metrics' values,
+    runtime and rates), over every sample once whatever the number of processes."""
+    run, loader = _inference_run(config, model, eval_dataset, data_collator, processing_class, compute_metrics,
+                                 preprocess_logits_for_metrics, compute_loss_func, "evaluate")
+    return evaluation_loop(run, loader, metric_key_prefix).metrics
+
+
+def predict(config, model, test_dataset, data_collator=None, compute_metrics=None, processing_class=None,
+            preprocess_logits_for_metrics=None, compute_loss_func=None, metric_key_prefix: str = "test"):
+    """Trainer.predict: PredictionOutput(predictions, label_ids, metrics), gathered from every process in dataset
+    order with no sample counted twice; metrics are `test_`-prefixed (test_loss if the data has labels)."""
+    run, loader = _inference_run(config, model, test_dataset, data_collator, processing_class, compute_metrics,
+                                 preprocess_logits_for_metrics, compute_loss_func, "predict")
+    return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only)

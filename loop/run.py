@@ -1,0 +1,145 @@
+"""The `Run`: everything a step, an evaluation or a callback may need, in one place; and how it is set up
+(seed, Accelerator, model on its device). Shared by training (fit.py) and stand-alone evaluation (evaluation.py)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import default_label_names
+from .errors import LoopError
+from .state import TrainState
+
+
+class Run:
+    def __init__(self, config, model, accelerator, callbacks=(), compute_metrics=None,
+                 preprocess_logits_for_metrics=None, compute_loss_func=None, step_fn=None):
+        from .step import optimizer_step
+
+        self.config, self.model, self.accelerator = config, model, accelerator
+        self.unwrapped = model
+        self.callbacks = list(callbacks)
+        self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
+        self.compute_loss_func = compute_loss_func
+        self.step_fn = step_fn or optimizer_step  # optimizer_step(run, window) -> grad_norm
+        self.state = TrainState()
+        self.optimizer = self.scheduler = self.ema = None
+        self.tr_loss = torch.tensor(0.0, device=accelerator.device)  # summed window losses since the last log
+        self.last_lr, self.group_names, self.last_group_lrs = None, [], []
+        self.epoch_start_rng = None
+        self.telemetry = None
+        # the training loop's own bookkeeping (fit.py)
+        self.plan = self.loader = self.evaluator = self.records = None
+        self.grad_norm, self.stop, self.start_time, self.start_step = None, False, None, 0
+        # Trainer's rule: a model takes num_items_in_batch if it says so, or if its forward has **kwargs
+        if hasattr(model, "accepts_loss_kwargs"):
+            self.accepts_loss_kwargs = bool(model.accepts_loss_kwargs)
+        else:
+            params = inspect.signature(model.forward).parameters.values()
+            self.accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+        self.shifts_labels, self.smoothing_shifts_labels = _label_shift_rules(model)
+        self.label_names = list(config.label_names) if config.label_names is not None else default_label_names(model)
+        if compute_loss_func is not None and not self.label_names and config.label_names is None:
+            # a logits-only model names no label argument; the loss function needs the `labels` column (Trainer
+            # would drop it as an unused column and call compute_loss_func with labels=None)
+            self.label_names = ["labels"]
+        self.label_smoother = None
+        if config.label_smoothing_factor != 0:
+            from transformers.trainer_pt_utils import LabelSmoother
+
+            self.label_smoother = LabelSmoother(epsilon=config.label_smoothing_factor)
+
+    def count_batch(self, batch):
+        if self.telemetry is not None:
+            self.telemetry.count(batch)
+
+
+def _label_shift_rules(model):
+    """(count items over labels[..., 1:], label smoother shifts labels): Trainer's two causal-LM rules."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return False, False
+    counts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and \
+        not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    smooth = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if hasattr(model, "_get_name") else False
+    return counts, smooth
+
+
+def make_accelerator(config):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    ddp = {"find_unused_parameters": config.ddp_find_unused_parameters
+           if config.ddp_find_unused_parameters is not None else not config.gradient_checkpointing}
+    for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
+        if getattr(config, f"ddp_{name}") is not None:
+            ddp[name] = getattr(config, f"ddp_{name}")
+    kwargs = {}
+    if config.torch_compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=config.torch_compile_backend or "inductor",
+                                                    mode=config.torch_compile_mode)
+    # The loop does gradient accumulation itself (whole windows), so the Accelerator accumulates over 1 step.
+    return Accelerator(
+        mixed_precision=config.mixed_precision, cpu=config.use_cpu,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.data_seed,
+                                                  even_batches=True, split_batches=False),
+        kwargs_handlers=[DistributedDataParallelKwargs(**ddp),
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+        log_with=config.report_to or None, project_dir=config.output_dir, **kwargs)
+
+
+def seed_everything(config):
+    from transformers import enable_full_determinism, set_seed
+
+    enable_full_determinism(config.seed) if config.full_determinism else set_seed(config.seed)
+
+
+def start(config):
+    """Seed (exactly where Trainer seeds), TF32, the Accelerator and the main process's log level."""
+    if not isinstance(config, TrainConfig):
+        raise LoopError(f"config must be a loop.TrainConfig, got {type(config).__name__}; "
+                        "build one with TrainConfig(...) or TrainConfig.from_training_arguments(args)")
+    seed_everything(config)
+    if config.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+    acc = make_accelerator(config)
+    if config.log_level != "passive" and acc.is_main_process:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(hf_logging.get_log_levels_dict()[config.log_level])
+    return acc
+
+
+def call_model_init(model_init):
+    """A fresh model from `model_init()` (Trainer's call_model_init, without hyperparameter trials)."""
+    if not callable(model_init):
+        raise LoopError(f"model_init must be a function returning a model, got {type(model_init).__name__}")
+    model = model_init()
+    if not isinstance(model, nn.Module):
+        raise LoopError(f"model_init returned {type(model).__name__}; it must return a torch.nn.Module")
+    return model
+
+
+def place_model(config, model, acc):
+    """use_cache, gradient checkpointing, then the model on the Accelerator's device (Trainer's order)."""
+    if not isinstance(model, nn.Module):
+        raise LoopError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = config.use_cache
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise LoopError(f"gradient_checkpointing needs a model with gradient_checkpointing_enable(); "
+                            f"{type(model).__name__} has none")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
+    return model.to(acc.device)
