@@ -318,7 +318,7 @@ class TrainConfig:
         for name, rule in REFUSED.items():
             if not hasattr(args, name):
                 continue
-            if not _same(getattr(args, name), getattr(defaults, name)):
+            if not _same(getattr(args, name), defaults.get(name)):
                 raise LoopError(f"TrainingArguments.{name}={getattr(args, name)!r} is not supported by the loop: {rule}")
         values = {}
         for f in fields(cls):
@@ -411,21 +411,25 @@ INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpoi
 
 def _same(a, b) -> bool:
     a, b = getattr(a, "value", a), getattr(b, "value", b)
+    if dataclasses.is_dataclass(a) and b is None:  # __post_init__ turns a None default into its config object
+        try:
+            b = type(a)()
+        except TypeError:
+            return False
     if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
         return dataclasses.asdict(a) == dataclasses.asdict(b)
     return a == b or (a in (None, [], {}, "") and b in (None, [], {}, ""))
 
 
-_DEFAULT_ARGS = None
+def _default_training_arguments() -> dict:
+    """TrainingArguments' declared defaults, read from its fields. Not an instance: building one resets accelerate's
+    process-wide state (AcceleratorState._reset_state), which under `torchrun`/`accelerate launch` would leave the
+    run's Accelerator thinking it is alone."""
+    from transformers import TrainingArguments
 
-
-def _default_training_arguments():
-    global _DEFAULT_ARGS
-    if _DEFAULT_ARGS is None:
-        from transformers import TrainingArguments
-
-        _DEFAULT_ARGS = TrainingArguments(output_dir="unused", report_to="none")
-    return _DEFAULT_ARGS
+    return {f.name: f.default if f.default is not dataclasses.MISSING else
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            for f in dataclasses.fields(TrainingArguments)}
 
 
 def coverage() -> list[tuple[str, str, str]]:

@@ -24,6 +24,11 @@ class Run:
         self.callbacks = list(callbacks)
         self.compute_metrics, self.preprocess_logits_for_metrics = compute_metrics, preprocess_logits_for_metrics
         self.compute_loss_func = compute_loss_func
+        # Trainer calls compute_loss_func(outputs, labels, num_items_in_batch=N) and takes its loss as normalised
+        # over the whole window. A function without that parameter returns a per-batch mean (what a Trainer subclass's
+        # compute_loss returns): it is called with (outputs, labels) and divided by the window length, as Trainer
+        # divides a subclass's loss.
+        self.loss_func_takes_items = compute_loss_func is not None and _takes(compute_loss_func, "num_items_in_batch")
         self.step_fn = step_fn or optimizer_step  # optimizer_step(run, window) -> grad_norm
         self.state = TrainState()
         self.optimizer = self.scheduler = self.ema = None
@@ -55,6 +60,14 @@ class Run:
     def count_batch(self, batch):
         if self.telemetry is not None:
             self.telemetry.count(batch)
+
+
+def _takes(fn, name) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _label_shift_rules(model):

@@ -11,6 +11,8 @@ ranks. A model that takes `num_items_in_batch` (every transformers model) return
 micro-batch; DDP averages gradients over R ranks, so each rank multiplies its loss by R to undo that average.
 A model that cannot take the count returns a per-micro-batch mean; we divide it by W, as Trainer does.
 For causal LMs the labels are shifted inside the model, so position 0 is never a target: N counts labels[..., 1:].
+A compute_loss_func(outputs, labels, num_items_in_batch) is handed N and treated like such a model (Trainer's rule);
+one without the num_items_in_batch parameter returns a per-batch mean and is divided by W, like a plain model.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
         batch = {**batch, "num_items_in_batch": num_items}
     outputs = model(**batch)
     if run.compute_loss_func is not None:
-        loss = run.compute_loss_func(outputs, labels, num_items_in_batch=num_items)
+        loss = run.compute_loss_func(outputs, labels, num_items_in_batch=num_items) if run.loss_func_takes_items \
+            else run.compute_loss_func(outputs, labels)
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise LoopError(f"compute_loss_func returned {type(loss).__name__}"
                             f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}; it must return a scalar tensor")
@@ -72,7 +75,7 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
             raise LoopError(f"the model returned no loss (got {got}); give the batch a `labels` column, make forward "
                             "return the scalar loss first (a dict with 'loss', or a tuple), or pass compute_loss_func")
     if across_ranks and run.config.average_tokens_across_devices and num_items is not None \
-            and (run.accepts_loss_kwargs or run.compute_loss_func is not None):
+            and (run.accepts_loss_kwargs or run.loss_func_takes_items):
         loss = loss * run.accelerator.num_processes  # undo DDP's gradient average (see the module docstring)
     return loss, outputs
 
@@ -94,7 +97,7 @@ def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:
     """The loss of one micro-batch, scaled so that the window's gradients sum to those of the whole-window mean."""
     loss, _ = forward_loss(run, run.model, batch, num_items)
     # normalised by N already (by the model or compute_loss_func); otherwise a per-batch mean: divide by W
-    scaled = (run.accepts_loss_kwargs and num_items is not None) or run.compute_loss_func is not None
+    scaled = (run.accepts_loss_kwargs and num_items is not None) or run.loss_func_takes_items
     return loss if scaled else loss / window_size
 
 

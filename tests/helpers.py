@@ -90,3 +90,39 @@ def comparable(record):
     """A log record without wall-clock values and loop-only keys."""
     return {k: v for k, v in record.items()
             if not k.endswith(("_runtime", "_per_second")) and not k.startswith("loop/")}
+
+
+class SimpleClassifier(nn.Module):
+    """Returns logits only, no loss (a research model trained with a custom loss). `encoder` is the pretrained-style
+    body, `classifier` the new head: the names param_groups patterns pick."""
+
+    def __init__(self, seed=0, vocab=50, dim=16, num_labels=3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.ModuleDict({"embed": nn.Embedding(vocab, dim), "proj": nn.Linear(dim, dim),
+                                      "norm": nn.LayerNorm(dim)})
+        self.classifier = nn.Linear(dim, num_labels)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.encoder["embed"](input_ids)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        h = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return self.classifier(self.encoder["norm"](torch.relu(self.encoder["proj"](h))))
+
+
+def cross_entropy_over_items(outputs, labels, num_items_in_batch=None):
+    """A compute_loss_func with Trainer's contract: summed over the micro-batch, normalised by the window's items."""
+    loss = nn.functional.cross_entropy(outputs, labels, reduction="sum")
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss / labels.numel()
+
+
+def readme_block(first_line: str) -> str:
+    """The README's fenced code block that starts with `first_line` (so tests run exactly what the README shows)."""
+    import os
+    import re
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        if block.startswith(first_line):
+            return block
+    raise AssertionError(f"no README block starts with {first_line!r}")

@@ -107,3 +107,62 @@ def test_compare_on_default_job_reports_exact_parity_on_cpu(tmp_path):
     assert report["trainer"]["final_eval"]["eval_loss"] == report["loop"]["final_eval"]["eval_loss"]
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert "verdict: PARITY" in proc.stdout
+
+
+def _write_my_task(root):
+    from helpers import readme_block
+
+    (root / "my_lab").mkdir()
+    (root / "my_lab" / "__init__.py").write_text("")
+    (root / "my_lab" / "my_task.py").write_text(readme_block("# my_lab/my_task.py"))
+    (root / "my_lab" / "my_task.yaml").write_text(readme_block("# my_lab/my_task.yaml"))
+
+
+def run_in(cwd, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "loop", *args], capture_output=True, text=True, cwd=cwd, env=ENV,
+                          timeout=timeout)
+
+
+def test_own_task_module_from_the_readme_trains_compares_evaluates(tmp_path):
+    _write_my_task(tmp_path)
+    out = tmp_path / "out"
+    proc = run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--num_examples", "1024",
+                  "--output_dir", str(out), "--disable_tqdm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert len(evals) == 2 and evals[-1]["eval_accuracy"] > 0.8, evals
+    # its fields are on --help, overridable, and a misspelt module is one line
+    proc = run_in(tmp_path, "train", "--help", "--task", "my_lab.my_task")
+    assert proc.returncode == 0 and "--num_examples (default 512)" in proc.stdout and "--dim (default 32)" in proc.stdout
+    assert_one_line_error(run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--task", "my_lab.my_tsk"),
+                          "unknown task 'my_lab.my_tsk'", "no module named")
+    assert_one_line_error(run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--num_exampels", "3"),
+                          "did you mean `num_examples`")
+    # loop evaluate: the saved (plain-module) weights give the run's final eval numbers
+    proc = run_in(tmp_path, "evaluate", "--config", "my_lab/my_task.yaml", "--model_name_or_path", str(out),
+                  "--output_dir", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.load(open(tmp_path / "ev" / "eval_results.json"))
+    assert got["eval_accuracy"] == evals[-1]["eval_accuracy"] and got["eval_loss"] == evals[-1]["eval_loss"]
+    # loop compare: Trainer gets the task's compute_loss_func too; bit for bit on CPU
+    proc = run_in(tmp_path, "compare", "--config", "my_lab/my_task.yaml", "--output_dir", str(tmp_path / "cmp"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.load(open(tmp_path / "cmp" / "compare.json"))
+    assert report["parity"] and report["difference"]["loss"]["max_abs"] == 0 and report["identical_initial_weights"]
+
+
+def test_loop_evaluate_a_saved_model_and_its_ema(tmp_path):
+    out = tmp_path / "run"
+    proc = run("train", "--max_steps", "20", "--eval_steps", "20", "--ema_decay", "0.9", "--save_strategy", "no",
+               "--output_dir", str(out), "--disable_tqdm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    last = [r for r in final if "eval_loss" in r][-1]
+    last_ema = [r for r in final if "eval_ema_loss" in r][-1]
+    proc = run("evaluate", "--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.load(open(tmp_path / "ev" / "eval_results.json"))
+    assert got["eval_loss"] == last["eval_loss"] and got["eval_ema_loss"] == last_ema["eval_ema_loss"]
+    assert got["eval_loss"] != got["eval_ema_loss"]
+    assert_one_line_error(run("evaluate", "--model_name_or_path", str(tmp_path / "nothing")), "no model.safetensors")

@@ -1,0 +1,328 @@
+"""Trainer's extension points as arguments: the same hooks give Trainer's numbers exactly (CPU, fp32).
+
+compute_loss_func on a logits-only model, optimizers=(SGD over parameter groups, LambdaLR), optimizer_cls_and_kwargs,
+model_init, per-group learning rates from config, and three Trainer subclasses ported to plain arguments.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import loop
+from helpers import (ClsData, SimpleClassifier, clone, comparable, cross_entropy_over_items, tiny_bert_classifier)
+from test_parity import assert_same
+
+BASE = dict(per_device_train_batch_size=4, per_device_eval_batch_size=5, learning_rate=1e-2, logging_steps=1,
+            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, label_names=["labels"])
+
+
+def _args(tmp_path, name="trainer", **kw):
+    return TrainingArguments(output_dir=str(tmp_path / name), **{**BASE, **kw})
+
+
+def _loop(tmp_path, args, model=None, train=None, eval_ds=None, **hooks):
+    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
+    return loop.train(config, model, train, eval_dataset=eval_ds, **hooks).log_history
+
+
+def sgd_with_groups(model):
+    """SGD with momentum: the body at a tenth of the head's learning rate."""
+    return torch.optim.SGD([{"params": list(model.encoder.parameters()), "lr": 1e-3},
+                            {"params": list(model.classifier.parameters()), "lr": 1e-2}], lr=1e-2, momentum=0.9)
+
+
+def halving_every_3(step):
+    return 0.5 ** (step // 3)
+
+
+@pytest.mark.parametrize("ga", [1, 3])
+def test_compute_loss_func_on_logits_only_model(tmp_path, ga):
+    model, train, val = SimpleClassifier(), ClsData(38), ClsData(11, seed=1)  # 38 rows: a short last window
+    args = _args(tmp_path, gradient_accumulation_steps=ga, num_train_epochs=2, eval_strategy="steps", eval_steps=2)
+    trainer = Trainer(model=clone(model), args=args, train_dataset=train, eval_dataset=val,
+                      compute_loss_func=cross_entropy_over_items)
+    trainer.train()
+    got = _loop(tmp_path, args, clone(model), train, val, compute_loss_func=cross_entropy_over_items)
+    assert_same(trainer.state.log_history, got)
+    assert sum("eval_loss" in r for r in got) >= 2
+
+
+def test_done_when_compute_loss_func_with_sgd_groups_and_lambda_lr_under_accumulation(tmp_path):
+    """The issue's acceptance case: logits-only model, custom loss, optimizers=(SGD over groups, LambdaLR), GA."""
+    model, train = SimpleClassifier(), ClsData(40)
+    args = _args(tmp_path, gradient_accumulation_steps=2, max_steps=9)
+    m1 = clone(model)
+    opt1 = sgd_with_groups(m1)
+    trainer = Trainer(model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
+                      optimizers=(opt1, torch.optim.lr_scheduler.LambdaLR(opt1, halving_every_3)))
+    trainer.train()
+    m2 = clone(model)
+    opt2 = sgd_with_groups(m2)
+    got = _loop(tmp_path, args, m2, train, compute_loss_func=cross_entropy_over_items,
+                optimizers=(opt2, torch.optim.lr_scheduler.LambdaLR(opt2, halving_every_3)))
+    assert_same(trainer.state.log_history, got)
+    lrs = [r["learning_rate"] for r in got if "loss" in r]
+    assert lrs[:4] == [1e-3, 1e-3, 1e-3, 5e-4]  # group 0 (the body), halved every 3 steps
+    assert got[0]["loss"] != got[-2]["loss"]
+
+
+def test_optimizer_given_without_scheduler_gets_trainers_schedule(tmp_path):
+    model, train = SimpleClassifier(), ClsData(40)
+    args = _args(tmp_path, max_steps=6, lr_scheduler_type="cosine", warmup_steps=2)
+    m1 = clone(model)
+    trainer = Trainer(model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
+                      optimizers=(sgd_with_groups(m1), None))
+    trainer.train()
+    m2 = clone(model)
+    got = _loop(tmp_path, args, m2, train, compute_loss_func=cross_entropy_over_items,
+                optimizers=(sgd_with_groups(m2), None))
+    assert_same(trainer.state.log_history, got)
+
+
+def test_optimizer_cls_and_kwargs(tmp_path):
+    model, train = tiny_bert_classifier(dropout=0.0), ClsData(30)
+    args = _args(tmp_path, max_steps=6, weight_decay=0.1, label_names=None)
+    cls_kwargs = (torch.optim.SGD, {"lr": 5e-2, "momentum": 0.9, "nesterov": True})
+    trainer = Trainer(model=clone(model), args=args, train_dataset=train, optimizer_cls_and_kwargs=cls_kwargs)
+    trainer.train()
+    got = _loop(tmp_path, args, clone(model), train, optimizer_cls_and_kwargs=cls_kwargs)
+    assert_same(trainer.state.log_history, got)
+    assert [r["learning_rate"] for r in got if "loss" in r][:2] == pytest.approx([5e-2, 5e-2 * 5 / 6])
+
+
+def test_model_init(tmp_path):
+    train, val = ClsData(30), ClsData(10, seed=1)
+    args = _args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3, label_names=None)
+
+    def model_init():
+        return tiny_bert_classifier(seed=int(torch.randint(0, 1000, (1,))), dropout=0.1)  # drawn after the seed
+
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=val)
+    trainer.train()
+    got = _loop(tmp_path, args, None, train, val, model_init=model_init)
+    assert_same(trainer.state.log_history, got)
+
+
+def test_param_groups_field_matches_trainer_with_the_same_groups(tmp_path):
+    """param_groups (config, no code) = Trainer given an optimizer with those groups; each group follows the schedule."""
+    model, train = SimpleClassifier(), ClsData(40)
+    args = _args(tmp_path, max_steps=8, warmup_steps=2, optim="adamw_torch")
+    m1 = clone(model)
+    body = [p for n, p in m1.named_parameters() if n.startswith("encoder")]
+    decay = [p for n, p in m1.named_parameters() if n.startswith("classifier") and "bias" not in n]
+    no_decay = [p for n, p in m1.named_parameters() if n.startswith("classifier") and "bias" in n]
+    opt = torch.optim.AdamW([{"params": body, "lr": 1e-2, "weight_decay": 0.0},   # the default groups: learning_rate
+                             {"params": decay, "lr": 1e-1, "weight_decay": 0.05},
+                             {"params": no_decay, "lr": 1e-1, "weight_decay": 0.0}], lr=1e-2)
+    trainer = Trainer(model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
+                      optimizers=(opt, None))
+    trainer.train()
+    config = loop.TrainConfig.from_training_arguments(
+        args, output_dir=str(tmp_path / "loop"),
+        param_groups=[{"name": "head", "pattern": r"^classifier\.", "learning_rate": 0.1, "weight_decay": 0.05}])
+    got = loop.train(config, clone(model), train, compute_loss_func=cross_entropy_over_items).log_history
+    strip = [{k: v for k, v in r.items() if not k.startswith("learning_rate/")} for r in got]
+    assert_same(trainer.state.log_history, strip)
+    for r in (r for r in got if "loss" in r):
+        assert r["learning_rate/head"] == pytest.approx(10 * r["learning_rate"], rel=1e-12)
+    assert [r["learning_rate"] for r in got if "loss" in r][:3] == [0.0, 5e-3, 1e-2]  # warmup, then linear decay
+
+
+def test_param_groups_from_yaml_and_cli_and_bad_values(tmp_path):
+    from loop.job import build_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text("task: causal_lm\nparam_groups:\n  - {name: head, pattern: lm_head, learning_rate: 1e-4}\n")
+    config, _, _ = build_job(["--config", str(job)])
+    assert config.param_groups == [{"name": "head", "pattern": "lm_head", "learning_rate": 1e-4}]
+    config, _, _ = build_job(["--config", str(job), "--param_groups", '[{"pattern": "h\\\\.0\\\\.", "weight_decay": 0}]'])
+    assert config.param_groups == [{"pattern": "h\\.0\\.", "weight_decay": 0.0}]
+    for bad, needle in (([{"lr": 1}], "needs a `pattern`"), ([{"pattern": "(", "learning_rate": 1}], "regular expression"),
+                        ([{"pattern": "a", "learnig_rate": 1}], "did you mean `learning_rate`"),
+                        ([{"pattern": "a", "learning_rate": -1}], ">= 0")):
+        with pytest.raises(loop.LoopError, match=needle.replace("(", r"\(")):
+            loop.TrainConfig(param_groups=bad)
+    config = loop.TrainConfig(output_dir=str(tmp_path / "x"), use_cpu=True, max_steps=1,
+                              param_groups=[{"pattern": "encodr"}])
+    with pytest.raises(loop.LoopError, match="matches no trainable parameter"):
+        loop.train(config, SimpleClassifier(), ClsData(8), compute_loss_func=cross_entropy_over_items)
+
+
+def test_bad_hook_combinations_give_one_line(tmp_path):
+    config = loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1)
+    m = SimpleClassifier()
+    for kwargs, needle in (
+            (dict(model=m, model_init=SimpleClassifier), "either model or model_init"),
+            (dict(model=None), "needs a model"),
+            (dict(model=m, optimizers=(sgd_with_groups(m), None), optimizer_cls_and_kwargs=(torch.optim.SGD, {})),
+             "not both"),
+            (dict(model=m, optimizers=("adam", None)), "torch.optim.Optimizer"),
+            (dict(model=m, compute_loss_func="ce"), "must be a function")):
+        with pytest.raises(loop.LoopError, match=needle):
+            loop.train(config, train_dataset=ClsData(8), **kwargs)
+    with pytest.raises(loop.LoopError, match="returned no loss.*compute_loss_func"):
+        loop.train(config, SimpleClassifier(), ClsData(8), label_names=None) if False else \
+            loop.train(config, SimpleClassifier(), ClsData(8))
+
+
+# ---------------------------------------------------------------------------------------------- ported subclasses
+class CustomTrainer(Trainer):
+    """The classic subclass: compute_loss on a model that returns only logits (a per-batch mean)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        logits = model(**inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+        return (loss, logits) if return_outputs else loss
+
+
+class CustomOptimizerTrainer(Trainer):
+    """create_optimizer: SGD with momentum, the pretrained body slower than the new head."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = sgd_with_groups(self.model)
+        return self.optimizer
+
+
+def mean_cross_entropy(outputs, labels):
+    """CustomTrainer.compute_loss as a function: no num_items_in_batch parameter, so a per-batch mean (divided by
+    the window length, as Trainer divides a subclass's loss)."""
+    return nn.functional.cross_entropy(outputs, labels)
+
+
+def test_port_custom_trainer_compute_loss(tmp_path):
+    model, train, val = SimpleClassifier(), ClsData(38), ClsData(11, seed=1)
+    args = _args(tmp_path, gradient_accumulation_steps=3, num_train_epochs=2, eval_strategy="epoch")
+    trainer = CustomTrainer(model=clone(model), args=args, train_dataset=train, eval_dataset=val)
+    trainer.train()
+    got = _loop(tmp_path, args, clone(model), train, val, compute_loss_func=mean_cross_entropy)
+    assert_same(trainer.state.log_history, got)
+
+
+@pytest.mark.parametrize("how", ["optimizers", "config"])
+def test_port_custom_optimizer_trainer(tmp_path, how):
+    model, train = SimpleClassifier(), ClsData(40)
+    args = _args(tmp_path, max_steps=8, gradient_accumulation_steps=2, learning_rate=1e-3)
+    trainer = CustomOptimizerTrainer(model=clone(model), args=args, train_dataset=train,
+                                     compute_loss_func=cross_entropy_over_items)
+    trainer.train()
+    if how == "optimizers":
+        m = clone(model)
+        got = _loop(tmp_path, args, m, train, compute_loss_func=cross_entropy_over_items,
+                    optimizers=(sgd_with_groups(m), None))
+    else:  # no code: optim, optim_args and param_groups in the config
+        config = loop.TrainConfig.from_training_arguments(
+            args, output_dir=str(tmp_path / "loop"), param_groups=[{"pattern": "^classifier", "learning_rate": 1e-2}])
+        config.optim, config.optim_args = "sgd", "momentum=0.9"
+        got = loop.train(config, clone(model), train, compute_loss_func=cross_entropy_over_items).log_history
+        got = [{k: v for k, v in r.items() if not k.startswith("learning_rate/")} for r in got]
+    assert_same(trainer.state.log_history, got)
+
+
+class EMACallback(TrainerCallback):
+    """What people bolt onto Trainer for EMA: e = d*e + (1-d)*w after every optimizer step."""
+
+    def __init__(self, decay):
+        self.decay, self.shadow = decay, None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+
+def test_port_ema_trainer(tmp_path):
+    """The loop's own EMA (ema_decay) holds what the Trainer+callback EMA holds, within fp32 rounding."""
+    from safetensors.torch import load_file
+
+    model, train = SimpleClassifier(), ClsData(40)
+    args = _args(tmp_path, max_steps=10)
+    cb = EMACallback(0.9)
+    trainer = Trainer(model=clone(model), args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
+                      callbacks=[cb])
+    trainer.train()
+    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"), ema_decay=0.9)
+    got = loop.train(config, clone(model), train, compute_loss_func=cross_entropy_over_items)
+    assert_same(trainer.state.log_history, got.log_history)
+    ema = load_file(str(tmp_path / "loop" / "ema" / "model.safetensors"))
+    final = dict(trainer.model.named_parameters())
+    for n, e in cb.shadow.items():
+        torch.testing.assert_close(ema[n], e, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(e, final[n].detach())  # the EMA is not the final weights
+
+
+# ---------------------------------------------------------------------------------------------- evaluate / predict
+def accuracy(p):
+    return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
+
+
+def test_evaluate_and_predict_match_trainer(tmp_path):
+    model, data = tiny_bert_classifier(dropout=0.1), ClsData(23, seed=2)
+    args = _args(tmp_path, label_names=None, per_device_eval_batch_size=4)
+    trainer = Trainer(model=clone(model), args=args, compute_metrics=accuracy)
+    expected_eval = trainer.evaluate(data)
+    expected = trainer.predict(data)
+    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
+    got_eval = loop.evaluate(config, clone(model), data, compute_metrics=accuracy)
+    got = loop.predict(config, clone(model), data, compute_metrics=accuracy)
+    def same(m):  # Trainer adds its model-preparation timing and the (0) epoch of its state
+        return {k: v for k, v in comparable(m).items() if k != "epoch" and not k.endswith("_preparation_time")}
+
+    assert same(got_eval) == same(expected_eval) and "eval_accuracy" in got_eval
+    assert same(got.metrics) == same(expected.metrics) and "test_loss" in got.metrics
+    np.testing.assert_array_equal(got.predictions, expected.predictions)
+    np.testing.assert_array_equal(got.label_ids, expected.label_ids)
+    assert got.predictions.shape == (23, 3)
+
+
+def test_predict_logits_only_model_with_compute_loss_func(tmp_path):
+    """With compute_loss_func the whole output is the prediction (Trainer would slice a bare tensor's first row)."""
+    model, data = SimpleClassifier(), ClsData(9)
+    config = loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=3)
+    out = loop.predict(config, model, data, compute_loss_func=cross_entropy_over_items)
+    with torch.no_grad():
+        expected = model(data.x, torch.ones_like(data.x))
+    np.testing.assert_allclose(out.predictions, expected.numpy(), rtol=1e-5, atol=1e-6)  # batches of 3 vs 9
+    np.testing.assert_array_equal(out.label_ids, data.y.numpy())
+    # three equal batches: the loss is the mean cross-entropy over all nine samples
+    assert out.metrics["test_loss"] == pytest.approx(float(nn.functional.cross_entropy(expected, data.y)), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- a replaceable step
+def _fgm():
+    from helpers import readme_block
+
+    scope = {}
+    exec(readme_block("# fgm_step"), scope)  # the README's function, as printed there
+    return scope["fgm_step"]
+
+
+def test_fgm_step_from_the_readme_trains_and_composes_the_default_pieces(tmp_path):
+    import functools
+
+    fgm_step = _fgm()
+    model, train = tiny_bert_classifier(dropout=0.0), ClsData(24)
+    train.y = train.x[:, 0] % 3  # learnable labels: the first token decides
+
+    def run(step=None, lr=2e-3, name="x", epochs=4, optim="sgd"):
+        config = loop.TrainConfig(output_dir=str(tmp_path / name), use_cpu=True, per_device_train_batch_size=4,
+                                  num_train_epochs=epochs, logging_steps=1, optim=optim,
+                                  learning_rate=lr, max_grad_norm=0, save_strategy="no", disable_tqdm=True,
+                                  telemetry=False, lr_scheduler_type="constant")
+        return [r["loss"] for r in loop.train(config, clone(model), train, optimizer_step=step).log_history
+                if "loss" in r]
+
+    default = run(lr=0.2, name="default")
+    # epsilon 0: the adversarial pass adds the clean gradient again, i.e. twice the gradient: the default step at 2x lr
+    assert run(functools.partial(fgm_step, epsilon=0.0), lr=0.1, name="eps0") == default
+    assert len(default) == 24
+    adversarial = run(functools.partial(fgm_step, epsilon=0.05), lr=1e-2, name="fgm", epochs=30, optim="adamw_torch")
+    assert sum(adversarial[-6:]) / 6 < 0.7 * sum(adversarial[:6]) / 6  # it trains: the loss falls
+    clean = run(lr=1e-2, name="clean", epochs=30, optim="adamw_torch")
+    assert adversarial[1:] != clean[1:]  # and the perturbation changed the training (step 1 saw the same weights)
