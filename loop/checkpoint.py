@@ -9,7 +9,8 @@ Layout of `<output_dir>/checkpoint-<global_step>/`:
     ema.safetensors          EMA weights (with ema_decay > 0)
     loop_state.json          TrainState: step, data position, best metric, log history, callback state
     train_config.json        the TrainConfig the checkpoint was made with
-    COMPLETE                 written last; a folder without it is never resumed from nor counted
+    COMPLETE                 written last: the step and every file's size and crc32. A folder without it, or
+                             whose files differ from it (truncated copy, bit rot), is never resumed from nor counted
 
 A checkpoint is written to `.tmp-checkpoint-<step>` and renamed into place only once complete, so a kill
 at any moment leaves either the previous set of checkpoints or the new one, never a half-written one that
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -51,13 +53,67 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------------------------------------- manifest
+def _crc32(path: str) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def manifest(folder: str) -> dict:
+    """{relative path: [size, crc32]} of every file in the folder (subfolders included), the marker excepted."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != MARKER:
+                files[rel] = [os.path.getsize(path), _crc32(path)]
+    return dict(sorted(files.items()))
+
+
+def _read_manifest(path: str):
+    """The files the marker lists, or None for a checkpoint written before manifests (a bare step number)."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            data = json.load(f)
+    except ValueError:
+        return None
+    return data.get("files") if isinstance(data, dict) else None
+
+
+def damage(path: str, checksums: bool = False):
+    """What is wrong with a checkpoint folder (one phrase), or None if it is whole. Sizes are always compared with the
+    manifest (cheap); checksums only when asked (reads every byte: done before resuming)."""
+    if not os.path.isfile(os.path.join(path, MARKER)) or not os.path.isfile(os.path.join(path, "loop_state.json")):
+        return f"incomplete or not a loop checkpoint (no {MARKER} marker)"
+    try:
+        files = _read_manifest(path)
+        with open(os.path.join(path, "loop_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "its loop_state.json or manifest is unreadable"
+    for rel, (size, crc) in (files or {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, its manifest says {size} (truncated?)"
+        if checksums and _crc32(full) != crc:
+            return f"{rel} does not match its checksum (corrupted)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- discovery
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(os.path.join(path, "loop_state.json"))
+    return damage(path) is None
 
 
 def list_checkpoints(output_dir: str, warn: bool = False) -> list[tuple[int, str]]:
-    """Complete checkpoints as (step, path), oldest first; partial or junk folders are skipped (with a warning)."""
+    """Whole checkpoints as (step, path), oldest first. Partial, junk or damaged folders (a file whose size differs
+    from the manifest) are skipped, with a warning naming them when `warn`; rotation never counts them."""
     found = []
     if not os.path.isdir(output_dir):
         return found
@@ -66,37 +122,35 @@ def list_checkpoints(output_dir: str, warn: bool = False) -> list[tuple[int, str
         path = os.path.join(output_dir, name)
         if not m or not os.path.isdir(path):
             continue
-        if not is_complete(path):
+        problem = damage(path)
+        if problem:
             if warn:
-                warnings.warn(f"skipping {path}: incomplete or not a loop checkpoint (no {MARKER} marker)")
-            continue
-        try:
-            with open(os.path.join(path, "loop_state.json")) as f:
-                json.load(f)
-        except (OSError, ValueError):
-            if warn:
-                warnings.warn(f"skipping {path}: its loop_state.json is unreadable")
+                warnings.warn(f"skipping {path}: {problem}")
             continue
         found.append((int(m.group(1)), path))
     return sorted(found)
 
 
 def resolve_resume(value, output_dir: str):
-    """PATH | True | 'latest' | None -> a checkpoint path or None; a clear error if there is none."""
+    """PATH | True | 'latest' | None -> a checkpoint path or None; a clear error if there is none.
+    'latest' takes the newest checkpoint whose every file matches its manifest's size and checksum."""
     if value in (None, False, "", "none", "false", "False"):
         return None
     if value is True or str(value).lower() in ("true", "latest"):
-        found = list_checkpoints(output_dir, warn=True)
-        if not found:
-            raise LoopError(f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}; "
-                            "train without --resume_from_checkpoint or point it at a checkpoint folder")
-        return found[-1][1]
+        for _, path in reversed(list_checkpoints(output_dir, warn=True)):
+            problem = damage(path, checksums=True)
+            if problem is None:
+                return path
+            warnings.warn(f"skipping {path}: {problem}; trying the previous checkpoint")
+        raise LoopError(f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}; "
+                        "train without --resume_from_checkpoint or point it at a checkpoint folder")
     path = str(value)
     if not os.path.isdir(path):
         raise LoopError(f"resume_from_checkpoint: {path} does not exist; pass a checkpoint-<step> folder or 'latest'")
-    if not is_complete(path):
-        raise LoopError(f"resume_from_checkpoint: {path} is not a complete loop checkpoint (no {MARKER} marker); "
-                        "pass another checkpoint or 'latest' to take the newest complete one")
+    problem = damage(path, checksums=True)
+    if problem:
+        raise LoopError(f"resume_from_checkpoint: {path} cannot be resumed: {problem}; pass another checkpoint or "
+                        "'latest' to take the newest whole one")
     return path
 
 
@@ -164,8 +218,9 @@ def save(run) -> str:
                 json.dump(cfg.to_dict(), f, indent=1)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            files = manifest(tmp)  # every file with its size and checksum: resume verifies them
             with open(os.path.join(tmp, MARKER), "w") as f:
-                f.write(f"{state.global_step}\n")
+                json.dump({"step": state.global_step, "files": files}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)

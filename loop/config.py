@@ -137,6 +137,10 @@ class TrainConfig:
     peak_tflops: typing.Optional[float] = _f(None, "Device peak TFLOP/s for MFU (default: looked up from the GPU name).", group="loop")
     early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many evaluations without improvement of metric_for_best_model.", group="loop")
     early_stopping_threshold: float = _f(0.0, "Improvement smaller than this does not count (early stopping).", group="loop")
+    stop_on_nonfinite: bool = _f(True, "Stop with an error (exit status 2) once the loss or grad norm turns non-finite "
+                                 "(bf16/fp32; fp16 overflow skips don't count), noticed at the next log/eval/save "
+                                 "boundary; nothing is saved from non-finite weights. False: carry on as Trainer does.",
+                                 group="loop")
     allow_inexact_resume: bool = _f(False, "Resume even if batch geometry or dataset length changed (data position is then approximate).", group="loop")
     param_groups: typing.Optional[list] = _f(
         None, "Parameter groups chosen by name: a list of {pattern: REGEX, learning_rate: X, weight_decay: Y, name: N} "

@@ -337,6 +337,8 @@ def run_eval(run, on_start=False):
 def log_eval_save(run, should_log, should_eval, should_save):
     """Trainer's _maybe_log_save_evaluate, in the same order."""
     config, state = run.config, run.state
+    if should_log or should_eval or should_save:
+        check_finite(run)  # a boundary: nothing is logged as normal, evaluated or saved after a divergence
     if should_log and state.global_step > state.last_logged_step:
         log_loss(run)
     if should_eval:
@@ -414,12 +416,31 @@ class _Records:
         fire(run.callbacks, "on_log", run, record)
 
 
+def check_finite(run):
+    """Stop the run if a step's loss or grad norm was non-finite (a sync: called at boundaries only)."""
+    if not run.watch_nonfinite:
+        return
+    steps = [s for s in run.accelerator.gather(run.nonfinite_step.reshape(1)).tolist() if s > 0]
+    if not steps:
+        return
+    found = ckpt.list_checkpoints(run.config.output_dir)
+    last = found[-1][1] if found else None
+    run.records.out.note({"event": "diverged", "step": min(steps), "last_good_checkpoint": last})
+    run.records.out.close()
+    resume = f"resume from {last} (--resume_from_checkpoint {last}) with" if last else "restart with"
+    raise LoopError(f"training diverged: the loss or grad norm turned non-finite at step {min(steps)} (noticed at step "
+                    f"{run.state.global_step}); no checkpoint or model was written from it; the last good checkpoint "
+                    f"is {last or 'none'}: {resume} a lower learning_rate, more warmup or max_grad_norm "
+                    "(stop_on_nonfinite false carries on as Trainer does)")
+
+
 # ====================================================================================== 5. finish
 def finish(run, processing_class=None) -> TrainResult:
     """The final record, the best model, the saved model (and EMA), on_train_end."""
     from transformers.trainer_utils import speed_metrics
 
     acc, cfg, state, records, start_step = run.accelerator, run.config, run.state, run.records, run.start_step
+    check_finite(run)  # never a final model from non-finite weights
     loss_sum = acc.gather(run.tr_loss).mean().item()
     state.total_loss += loss_sum
     steps_here = state.global_step - start_step

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 from torch import nn
@@ -35,6 +36,10 @@ class Run:
         self.tr_loss = torch.tensor(0.0, device=accelerator.device)  # summed window losses since the last log
         self.last_lr, self.group_names, self.last_group_lrs = None, [], []
         self.epoch_start_rng = None
+        # the first step (1-based) whose loss or grad norm was non-finite, 0 if none: kept on device, read at
+        # log/eval/save boundaries only. fp16 overflows are skipped by the scaler and are not watched.
+        self.watch_nonfinite = config.stop_on_nonfinite and config.mixed_precision != "fp16"
+        self.nonfinite_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.telemetry = None
         # the training loop's own bookkeeping (fit.py)
         self.plan = self.loader = self.evaluator = self.records = None
@@ -56,6 +61,12 @@ class Run:
             from transformers.trainer_pt_utils import LabelSmoother
 
             self.label_smoother = LabelSmoother(epsilon=config.label_smoothing_factor)
+
+    def note_nonfinite(self, value):
+        """Remember (on device, no sync) the current step if `value` is not finite and nothing was noted before."""
+        if self.watch_nonfinite and torch.is_tensor(value):
+            bad = ~torch.isfinite(value.detach()).all() & (self.nonfinite_step == 0)
+            self.nonfinite_step = torch.where(bad, self.state.global_step + 1, self.nonfinite_step)
 
     def count_batch(self, batch):
         if self.telemetry is not None:
@@ -127,6 +138,11 @@ def start(config):
     if config.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     acc = make_accelerator(config)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != launched:
+        raise LoopError(f"this process was launched as one of {launched} but accelerate's state says "
+                        f"{acc.num_processes}: something set it up before loop.train (an accelerate PartialState or "
+                        "Accelerator made without cpu=True on a CPU run?); make it with the run's settings, or not at all")
     if config.log_level != "passive" and acc.is_main_process:
         from transformers.utils import logging as hf_logging
 

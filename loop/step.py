@@ -104,6 +104,7 @@ def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:
 def track_loss(run, loss: torch.Tensor, batch):
     """Add a micro-batch loss to the running sum logged at the next record (on device: no sync)."""
     loss = loss.detach()
+    run.note_nonfinite(loss)  # before the nan filter hides it
     if run.config.logging_nan_inf_filter:  # a nan/inf micro-batch counts as the running average, decided on device
         loss = torch.where(torch.isfinite(loss), loss,
                            run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step))
@@ -116,6 +117,7 @@ def apply_gradients(run) -> torch.Tensor:
     acc, cfg = run.accelerator, run.config
     # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    run.note_nonfinite(grad_norm)
     run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
     run.last_lr = current_lr(run.scheduler, run.optimizer)  # the lr this step used, as Trainer logs it
     if run.group_names:

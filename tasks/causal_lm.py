@@ -20,7 +20,7 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import DataSource, check_columns, from_pretrained, load_raw, subsample
+from .common import DataSource, check_columns, from_pretrained, load_raw, main_process_first, subsample
 
 IGNORE = -100
 
@@ -173,10 +173,11 @@ def build(task: Task, config) -> dict:
     elif task.text_source is not None:
         raise LoopError(f"text_source={task.text_source!r} is unknown; use 'stdlib' or give --train_file/--dataset_name")
     else:
-        raw = load_raw(task, "causal_lm")
-        if "validation" not in raw:
-            split = raw["train"].train_test_split(test_size=task.validation_split_percentage / 100, seed=config.seed)
-            raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+        with main_process_first(config):
+            raw = load_raw(task, "causal_lm")
+            if "validation" not in raw:
+                split = raw["train"].train_test_split(test_size=task.validation_split_percentage / 100, seed=config.seed)
+                raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     for name, ds in raw.items():
         if len(ds) == 0:
             raise LoopError(f"the {name} split has no documents; check the data files")
@@ -194,9 +195,10 @@ def build(task: Task, config) -> dict:
 
     fn = tokenize_pack if task.packing else tokenize_one
     out = {}
-    for split, ds in raw.items():
-        out[split] = ds.map(fn, batched=True, num_proc=task.preprocessing_num_workers,
-                            remove_columns=ds.column_names, desc=f"tokenizing {split}")
+    with main_process_first(config):  # the other ranks read the main process's cache (file-backed data)
+        for split, ds in raw.items():
+            out[split] = ds.map(fn, batched=True, num_proc=task.preprocessing_num_workers,
+                                remove_columns=ds.column_names, desc=f"tokenizing {split}")
     train = subsample(out["train"], task.max_train_samples)
     val = subsample(out["validation"], task.max_eval_samples)
     if len(train) == 0:

@@ -68,5 +68,14 @@ def check_columns(ds, columns, what):
                         f"set the column name, e.g. --text_column {ds.column_names[0]}")
 
 
+def main_process_first(config):
+    """datasets work (loading, tokenisation) runs on each node's main process first; the other ranks then read its
+    cache instead of repeating the work and racing on the files, as transformers' examples do. One process: no-op.
+    The process state is made with the run's use_cpu, which the loop's Accelerator then shares."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=config.use_cpu).local_main_process_first()
+
+
 def subsample(ds, n):
     return ds.select(range(min(n, len(ds)))) if n is not None else ds

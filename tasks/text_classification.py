@@ -9,7 +9,7 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import DataSource, check_columns, from_pretrained, load_raw, subsample
+from .common import DataSource, check_columns, from_pretrained, load_raw, main_process_first, subsample
 
 
 @dataclass
@@ -44,7 +44,8 @@ def build(task: Task, config) -> dict:
 
     if not task.model_name_or_path:
         raise LoopError("text_classification needs --model_name_or_path (a Hub id or a local model folder)")
-    raw = load_raw(task, "text_classification")
+    with main_process_first(config):
+        raw = load_raw(task, "text_classification")
     if task.validation_split != "validation" and task.validation_split in raw:
         raw["validation"] = raw[task.validation_split]
     for split in ("train", "validation"):
@@ -67,11 +68,13 @@ def build(task: Task, config) -> dict:
         enc["labels"] = batch[task.label_column]
         return enc
 
-    out = {split: raw[split].map(tokenize, batched=True, num_proc=task.preprocessing_num_workers,
-                                 remove_columns=raw[split].column_names, desc=f"tokenizing {split}")
-           for split in ("train", "validation")}
-    if config.train_sampling_strategy == "group_by_length":
-        out = {k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True) for k, v in out.items()}
+    with main_process_first(config):  # the other ranks read the main process's cache
+        out = {split: raw[split].map(tokenize, batched=True, num_proc=task.preprocessing_num_workers,
+                                     remove_columns=raw[split].column_names, desc=f"tokenizing {split}")
+               for split in ("train", "validation")}
+        if config.train_sampling_strategy == "group_by_length":
+            out = {k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+                   for k, v in out.items()}
     return dict(model=model, train_dataset=subsample(out["train"], task.max_train_samples),
                 eval_dataset=subsample(out["validation"], task.max_eval_samples),
                 data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=task.pad_to_multiple_of),

@@ -58,5 +58,6 @@ if kill_in_save:
 
 result = loop.train(config, model, LMData(n_train, ragged=True), eval_dataset=LMData(10, seed=1),
                     callbacks=[Killer()], resume_from_checkpoint=resume)
-with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(result.log_history, f)
+if int(os.environ.get("RANK", "0")) == 0:  # also run under torchrun by test_distributed.py
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result.log_history, f)

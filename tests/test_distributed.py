@@ -63,3 +63,78 @@ def test_two_processes_compute_loss_func_matches_trainer_and_predict_counts_each
     assert np.asarray(got["predictions"]).shape == (11, 3)
     np.testing.assert_allclose(np.asarray(got["predictions"]), one.predictions, rtol=1e-5, atol=1e-6)
     assert got["label_ids"] == one.label_ids.tolist()
+
+
+def _torchrun(*args, port, nnodes=1, node_rank=0, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+
+
+def test_two_nodes_on_one_host_match_one_node_with_two_processes(tmp_path):
+    """Multi-node without a second machine: node ranks 0 and 1 (one process each, gloo, main process 127.0.0.1) log
+    the same losses as one node of 2 processes."""
+    worker = os.path.join(HERE, "ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    _run(_torchrun(worker, str(tmp_path / "one"), "2", port=29535), env)
+    nodes = [subprocess.Popen(_torchrun(worker, str(tmp_path / "two"), "2", port=29536, nnodes=2, node_rank=r, nproc=1),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in nodes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one = json.load(open(tmp_path / "one" / "log.json"))
+    two = json.load(open(tmp_path / "two" / "log.json"))
+    strip = [{k: v for k, v in r.items() if not k.endswith(("_runtime", "_per_second"))} for r in one]
+    assert strip == [{k: v for k, v in r.items() if not k.endswith(("_runtime", "_per_second"))} for r in two]
+    assert len([r for r in one if "loss" in r]) == 6
+
+
+def test_two_processes_killed_mid_step_resume_exactly(tmp_path):
+    """SIGKILL the whole 2-process launch after step 8 (dropout on, per-rank RNG), resume 'latest': the log equals
+    the uninterrupted 2-process run's."""
+    from test_resume import same_history
+
+    worker = os.path.join(HERE, "resume_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    _run(_torchrun(worker, str(tmp_path / "ref"), port=29537), env)
+    killed = subprocess.run(_torchrun(worker, str(tmp_path / "run"), "kill_after_step=8", port=29538),
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "model.safetensors")
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == ["checkpoint-3",
+                                                                                             "checkpoint-6"]
+    _run(_torchrun(worker, str(tmp_path / "run"), "resume=latest", port=29539), env)
+    same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "run" / "checkpoint-6"))
+
+
+def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
+    """2 processes, file-backed text: the main process tokenises, the other rank reads its datasets cache."""
+    import glob
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")))
+    (tmp_path / "train.txt").write_text("\n".join(open(f).read() for f in files))
+    (tmp_path / "val.txt").write_text(open(files[0]).read())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE),
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(_torchrun("-m", "loop", "train", "--text_source", "none", "--train_file",
+                                    str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "val.txt"),
+                                    "--max_steps", "2", "--eval_strategy", "no", "--eval_on_start", "false",
+                                    "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm",
+                                    "--output_dir", str(tmp_path / "out"), port=29540),
+                          capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(HERE))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bars = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+    assert sum(line.startswith("tokenizing train: 100%") for line in bars) == 1
+    assert sum(line.startswith("tokenizing validation: 100%") for line in bars) == 1
+
+
+def test_a_single_process_state_made_before_the_loop_is_refused(tmp_path):
+    script = tmp_path / "early.py"
+    script.write_text("import sys; sys.path.insert(0, %r)\n" % HERE +
+                      "from accelerate import PartialState; PartialState()  # no cpu=True: one process on a CPU\n"
+                      "import loop; from helpers import LMData, tiny_gpt2\n"
+                      "loop.train(loop.TrainConfig(output_dir=%r, use_cpu=True, max_steps=1), tiny_gpt2(), LMData(8))\n"
+                      % str(tmp_path / "out"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    proc = subprocess.run(_torchrun(str(script), port=29541), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "launched as one of 2 but accelerate's state says 1" in proc.stderr

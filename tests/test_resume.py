@@ -195,6 +195,9 @@ def test_time_to_resume_does_not_grow_with_the_step(tmp_path):
     state = json.loads((late / "loop_state.json").read_text())
     state["global_step"] = state["batches_in_epoch"] = 450_000  # 1.8M of 2M rows consumed
     (late / "loop_state.json").write_text(json.dumps(state))
+    from loop import checkpoint as ckpt  # the forged state gets its own manifest, as a real save would write
+
+    (late / "COMPLETE").write_text(json.dumps({"step": 450_000, "files": ckpt.manifest(str(late))}))
     timings = {}
     for name, path in (("early", early), ("late", late)):
         timer = _FirstStepTimer()

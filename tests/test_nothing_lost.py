@@ -1,0 +1,89 @@
+"""Nothing lost: a diverged run stops and never saves non-finite weights; checkpoint manifests catch damaged files."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loop
+from helpers import LMData, tiny_gpt2
+from test_cli import assert_one_line_error, run
+
+
+def _diverging(tmp_path, **kw):
+    return loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, max_steps=40,
+                            learning_rate=1e3, max_grad_norm=0, logging_steps=4, save_steps=4, disable_tqdm=True,
+                            optim="sgd", **kw)
+
+
+def test_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_path):
+    with pytest.raises(loop.LoopError, match="training diverged: the loss or grad norm turned non-finite at step") as e:
+        loop.train(_diverging(tmp_path), tiny_gpt2(), LMData(200))
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    checkpoints = sorted(os.listdir(tmp_path))
+    for name in checkpoints:
+        if name.startswith("checkpoint-"):
+            for v in load_file(str(tmp_path / name / "model.safetensors")).values():
+                assert torch.isfinite(v).all(), name
+    step = int(str(e.value).split("non-finite at step ")[1].split(" ")[0])
+    saved = [int(n.split("-")[1]) for n in checkpoints if n.startswith("checkpoint-")]
+    assert all(s < step for s in saved)
+    if saved:
+        assert f"checkpoint-{max(saved)}" in str(e.value)
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert events[-1]["event"] == "diverged" and events[-1]["step"] == step
+    # with the guard off the run carries on as Trainer does, to a non-finite final model
+    loop.train(_diverging(tmp_path / "off", stop_on_nonfinite=False, save_strategy="no"), tiny_gpt2(), LMData(200))
+    weights = load_file(str(tmp_path / "off" / "model.safetensors"))
+    assert not all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_diverging_default_job_exits_non_zero_with_one_line(tmp_path):
+    proc = run("train", "--learning_rate", "1e3", "--max_grad_norm", "0", "--max_steps", "60", "--output_dir",
+               str(tmp_path), "--disable_tqdm")
+    assert_one_line_error(proc, "training diverged", "non-finite at step")
+    assert not os.path.exists(tmp_path / "model.safetensors") and "done" not in proc.stdout
+
+
+def _run(out, **kw):
+    config = loop.TrainConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=4, max_steps=12,
+                              logging_steps=2, save_steps=4, disable_tqdm=True, telemetry=False, learning_rate=1e-3,
+                              **kw)
+    return loop.train(config, tiny_gpt2(), LMData(40)).log_history
+
+
+def _comparable(history):
+    return [{k: v for k, v in r.items() if not k.endswith(("_runtime", "_per_second"))} for r in history]
+
+
+def test_manifest_lists_every_file_and_damaged_checkpoints_are_skipped_on_resume(tmp_path):
+    from loop import checkpoint as ckpt
+
+    reference = _run(tmp_path / "ref")
+    out = tmp_path / "run"
+    _run(out)
+    marker = json.load(open(out / "checkpoint-12" / "COMPLETE"))
+    assert marker["step"] == 12 and {"model.safetensors", "optimizer.pt", "loop_state.json"} <= set(marker["files"])
+    size, crc = marker["files"]["model.safetensors"]
+    assert size == os.path.getsize(out / "checkpoint-12" / "model.safetensors") and len(crc) == 8
+    # the newest is truncated (a half copy), the one before has a flipped bit (same size): both are skipped, loudly
+    weights = out / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    opt = out / "checkpoint-8" / "optimizer.pt"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    opt.write_bytes(bytes(data))
+    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [4, 8]  # truncation: seen by size, never the newest
+    with pytest.warns(UserWarning) as caught:
+        assert ckpt.resolve_resume("latest", str(out)) == str(out / "checkpoint-4")
+    text = " ".join(str(w.message) for w in caught)
+    assert "checkpoint-12" in text and "truncated" in text and "checkpoint-8" in text and "checksum" in text
+    with pytest.raises(loop.LoopError, match="does not match its checksum"):
+        ckpt.resolve_resume(str(out / "checkpoint-8"), str(out))
+    # resuming 'latest' ends with the uninterrupted run's log, and rewrites whole checkpoints 8 and 12
+    resumed = _run(out, resume_from_checkpoint="latest")
+    assert _comparable(resumed) == _comparable(reference)
+    assert ckpt.damage(str(out / "checkpoint-12"), checksums=True) is None
+    assert ckpt.damage(str(out / "checkpoint-8"), checksums=True) is None
