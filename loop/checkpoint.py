@@ -190,7 +190,9 @@ def save(run) -> str:
             os.makedirs(tmp)
         acc.wait_for_everyone()
         if _sharded(acc) and not cfg.save_only_model:
-            acc.save_state(tmp)
+            acc.save_state(tmp)  # sharded model and optimizer; the scheduler is the loop's own (not prepared)
+            if acc.is_main_process:
+                torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         else:
             weights = acc.get_state_dict(run.model)  # unwrapped: no module./_orig_mod. prefixes
             if acc.is_main_process:
@@ -305,6 +307,8 @@ def load(run, path: str):
     acc = run.accelerator
     if _sharded(acc) and not os.path.exists(os.path.join(path, "optimizer.pt")):  # written by accelerate save_state
         acc.load_state(path)
+        if os.path.exists(os.path.join(path, "scheduler.pt")):
+            run.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     else:
         load_weights(acc.unwrap_model(run.model), path)
         if not os.path.exists(os.path.join(path, "optimizer.pt")):

@@ -28,7 +28,7 @@ from .data import default_collator, eval_loader, has_length, prepare_dataset, tr
 from .errors import LoopError
 from .evaluation import evaluate_metrics
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
-from .run import Run, call_model_init, place_model, start
+from .run import Run, call_model_init, place_model, plain, start
 from .telemetry import Telemetry
 
 
@@ -150,6 +150,8 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
     run.plan = plan = make_plan(config, run.loader)
 
+    if acc.distributed_type.name == "DEEPSPEED":
+        deepspeed_follows(config, acc)
     optimizer, scheduler = optimizers
     if optimizer is None:
         optimizer = build_optimizer(config, model, optimizer_cls_and_kwargs)
@@ -159,9 +161,10 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-            raise LoopError("ema_decay under FSDP/DeepSpeed is not supported yet: the EMA needs whole weights; "
-                            "use a DDP launch config or set ema_decay 0")
+        zero3 = acc.distributed_type.name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3
+        if acc.distributed_type.name == "FSDP" or zero3:
+            raise LoopError("ema_decay under FSDP/ZeRO-3 is not supported yet: the EMA needs whole weights on each "
+                            "rank; use a DDP or ZeRO-2 launch config, or set ema_decay 0")
         from .ema import EMA
 
         run.ema = EMA(run.unwrapped, config.ema_decay, config.ema_warmup, config.ema_start_step,
@@ -173,6 +176,21 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
                           "train_examples": len(train_ds) if has_length(train_ds) else None}
     run.telemetry = Telemetry(run, main_input)
     return run
+
+
+def deepspeed_follows(config, acc):
+    """DeepSpeed's config takes the loop's settings, so that nothing is accumulated, scaled or clipped twice: the loop
+    accumulates whole windows itself (DeepSpeed's gradient_accumulation_steps 1, its boundary set from the loop's
+    sync flag by accelerate), and DeepSpeed clips at max_grad_norm (0: not at all) when it steps at the boundary.
+    Precision comes from --bf16/--fp16 through the Accelerator. ZeRO-3 gathers the 16-bit weights for the final model."""
+    plugin = acc.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+    ds["train_batch_size"] = config.per_device_train_batch_size * acc.num_processes
+    ds["gradient_accumulation_steps"] = plugin.gradient_accumulation_steps = 1
+    ds["gradient_clipping"] = plugin.gradient_clipping = config.max_grad_norm
+    if plugin.zero_stage == 3:
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def make_plan(config, loader) -> Plan:
@@ -309,7 +327,7 @@ def log_loss(run):
     run.tr_loss -= run.tr_loss  # Trainer resets this way (keeps nan visible)
     record = {"loss": loss_sum / (state.global_step - state.last_logged_step)}
     if run.grad_norm is not None:
-        record["grad_norm"] = run.grad_norm.item() if torch.is_tensor(run.grad_norm) else run.grad_norm
+        record["grad_norm"] = plain(run.grad_norm).item() if torch.is_tensor(run.grad_norm) else run.grad_norm
     record["learning_rate"] = run.last_lr
     for name, lr in zip(run.group_names, run.last_group_lrs):
         record[f"learning_rate/{name}"] = lr

@@ -64,13 +64,21 @@ class Run:
 
     def note_nonfinite(self, value):
         """Remember (on device, no sync) the current step if `value` is not finite and nothing was noted before."""
-        if self.watch_nonfinite and torch.is_tensor(value):
+        if self.watch_nonfinite and value is not None:
+            if not torch.is_tensor(value):  # DeepSpeed hands the grad norm back as a float
+                value = torch.tensor(float(value), device=self.nonfinite_step.device)
+            value = plain(value)
             bad = ~torch.isfinite(value.detach()).all() & (self.nonfinite_step == 0)
             self.nonfinite_step = torch.where(bad, self.state.global_step + 1, self.nonfinite_step)
 
     def count_batch(self, batch):
         if self.telemetry is not None:
             self.telemetry.count(batch)
+
+
+def plain(t):
+    """A DTensor (FSDP2's grad norm) as an ordinary tensor; anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _takes(fn, name) -> bool:

@@ -70,7 +70,8 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
     else:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0] \
             if isinstance(outputs, (tuple, list)) else None
-        if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.requires_grad and model.training:
+        # without a grad a loss cannot train (under no_grad, in evaluation, none is expected)
+        if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.requires_grad and torch.is_grad_enabled():
             got = ", ".join(outputs.keys()) if isinstance(outputs, Mapping) else f"a {type(outputs).__name__}"
             raise LoopError(f"the model returned no loss (got {got}); give the batch a `labels` column, make forward "
                             "return the scalar loss first (a dict with 'loss', or a tuple), or pass compute_loss_func")

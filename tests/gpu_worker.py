@@ -1,0 +1,25 @@
+"""Run by tests/gpu_multi.sh under `accelerate launch`: a job (loop/job.py arguments), SIGKILLed on every rank right
+after step $KILL_AFTER_STEP when set; rank 0 writes the log history to <output_dir>/result.json."""
+
+import json
+import os
+import signal
+import sys
+
+import loop
+from loop.job import build_job, build_task
+
+kill = int(os.environ.get("KILL_AFTER_STEP", "0"))
+
+
+class Killer(loop.Callback):
+    def on_step_end(self, run):
+        if run.state.global_step == kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+config, module, task = build_job(sys.argv[1:])
+result = loop.train(config, callbacks=[Killer()], **build_task(module, task, config))
+if int(os.environ.get("RANK", "0")) == 0:
+    with open(os.path.join(config.output_dir, "result.json"), "w") as f:
+        json.dump(result.log_history, f)
