@@ -138,3 +138,17 @@ def test_a_single_process_state_made_before_the_loop_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.run(_torchrun(str(script), port=29541), capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0 and "launched as one of 2 but accelerate's state says 1" in proc.stderr
+
+
+def test_loop_compare_under_a_two_process_launch(tmp_path):
+    """`loop compare` under torchrun: both sides data-parallel in one process each rank, the same per-step numbers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    proc = subprocess.run(_torchrun("-m", "loop", "compare", "--max_steps", "6", "--logging_steps", "1", "--eval_steps",
+                                    "3", "--save_strategy", "no", "--eval_on_start", "false", "--max_docs", "60",
+                                    "--use_cpu", "true", "--disable_tqdm", "--output_dir", str(tmp_path), port=29542),
+                          capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(HERE))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.load(open(tmp_path / "compare.json"))
+    assert report["parity"] and report["world_size"] == 2 and report["identical_initial_weights"]
+    assert report["difference"]["loss"]["max_abs"] == 0 and report["difference"]["grad_norm"]["max_abs"] == 0
+    assert report["difference"]["steps_compared"] == 6 and "eval_loss not judged" in proc.stdout
