@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .errors import LoopError, closest
 from .job import DEFAULT_TASK, build_job, build_task, job_from_values, job_values, parse_overrides, task_fields, task_module
 
-COMMANDS = ("train", "evaluate", "compare", "fields")
+COMMANDS = ("train", "evaluate", "compare", "bench", "fields")
 
 
 def _help(argv=()) -> str:
@@ -44,7 +44,7 @@ def _help(argv=()) -> str:
             default = f.default if f.default is not dataclasses.MISSING else \
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
             lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    lines += ["", "Commands: loop train | loop evaluate | loop compare | loop fields (TrainingArguments coverage table)",
+    lines += ["", "Commands: loop train | loop evaluate | loop compare | loop bench | loop fields (TrainingArguments coverage table)",
               "Task options of your own task module: loop train --help --task my_lab.my_task"]
     return "\n".join(lines)
 
@@ -146,6 +146,10 @@ def main(argv=None) -> int:
             return cmd_fields(rest)
         if cmd == "evaluate":
             return cmd_evaluate(rest)
+        if cmd == "bench":
+            from .bench import cmd_bench
+
+            return cmd_bench(rest)
         from .compare import cmd_compare
 
         return cmd_compare(rest)

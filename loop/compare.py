@@ -195,8 +195,32 @@ def _run_side(side, config, module, task, skip):
     device = next(model.parameters()).device
     tokens = _tokens_of(built, config, steps)
     return {"history": history, "summary": _summary(history, wall, tokens, steps, device, clock),
-            "initial_weights_sha": clock.initial_sha,
+            "initial_weights_sha": clock.initial_sha, "shape": model_shape(model),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def model_shape(model) -> dict:
+    """What the FLOP count needs: all parameters N, and layers L, heads H, head size Q (None if the config lacks them)."""
+    cfg = getattr(model, "config", None)
+    get = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)  # noqa: E731
+    layers, heads, hidden = get("n_layer", "num_hidden_layers"), get("n_head", "num_attention_heads"), \
+        get("n_embd", "hidden_size")
+    return {"params": sum(p.numel() for p in model.parameters()), "layers": layers, "heads": heads,
+            "head_dim": hidden // heads if hidden and heads else None}
+
+
+def take_option(argv, flag, kind, example):
+    """(value of `flag VALUE` or None, argv without them); one clear line if the value is missing or malformed."""
+    from .errors import LoopError
+
+    if flag not in argv:
+        return None, argv
+    i = argv.index(flag)
+    try:
+        value = kind(argv[i + 1])
+    except (IndexError, ValueError):
+        raise LoopError(f"{flag} needs a {kind.__name__}, e.g. {flag} {example}") from None
+    return value, argv[:i] + argv[i + 2:]
 
 
 def cmd_compare(argv) -> int:
@@ -206,21 +230,11 @@ def cmd_compare(argv) -> int:
     from .errors import LoopError
     from .job import build_job
 
-    def take(flag, kind, example):
-        nonlocal argv
-        if flag not in argv:
-            return None
-        i = argv.index(flag)
-        try:
-            value = kind(argv[i + 1])
-        except (IndexError, ValueError):
-            raise LoopError(f"{flag} needs a {kind.__name__}, e.g. {flag} {example}") from None
-        argv = argv[:i] + argv[i + 2:]
-        return value
-
-    tolerance = take("--tolerance", float, "1e-5")
-    trainer_runs = take("--trainer_runs", int, "2") or 1
-    side, side_out = take("--_side", str, "loop"), take("--_result", str, "FILE")
+    tolerance, argv = take_option(argv, "--tolerance", float, "1e-5")
+    trainer_runs, argv = take_option(argv, "--trainer_runs", int, "2")
+    trainer_runs = trainer_runs or 1
+    side, argv = take_option(argv, "--_side", str, "loop")
+    side_out, argv = take_option(argv, "--_result", str, "FILE")
     in_process = "--in_process" in argv
     argv = [a for a in argv if a != "--in_process"]
     config, module, task = build_job(argv)

@@ -166,3 +166,21 @@ def test_loop_evaluate_a_saved_model_and_its_ema(tmp_path):
     assert got["eval_loss"] == last["eval_loss"] and got["eval_ema_loss"] == last_ema["eval_ema_loss"]
     assert got["eval_loss"] != got["eval_ema_loss"]
     assert_one_line_error(run("evaluate", "--model_name_or_path", str(tmp_path / "nothing")), "no model.safetensors")
+
+
+def test_loop_bench_smoke_on_a_tiny_cpu_workload(tmp_path):
+    """Each side in its own process; steady-state rates, the FLOP count, and (CPU, fp32) the same final loss."""
+    proc = run("bench", "--workload", "tiny-gpt2", "--sides", "trainer,loop", "--steps", "8", "--use_cpu", "true",
+               "--output_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(tmp_path / "bench.json"))
+    trainer, ours = report["sides"]
+    assert [trainer["side"], ours["side"]] == ["trainer", "loop"] and report["device"] == "cpu"
+    for side in (trainer, ours):
+        assert side["tokens_per_second"] > 0 and side["ms_per_step"] > 0
+        assert side["tokens_per_second"] == pytest.approx(side["samples_per_second"] * 128, rel=1e-6)  # 128-token rows
+    assert trainer["final_loss"] == ours["final_loss"]
+    n, layers, heads, head_dim = ours["params"], 2, 2, 32
+    assert ours["flops_per_token"] == pytest.approx(6 * n + 12 * layers * heads * head_dim * 128)
+    assert "MFU = (6N + 12*L*H*Q*T)" in proc.stdout and os.path.exists(tmp_path / "bench.png")
+    assert_one_line_error(run("bench", "--workload", "gpt3"), "unknown workload", "gpt2-124m")

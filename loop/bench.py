@@ -1,0 +1,140 @@
+"""`loop bench`: training speed of Trainer and the loop, side by side, each side in a fresh process of its own.
+
+    loop bench --workload gpt2-124m|tiny-gpt2 [--sides trainer,trainer-compiled,loop,loop-compiled] [--steps N]
+    loop bench --config JOB [...]           (any job file; --<field> VALUE overrides as in `loop train`)
+
+Per side: ms per optimizer step, tokens/s and samples/s (steady state: the first steps are excluded as warm-up),
+MFU, peak device memory and the final training loss. Writes <output_dir>/bench.json and bench.png.
+
+MFU = (6 N + 12 L H Q T) x tokens/s / peak FLOP/s: N all parameters, L layers, H heads, Q head size, T tokens per row
+(the attention term of PaLM's appendix B); peak 989 TFLOP/s bf16 on an H100/H200 (--peak_tflops to set another).
+Each side runs as one process on one device; multi-GPU scaling under `accelerate launch` is not measured yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .errors import LoopError, closest
+
+_GPT2 = ["--task", "causal_lm", "--text_source", "stdlib", "--tokenizer_name", "bytes", "--model_type", "gpt2",
+         "--packing", "true", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
+         "--logging_steps", "10", "--max_eval_samples", "8", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+# GPT-2 124M is GPT-2's compute: its 50257-token vocabulary and 1024-token rows (the text is bytes; the ids do not
+# change the FLOPs). tiny-gpt2 is a CPU smoke workload.
+WORKLOADS = {
+    "gpt2-124m": _GPT2 + ["--model_config", '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, '
+                                             '"vocab_size": 50257}', "--block_size", "1024", "--max_docs", "1500",
+                          "--per_device_train_batch_size", "16", "--learning_rate", "6e-4", "--bf16", "true",
+                          "--output_dir", "outputs/bench-gpt2-124m"],
+    "tiny-gpt2": _GPT2 + ["--model_config", '{"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 128}',
+                          "--block_size", "128", "--max_docs", "60", "--per_device_train_batch_size", "8",
+                          "--learning_rate", "1e-3", "--output_dir", "outputs/bench-tiny-gpt2"],
+}
+SIDES = ("trainer", "trainer-compiled", "loop", "loop-compiled")
+
+
+def flops_per_token(shape: dict, seq_len: int) -> float:
+    attention = 12 * shape["layers"] * shape["heads"] * shape["head_dim"] * seq_len if shape.get("layers") else 0
+    return 6 * shape["params"] + attention
+
+
+def cmd_bench(argv) -> int:
+    from .compare import _run_side, take_option
+    from .job import build_job
+    from .telemetry import PEAK_TFLOPS
+
+    argv = list(argv)
+    workload, argv = take_option(argv, "--workload", str, "gpt2-124m")
+    sides, argv = take_option(argv, "--sides", str, "trainer,loop")
+    steps, argv = take_option(argv, "--steps", int, "100")
+    side, argv = take_option(argv, "--_side", str, "loop")
+    result_file, argv = take_option(argv, "--_result", str, "FILE")
+    if workload is not None:
+        if workload not in WORKLOADS:
+            raise LoopError(f"unknown workload {workload!r}{closest(workload, WORKLOADS)}; choose one of: "
+                            f"{', '.join(WORKLOADS)}, or pass --config JOB")
+        argv = WORKLOADS[workload] + argv  # the command line's own options override the workload's
+    argv += ["--max_steps", str(steps or 100), "--disable_tqdm", "true"]
+    config, module, task = build_job(argv)
+    skip = max(1, min(20, config.max_steps // 5))  # warm-up steps left out of the steady-state rate
+    if side is not None:  # a child process: one side
+        if side.endswith("-compiled"):
+            config.torch_compile = True
+        result = _run_side(side.split("-")[0], config, module, task, skip)
+        with open(result_file, "w") as f:
+            json.dump(result, f, default=str)
+        return 0
+    names = [s.strip() for s in (sides or "trainer,loop").split(",") if s.strip()]
+    for name in names:
+        if name not in SIDES:
+            raise LoopError(f"unknown side {name!r}{closest(name, SIDES)}; sides are {', '.join(SIDES)}")
+    os.makedirs(config.output_dir, exist_ok=True)
+    rows = []
+    for i, name in enumerate(names):
+        path = os.path.join(config.output_dir, f".bench-{i}.json")
+        proc = subprocess.run([sys.executable, "-m", "loop", "bench", *argv, "--_side", name, "--_result", path])
+        if proc.returncode != 0:
+            raise LoopError(f"the {name} side of `loop bench` failed (exit {proc.returncode}); see its output above")
+        with open(path) as f:
+            got = json.load(f)
+        os.remove(path)
+        summary, shape = got["summary"], got["shape"]
+        rate, tokens = summary["steady_steps_per_second"], summary["steady_tokens_per_second"]
+        seq = tokens / rate / (config.per_device_train_batch_size * config.gradient_accumulation_steps) if rate else None
+        peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in got["device"]), None)
+        flops = flops_per_token(shape, seq) if seq else None
+        rows.append({"side": name, "device": got["device"], "ms_per_step": 1000 / rate if rate else None,
+                     "tokens_per_second": tokens,
+                     "samples_per_second": rate * config.per_device_train_batch_size * config.gradient_accumulation_steps
+                     if rate else None,
+                     "mfu": flops * tokens / (peak * 1e12) if peak and flops and tokens else None,
+                     "peak_memory_gb": summary["peak_memory_gb"], "final_loss": summary["train_loss"],
+                     "params": shape["params"], "flops_per_token": flops})
+    report = {"workload": workload or "job", "steps": config.max_steps, "warmup_steps_excluded": skip,
+              "precision": config.mixed_precision, "device": rows[0]["device"], "sides": rows,
+              "mfu_formula": "(6N + 12*L*H*Q*T) * tokens/s / peak FLOP/s", "config": config.to_dict()}
+    with open(os.path.join(config.output_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(_table(report))
+    _plot(os.path.join(config.output_dir, "bench.png"), report)
+    print(f"report: {os.path.join(config.output_dir, 'bench.json')}, chart: {os.path.join(config.output_dir, 'bench.png')}")
+    return 0
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _table(report) -> str:
+    head = f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'final loss':>12}"
+    lines = [f"loop bench: {report['workload']} on {report['device']}, {report['precision']}, {report['steps']} steps "
+             f"(first {report['warmup_steps_excluded']} excluded)", head, "-" * len(head)]
+    for r in report["sides"]:
+        lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
+                     f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
+                     f"{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['final_loss'], '.4f'):>12}")
+    r = report["sides"][0]
+    lines.append(f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "
+                 "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU)")
+    return "\n".join(lines)
+
+
+def _plot(path, report):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is optional (the plot extra)
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["side"] for r in report["sides"]]
+    ax.bar(names, [r["tokens_per_second"] or 0 for r in report["sides"]])
+    ax.set(ylabel="tokens/s (steady state)", title=f"{report['workload']} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
