@@ -28,7 +28,7 @@ from .data import default_collator, eval_loader, has_length, prepare_dataset, tr
 from .errors import LoopError
 from .evaluation import evaluate_metrics
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
-from .run import Run, call_model_init, place_model, plain, start
+from .run import Run, call_model_init, place_model, plain, require_config, start
 from .telemetry import Telemetry
 
 
@@ -78,9 +78,7 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
 def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers,
                  optimizer_cls_and_kwargs, compute_loss_func, optimizer_step, resume_from_checkpoint):
     """Refuse bad input with one line before anything is touched. Returns (callbacks, checkpoint to resume or None)."""
-    if not isinstance(config, TrainConfig):
-        raise LoopError(f"config must be a loop.TrainConfig, got {type(config).__name__}; "
-                        "build one with TrainConfig(...) or TrainConfig.from_training_arguments(args)")
+    require_config(config)
     if model is None and model_init is None:
         raise LoopError("train needs a model, or a model_init that returns one")
     if model is not None and model_init is not None:

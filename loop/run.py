@@ -137,11 +137,15 @@ def seed_everything(config):
     enable_full_determinism(config.seed) if config.full_determinism else set_seed(config.seed)
 
 
-def start(config):
-    """Seed (exactly where Trainer seeds), TF32, the Accelerator and the main process's log level."""
+def require_config(config):
     if not isinstance(config, TrainConfig):
         raise LoopError(f"config must be a loop.TrainConfig, got {type(config).__name__}; "
                         "build one with TrainConfig(...) or TrainConfig.from_training_arguments(args)")
+
+
+def start(config):
+    """Seed (exactly where Trainer seeds), TF32, the Accelerator and the main process's log level."""
+    require_config(config)
     seed_everything(config)
     if config.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
