@@ -162,4 +162,24 @@ def main(argv=None) -> int:
 
 
 def entry():
-    sys.exit(main())
+    code = main()
+    leave_process_group(code)
+    sys.exit(code)
+
+
+def leave_process_group(code: int):
+    """Under a multi-process launch: wait for every rank, destroy the process group, and exit without interpreter
+    teardown. Every result is written by then; a communication thread destroyed at teardown can otherwise abort a
+    finished run ("terminate called without an active exception", SIGABRT) and turn its exit status non-zero."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

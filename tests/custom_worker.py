@@ -35,9 +35,6 @@ else:
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, f"{side}.json"), "w") as f:
         json.dump(result, f)
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-# Everything is written. Leave without interpreter teardown: with Trainer and the loop in one process, a
-# background thread torn down at exit now and then aborts ("terminate called without an active exception").
-sys.stdout.flush()
-os._exit(0)
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

@@ -19,3 +19,6 @@ result = loop.train(config, tiny_gpt2(), LMData(48, ragged=True), eval_dataset=L
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, "log.json"), "w") as f:
         json.dump(result.log_history, f)
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

@@ -23,3 +23,6 @@ result = loop.train(config, callbacks=[Killer()], **build_task(module, task, con
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(config.output_dir, "result.json"), "w") as f:
         json.dump(result.log_history, f)
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

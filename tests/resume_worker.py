@@ -61,3 +61,6 @@ result = loop.train(config, model, LMData(n_train, ragged=True), eval_dataset=LM
 if int(os.environ.get("RANK", "0")) == 0:  # also run under torchrun by test_distributed.py
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result.log_history, f)
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)
