@@ -1,6 +1,6 @@
 """`loop bench`: training speed of Trainer and the loop, side by side, each side in a fresh process of its own.
 
-    loop bench --workload gpt2-124m|tiny-gpt2 [--sides trainer,trainer-compiled,loop,loop-compiled] [--steps N]
+    loop bench --workload gpt2-124m|bert-base|tiny-bert|minilm-sst2|tiny-gpt2 [--sides S1,S2,..] [--steps N]
     loop bench --config JOB [...]           (any job file; --<field> VALUE overrides as in `loop train`)
 
 Per side: ms per optimizer step, tokens/s and samples/s (steady state: the first steps are excluded as warm-up),
@@ -8,11 +8,13 @@ MFU, peak device memory and the final training loss. Writes <output_dir>/bench.j
 
 MFU = (6 N + 12 L H Q T) x tokens/s / peak FLOP/s: N all parameters, L layers, H heads, Q head size, T tokens per row
 (the attention term of PaLM's appendix B); peak 989 TFLOP/s bf16 on an H100/H200 (--peak_tflops to set another).
-Each side runs as one process on one device; multi-GPU scaling under `accelerate launch` is not measured yet.
+Sides: trainer (eager), trainer-compiled, loop (default settings), loop-compiled, loop-fast (`fast: true`); by
+default trainer, trainer-compiled, loop, loop-fast. Each runs as one process on one device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,7 +24,7 @@ from .errors import LoopError, closest
 
 _GPT2 = ["--task", "causal_lm", "--text_source", "stdlib", "--tokenizer_name", "bytes", "--model_type", "gpt2",
          "--packing", "true", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
-         "--logging_steps", "10", "--max_eval_samples", "8", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+         "--logging_steps", "10", "--max_eval_samples", "8", "--dataloader_num_workers", "2", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
 # GPT-2 124M is GPT-2's compute: its 50257-token vocabulary and 1024-token rows (the text is bytes; the ids do not
 # change the FLOPs). tiny-gpt2 is a CPU smoke workload.
 WORKLOADS = {
@@ -34,7 +36,25 @@ WORKLOADS = {
                           "--block_size", "128", "--max_docs", "60", "--per_device_train_batch_size", "8",
                           "--learning_rate", "1e-3", "--output_dir", "outputs/bench-tiny-gpt2"],
 }
-SIDES = ("trainer", "trainer-compiled", "loop", "loop-compiled")
+_BERT = ["--task", "text_classification", "--text_source", "stdlib", "--tokenizer_name", "bytes",
+         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10", "--max_eval_samples", "64",
+         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--learning_rate", "5e-5", "--bf16", "true",
+         "--dataloader_num_workers", "2"]
+# BERT shapes at their real vocabulary (30522), trained from scratch on stdlib lines (the compute is what matters).
+# minilm-sst2 is the real SST-2 job: add --model_name_or_path/--train_file/--validation_file for offline copies.
+WORKLOADS.update({
+    "bert-base": _BERT + ["--model_config", '{"vocab_size": 30522}', "--max_length", "128", "--pad_to_multiple_of",
+                          "128", "--max_docs", "300", "--per_device_train_batch_size", "32",
+                          "--output_dir", "outputs/bench-bert-base"],
+    "tiny-bert": _BERT + ["--model_config", '{"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 2, '
+                                            '"num_attention_heads": 2, "intermediate_size": 512}',
+                          "--max_length", "64", "--pad_to_multiple_of", "64", "--max_docs", "300",
+                          "--per_device_train_batch_size", "32", "--output_dir", "outputs/bench-tiny-bert"],
+    "minilm-sst2": ["--config", "tasks/configs/sst2_minilm.yaml", "--eval_strategy", "no", "--save_strategy", "no",
+                    "--load_best_model_at_end", "false", "--output_dir", "outputs/bench-minilm-sst2"],
+})
+SIDES = ("trainer", "trainer-compiled", "loop", "loop-compiled", "loop-fast")
+DEFAULT_SIDES = ("trainer", "trainer-compiled", "loop", "loop-fast")
 
 
 def flops_per_token(shape: dict, seq_len: int) -> float:
@@ -49,7 +69,7 @@ def cmd_bench(argv) -> int:
 
     argv = list(argv)
     workload, argv = take_option(argv, "--workload", str, "gpt2-124m")
-    sides, argv = take_option(argv, "--sides", str, "trainer,loop")
+    sides, argv = take_option(argv, "--sides", str, "trainer,loop-fast")
     steps, argv = take_option(argv, "--steps", int, "100")
     side, argv = take_option(argv, "--_side", str, "loop")
     result_file, argv = take_option(argv, "--_result", str, "FILE")
@@ -64,11 +84,13 @@ def cmd_bench(argv) -> int:
     if side is not None:  # a child process: one side
         if side.endswith("-compiled"):
             config.torch_compile = True
+        if side == "loop-fast":
+            config = dataclasses.replace(config, fast=True)  # re-runs the preset in __post_init__
         result = _run_side(side.split("-")[0], config, module, task, skip)
         with open(result_file, "w") as f:
             json.dump(result, f, default=str)
         return 0
-    names = [s.strip() for s in (sides or "trainer,loop").split(",") if s.strip()]
+    names = [s.strip() for s in (sides or ",".join(DEFAULT_SIDES)).split(",") if s.strip()]
     for name in names:
         if name not in SIDES:
             raise LoopError(f"unknown side {name!r}{closest(name, SIDES)}; sides are {', '.join(SIDES)}")
@@ -93,6 +115,7 @@ def cmd_bench(argv) -> int:
                      if rate else None,
                      "mfu": flops * tokens / (peak * 1e12) if peak and flops and tokens else None,
                      "peak_memory_gb": summary["peak_memory_gb"], "final_loss": summary["train_loss"],
+                     "eval_s": summary.get("eval_runtime_s"), "features": got.get("features"),
                      "params": shape["params"], "flops_per_token": flops})
     report = {"workload": workload or "job", "steps": config.max_steps, "warmup_steps_excluded": skip,
               "precision": config.mixed_precision, "device": rows[0]["device"], "sides": rows,
@@ -110,16 +133,21 @@ def _fmt(v, spec):
 
 
 def _table(report) -> str:
-    head = f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'final loss':>12}"
+    head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'final loss':>12}"
+            f"{'eval s':>9}")
     lines = [f"loop bench: {report['workload']} on {report['device']}, {report['precision']}, {report['steps']} steps "
              f"(first {report['warmup_steps_excluded']} excluded)", head, "-" * len(head)]
     for r in report["sides"]:
         lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
                      f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
-                     f"{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['final_loss'], '.4f'):>12}")
+                     f"{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['final_loss'], '.4f'):>12}"
+                     f"{_fmt(r.get('eval_s'), '.2f'):>9}")
     r = report["sides"][0]
     lines.append(f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "
                  "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU)")
+    for r in report["sides"]:
+        if r.get("features"):
+            lines.append(f"{r['side']}: " + "; ".join(r["features"]))
     return "\n".join(lines)
 
 

@@ -310,7 +310,7 @@ def load(run, path: str):
         if os.path.exists(os.path.join(path, "scheduler.pt")):
             run.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     else:
-        load_weights(acc.unwrap_model(run.model), path)
+        load_weights(acc.unwrap_model(run.model, keep_torch_compile=False), path)
         if not os.path.exists(os.path.join(path, "optimizer.pt")):
             raise LoopError(f"{path} holds only the model (save_only_model); it can initialise a new run "
                             "but not resume one")

@@ -101,6 +101,7 @@ def _summary(history, wall, tokens, steps, device, clock=None):
         "steps_per_second": steps / runtime if runtime else None,
         "tokens_per_second": tokens / runtime if runtime and tokens else None,
         "peak_memory_gb": _peak_gb(device), "train_loss": final.get("train_loss"),
+        "eval_runtime_s": sum(r["eval_runtime"] for r in history if "eval_runtime" in r) or None,
         "final_eval": {k: v for k, v in (evals[-1] if evals else {}).items()
                        if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
     }
@@ -196,6 +197,9 @@ def _run_side(side, config, module, task, skip):
     tokens = _tokens_of(built, config, steps)
     return {"history": history, "summary": _summary(history, wall, tokens, steps, device, clock),
             "initial_weights_sha": clock.initial_sha, "shape": model_shape(model),
+            "features": config.loop_features() + (["fused_linear_cross_entropy in use"] if getattr(
+                getattr(model, "get_output_embeddings", lambda: None)(), "_loop_fused", False) else [])
+            if side == "loop" else ([] if not config.torch_compile else ["torch_compile"]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 

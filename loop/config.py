@@ -147,10 +147,22 @@ class TrainConfig:
         "(JSON on the CLI). A parameter joins the first entry whose pattern it matches (re.search), else the default "
         "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
         group="loop")
+    fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
+                    "supports it (causal LMs), and DDP without find_unused_parameters (unless set) with gradients as "
+                    "bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
+                    group="loop")
+    fused_linear_cross_entropy: bool = _f(False, "Causal LMs: compute the training loss from the last hidden states "
+                                          "chunk by chunk, never materialising the logits, with the head's GEMMs on a "
+                                          "vocabulary padded to a multiple of 64 (loop/fused_loss.py). Evaluation "
+                                          "is unchanged.", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
     def __post_init__(self):
         self._coerce_types()
+        if self.fast:  # the preset's config-level parts; the fused loss is decided per model (run.place_model)
+            self.torch_compile = True
+            if self.ddp_find_unused_parameters is None:
+                self.ddp_find_unused_parameters = False
         self.validate()
 
     # ------------------------------------------------------------------ validation (runs before any model is touched)
@@ -304,6 +316,11 @@ class TrainConfig:
             on.append("telemetry (extra loop/ keys in records; numbers unchanged)")
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
+        if self.fast:
+            on.append("fast (torch_compile, fused_linear_cross_entropy where supported, DDP without "
+                      "find_unused_parameters, gradient_as_bucket_view)")
+        if self.fused_linear_cross_entropy:
+            on.append("fused_linear_cross_entropy")
         if self.param_groups:
             on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on

@@ -117,7 +117,7 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
                                   run.label_names, what)
     loader = eval_loader(config, ds, collate, acc)
     run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
-    run.unwrapped = acc.unwrap_model(run.model)
+    run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     return run, loader
 
 

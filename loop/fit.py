@@ -28,7 +28,7 @@ from .data import default_collator, eval_loader, has_length, prepare_dataset, tr
 from .errors import LoopError
 from .evaluation import evaluate_metrics
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
-from .run import Run, call_model_init, place_model, plain, require_config, start
+from .run import Run, call_model_init, place_model, plain, require_config, start, use_fused_loss
 from .telemetry import Telemetry
 
 
@@ -139,6 +139,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     model = place_model(config, model, acc)
     run = Run(config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func,
               optimizer_step)
+    run.fused_loss = use_fused_loss(run)
 
     collator = default_collator(data_collator, processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
@@ -155,7 +156,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
         optimizer = build_optimizer(config, model, optimizer_cls_and_kwargs)
         run.group_names = parameter_groups(config, model)[1] if config.param_groups else []
     run.model, run.optimizer = acc.prepare(model, optimizer)
-    run.unwrapped = acc.unwrap_model(run.model)
+    run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:

@@ -65,7 +65,9 @@ def job_values(argv: list[str]) -> dict:
     """The job file's values with the command line's overrides on top (`config` and `task` included)."""
     overrides = parse_overrides(argv)
     path = overrides.pop("config", None)
-    values = load_yaml(path or DEFAULT_JOB)
+    # without a job file: the default job, unless another task is named (its fields would not fit that task)
+    values = load_yaml(path) if path else load_yaml(DEFAULT_JOB) if overrides.get("task", DEFAULT_TASK) == \
+        DEFAULT_TASK else {}
     values.update(overrides)
     return values
 

@@ -23,6 +23,49 @@ class Task(DataSource):
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes (default: from the data)."})
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Dynamic padding to a multiple of this."})
+    model_type: str = field(default="bert", metadata={"help": "Architecture for training from scratch (with model_config, no model_name_or_path)."})
+    model_config: dict | None = field(default=None, metadata={"help": "Config overrides for training from scratch (JSON object)."})
+    text_source: str | None = field(default=None, metadata={"help": "'stdlib': lines of this Python's standard library, labelled 1 if they mention self (offline everywhere; for benchmarks)."})
+    max_docs: int | None = field(default=None, metadata={"help": "Use at most this many stdlib files (text_source stdlib)."})
+
+
+class ByteTokenizer:
+    """[CLS]=1, UTF-8 bytes + 3, [SEP]=2, padding 0: a tokenizer without files (text_source stdlib, benchmarks)."""
+
+    pad_token_id = 0
+
+    def __init__(self, max_length):
+        self.max_length = max_length
+
+    def __call__(self, texts, truncation=True, max_length=None):
+        ids = [[1] + [b + 3 for b in t.encode("utf-8", errors="replace")][:self.max_length - 2] + [2] for t in texts]
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+
+
+def pad_collator(multiple):
+    def collate(features):
+        n = max(len(f["input_ids"]) for f in features)
+        n = -(-n // multiple) * multiple if multiple else n
+        pad = lambda x: list(x) + [0] * (n - len(x))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(f["input_ids"]) for f in features]),
+                "attention_mask": torch.tensor([pad(f["attention_mask"]) for f in features]),
+                "labels": torch.tensor([f["labels"] for f in features])}
+
+    return collate
+
+
+def stdlib_lines(max_docs):
+    """Non-blank lines of stdlib sources, split into train/validation (every 20th line held out)."""
+    import datasets
+
+    from .causal_lm import stdlib_documents
+
+    lines = [x.strip() for doc in stdlib_documents(max_docs) for x in doc.splitlines() if len(x.strip()) > 8]
+    rows = {"sentence": lines, "label": [int("self" in x) for x in lines]}
+    full = datasets.Dataset.from_dict(rows)
+    held = [i for i in range(len(lines)) if i % 20 == 19]
+    keep = [i for i in range(len(lines)) if i % 20 != 19]
+    return datasets.DatasetDict({"train": full.select(keep), "validation": full.select(held)})
 
 
 def accuracy_f1(eval_pred):
@@ -42,10 +85,13 @@ def accuracy_f1(eval_pred):
 def build(task: Task, config) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    if not task.model_name_or_path:
-        raise LoopError("text_classification needs --model_name_or_path (a Hub id or a local model folder)")
+    if not task.model_name_or_path and task.model_config is None:
+        raise LoopError("text_classification needs --model_name_or_path (a Hub id or a local model folder), or "
+                        "--model_config to train one from scratch")
+    if task.text_source not in (None, "stdlib"):
+        raise LoopError(f"text_source={task.text_source!r} is unknown; use 'stdlib' or give --train_file/--dataset_name")
     with main_process_first(config):
-        raw = load_raw(task, "text_classification")
+        raw = stdlib_lines(task.max_docs) if task.text_source == "stdlib" else load_raw(task, "text_classification")
     if task.validation_split != "validation" and task.validation_split in raw:
         raw["validation"] = raw[task.validation_split]
     for split in ("train", "validation"):
@@ -58,9 +104,22 @@ def build(task: Task, config) -> dict:
     if any(not isinstance(x, (int, np.integer)) for x in labels):
         raise LoopError(f"column {task.label_column!r} must hold integer class ids (got e.g. {labels[0]!r})")
     num_labels = task.num_labels or int(max(labels)) + 1
-    tokenizer = from_pretrained(AutoTokenizer, task.tokenizer_name or task.model_name_or_path)
-    model = from_pretrained(AutoModelForSequenceClassification, task.model_name_or_path, num_labels=num_labels,
-                            dtype=torch.float32)  # fp32 master weights; bf16/fp16 come from autocast
+    if task.tokenizer_name == "bytes" or (task.tokenizer_name is None and not task.model_name_or_path):
+        tokenizer, collator = ByteTokenizer(task.max_length), pad_collator(task.pad_to_multiple_of)
+    else:
+        tokenizer = from_pretrained(AutoTokenizer, task.tokenizer_name or task.model_name_or_path)
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=task.pad_to_multiple_of)
+    if task.model_name_or_path:
+        model = from_pretrained(AutoModelForSequenceClassification, task.model_name_or_path, num_labels=num_labels,
+                                dtype=torch.float32)  # fp32 master weights; bf16/fp16 come from autocast
+    else:
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.for_model(task.model_type, num_labels=num_labels, **(task.model_config or {}))
+        except (ValueError, TypeError) as e:
+            raise LoopError(f"model_type={task.model_type!r} with model_config {task.model_config}: {e}") from None
+        model = AutoModelForSequenceClassification.from_config(model_config)
 
     def tokenize(batch):
         args = (batch[task.text_column],) + ((batch[task.text_pair_column],) if task.text_pair_column else ())
@@ -77,5 +136,5 @@ def build(task: Task, config) -> dict:
                    for k, v in out.items()}
     return dict(model=model, train_dataset=subsample(out["train"], task.max_train_samples),
                 eval_dataset=subsample(out["validation"], task.max_eval_samples),
-                data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=task.pad_to_multiple_of),
-                processing_class=tokenizer, compute_metrics=accuracy_f1)
+                data_collator=collator, processing_class=None if isinstance(tokenizer, ByteTokenizer) else tokenizer,
+                compute_metrics=accuracy_f1)

@@ -1,12 +1,18 @@
-"""Profile the steady-state step of the loop and of Trainer on the SST-2/MiniLM job (GPU): what each does per step.
+"""Profile the steady-state optimizer step of the loop and of Trainer on one job (GPU): where the time and memory go.
 
-python tests/profile_step.py OUTDIR  -> prints the top CPU-side ops and the count of device syncs/copies per step.
+    python tests/profile_step.py OUTDIR --workload gpt2-124m [--sides loop,trainer] [job overrides...]
+    python tests/profile_step.py OUTDIR --config tasks/configs/sst2_minilm.yaml --model_name_or_path .data/minilm ...
+
+Per side: ms per step over PROF steps (after WARM), host syncs and copies per step, memory allocated when the
+model's forward returns and the peak within a step, and the CUDA kernels that take the most device time.
 """
 
 import copy
 import os
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 
@@ -15,39 +21,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import loop  # noqa: E402
+from loop.bench import WORKLOADS  # noqa: E402
+from loop.compare import take_option  # noqa: E402
 from loop.job import build_job  # noqa: E402
 
-out = sys.argv[1]
-config, module, task = build_job(["--config", "tasks/configs/sst2_minilm.yaml", "--model_name_or_path", ".data/minilm",
-                                  "--train_file", ".data/sst2/train.tsv", "--validation_file",
-                                  ".data/sst2/validation.tsv", "--max_steps", "260", "--eval_strategy", "no",
-                                  "--save_strategy", "no", "--load_best_model_at_end", "false", "--disable_tqdm",
-                                  "--output_dir", out, *sys.argv[2:]])
+out, argv = sys.argv[1], sys.argv[2:]
+workload, argv = take_option(argv, "--workload", str, "gpt2-124m")
+sides, argv = take_option(argv, "--sides", str, "loop,trainer")
+WARM, PROF = 15, 10
+argv = (WORKLOADS[workload] if workload else []) + argv + [
+    "--max_steps", str(WARM + PROF + 1), "--eval_strategy", "no", "--save_strategy", "no",
+    "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--output_dir", out]
+config, module, task = build_job(argv)
 built = module.build(task, config)
 model0 = built.pop("model")
-WARM, PROF = 200, 40
+GB = 2**30
 
 
-def report(name, prof, dt):
-    print(f"=== {name}: {dt * 1000:.2f} ms/step over {PROF} steps")
-    ka = prof.key_averages()
-    for key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "Memcpy HtoD (Pageable -> Device)",
-                "Memcpy DtoH (Device -> Pageable)", "aten::item", "aten::_local_scalar_dense", "cudaLaunchKernel",
-                "Memcpy HtoD (Pinned -> Device)"):
-        n = sum(e.count for e in ka if e.key == key)
-        print(f"  {key}: {n / PROF:.2f}/step")
-    print(ka.table(sort_by="self_cpu_time_total", row_limit=18))
+class Probe:
+    """Timing, a profiler over PROF steps, and memory: allocated when forward returns, peak per step."""
 
-
-class Prof:
     def __init__(self):
-        self.prof, self.t = None, None
+        self.prof = self.t = self.dt = None
+        self.after_forward, self.peaks = [], []
 
-    def at(self, step):
+    def hook(self, model):
+        model.register_forward_hook(lambda m, i, o: self.after_forward.append(torch.cuda.memory_allocated() / GB))
+
+    def end(self, step):  # the peak since the previous step's end: this step's
+        self.peaks.append(torch.cuda.max_memory_allocated() / GB)
+        torch.cuda.reset_peak_memory_stats()
+        # one step under CUDA's sync debug mode: every synchronising op warns, with the Python stack that made it
+        torch.cuda.set_sync_debug_mode("warn" if step == WARM - 2 else 0)
         if step == WARM:
             torch.cuda.synchronize()
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
+                                                           torch.profiler.ProfilerActivity.CUDA], with_stack=True)
             self.prof.__enter__()
             self.t = time.perf_counter()
         if step == WARM + PROF:
@@ -56,13 +65,53 @@ class Prof:
             self.prof.__exit__(None, None, None)
 
 
-lp = Prof()
-L = type("L", (loop.Callback,), {"on_step_end": lambda self, run: lp.at(run.state.global_step)})
-loop.train(config, copy.deepcopy(model0), callbacks=[L()], **built)
-tp = Prof()
-T = type("T", (TrainerCallback,), {"on_step_end": lambda self, a, s, c, **k: tp.at(s.global_step)})
-tr = Trainer(model=copy.deepcopy(model0), args=config.to_training_arguments(output_dir=out + "/t"), callbacks=[T()],
-             train_dataset=built["train_dataset"], data_collator=built["data_collator"])
-tr.train()
-report("loop", lp.prof, lp.dt)
-report("Trainer", tp.prof, tp.dt)
+def report(name, p):
+    print(f"=== {name}: {p.dt * 1000:.2f} ms/step over {PROF} steps (profiler on); memory GB: after forward "
+          f"{p.after_forward[-1]:.2f}, step peak {max(p.peaks[-PROF:]):.2f}, max over run {max(p.peaks):.2f}")
+    ka = p.prof.key_averages()
+    for key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense",
+                "cudaLaunchKernel", "Memcpy HtoD (Pageable -> Device)", "Memcpy DtoH (Device -> Pageable)"):
+        n = sum(e.count for e in ka if e.key == key)
+        print(f"  {key}: {n / PROF:.2f}/step")
+    for e in p.prof.key_averages(group_by_stack_n=12):  # where the host waits for the device
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize") and e.count >= PROF // 2:
+            frames = [f for f in e.stack if "torch/" not in f or "_tensor.py" in f][:6]
+            print(f"  sync x{e.count / PROF:.1f}/step from: " + " <- ".join(frames))
+    cpu = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:10]
+    print("  host (CPU) time per step by op: " + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / PROF / 1000:.2f} ms"
+                                                          for e in cpu))
+    kernels = sorted((e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"  device time {total / PROF / 1000:.2f} ms/step; top kernels:")
+    for e in kernels[:14]:
+        print(f"  {100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / PROF / 1000:7.2f} ms  "
+              f"x{e.count // PROF:<4} {e.key[:110]}")
+
+
+def show_sync(message, category, filename, lineno, file=None, line=None):
+    if "synchroniz" not in str(message):
+        return
+    frames = [f for f in traceback.format_stack()[:-2] if "/torch/" not in f and "warnings.py" not in f]
+    print(f"SYNC {str(message)[:80]} at " + " <- ".join(f.strip().split(chr(10))[0] for f in frames[-5:][::-1]))
+
+
+warnings.showwarning = show_sync
+warnings.simplefilter("always")
+probes = {}
+for side in (sides or "loop,trainer").split(","):
+    p = probes[side] = Probe()
+    model = copy.deepcopy(model0)
+    p.hook(model)
+    if side == "loop":
+        cb = type("P", (loop.Callback,), {"on_step_end": lambda self, run: p.end(run.state.global_step)})
+        loop.train(config, model, callbacks=[cb()], **built)
+    else:
+        cb = type("P", (TrainerCallback,), {"on_step_end": lambda self, a, s, c, **k: p.end(s.global_step)})
+        keys = ("train_dataset", "data_collator", "compute_loss_func")
+        tr = Trainer(model=model, args=config.to_training_arguments(output_dir=out + "/t"), callbacks=[cb()],
+                     **{k: v for k, v in built.items() if k in keys})
+        tr.train()
+    torch.cuda.empty_cache()
+for side, p in probes.items():
+    report(side, p)

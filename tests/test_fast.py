@@ -1,0 +1,116 @@
+"""The fast path's numerics on CPU: each fast feature gives the default path's numbers (fp32, to 1e-6 or 1e-5)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loop
+from loop import TrainConfig
+from loop.errors import LoopError
+from loop.fused_loss import linear_cross_entropy
+from tests.helpers import LMData, ClsData, clone, cross_entropy_over_items, tiny_bert_classifier, tiny_gpt2
+
+
+@pytest.mark.parametrize("num_items", [None, 250.0])
+@pytest.mark.parametrize("chunk_rows", [64, 4096])
+def test_fused_linear_cross_entropy_equals_plain_loss_and_gradients(num_items, chunk_rows):
+    torch.manual_seed(0)
+    n, d, vocab = 300, 16, 101  # 300 rows: a partial last chunk; 101: padded to 128 inside
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(vocab, d, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    targets[::7] = -100
+    fused = linear_cross_entropy(hidden, weight, targets, num_items, chunk_rows=chunk_rows)
+    fused.backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    plain = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum" if num_items else "mean")
+    (plain / num_items if num_items else plain).backward()
+    ref = plain / num_items if num_items else plain
+    assert abs(fused.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    for g, r in zip(got, (hidden.grad, weight.grad)):
+        assert (g - r).abs().max().item() <= 1e-6 * r.abs().max().item()
+
+
+def _train(tmp_path, name, model, **overrides):
+    cfg = dict(output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=4,
+               gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, eval_strategy="steps",
+               eval_steps=3, save_strategy="no", use_cpu=True, disable_tqdm=True, report_to="none", telemetry=False)
+    cfg.update(overrides)
+    data = LMData(48, ragged=True)
+    return loop.train(TrainConfig(**cfg), model, train_dataset=data, eval_dataset=LMData(12, seed=1))
+
+
+def test_fused_loss_trains_like_the_model_own_loss_and_leaves_evaluation_and_weights_alone(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    model = tiny_gpt2()
+    plain = _train(tmp_path, "plain", clone(model))
+    fused = _train(tmp_path, "fused", clone(model), fused_linear_cross_entropy=True)
+    a = [r for r in plain.log_history if "loss" in r]
+    b = [r for r in fused.log_history if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]), (key, x, y)
+    ea = [r["eval_loss"] for r in plain.log_history if "eval_loss" in r]
+    eb = [r["eval_loss"] for r in fused.log_history if "eval_loss" in r]
+    assert len(ea) == len(eb) == 2 and all(abs(x - y) <= 1e-5 * x for x, y in zip(ea, eb))
+    # the saved model is an ordinary GPT-2 whose logits are real logits (the head is only deferred in training)
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path / "fused").eval()
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert saved(ids).logits.shape == (2, 16, 64)
+        ref = GPT2LMHeadModel.from_pretrained(tmp_path / "plain").eval()(ids).logits
+        assert (saved(ids).logits - ref).abs().max().item() < 1e-3
+
+
+def test_fused_loss_is_refused_with_one_line_where_it_cannot_be_exact(tmp_path):
+    with pytest.raises(LoopError, match="fused_linear_cross_entropy cannot be used here: it supports causal LMs"):
+        loop.train(TrainConfig(output_dir=str(tmp_path / "cls"), max_steps=1, use_cpu=True, report_to="none",
+                               fused_linear_cross_entropy=True), tiny_bert_classifier(), train_dataset=ClsData(8))
+    with pytest.raises(LoopError, match="cannot serve a compute_loss_func or label_smoothing_factor"):
+        loop.train(TrainConfig(output_dir=str(tmp_path / "own"), max_steps=1, use_cpu=True, report_to="none",
+                               fused_linear_cross_entropy=True, label_smoothing_factor=0.1), tiny_gpt2(),
+                   train_dataset=LMData(8))
+    assert not (tmp_path / "cls" / "model.safetensors").exists()
+
+
+def test_fast_preset_sets_its_fields_and_skips_what_does_not_apply(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), fast=True)
+    assert config.torch_compile and config.ddp_find_unused_parameters is False
+    assert TrainConfig(fast=True, ddp_find_unused_parameters=True).ddp_find_unused_parameters is True
+    assert any(f.startswith("fast") for f in config.loop_features())
+    # a classifier with a compute_loss_func: `fast` keeps its loss as it is (the fused loss does not apply)
+    from loop.run import Run, use_fused_loss
+
+    class Acc:  # the bits of an Accelerator that use_fused_loss reads
+        distributed_type = type("T", (), {"name": "NO"})()
+
+    run = Run(config, tiny_bert_classifier(), type("A", (Acc,), {"device": torch.device("cpu")})(),
+              compute_loss_func=cross_entropy_over_items)
+    assert use_fused_loss(run) is False
+    gpt = tiny_gpt2()
+    assert use_fused_loss(Run(config, gpt, type("A", (Acc,), {"device": torch.device("cpu")})())) is True
+    assert gpt.lm_head._loop_fused
+
+
+def test_compiled_model_loads_its_best_checkpoint_and_saves_plain_weights(tmp_path):
+    """torch_compile (part of `fast`) wraps the model; best-model loading, resume and the final save must see the
+    module itself (no `_orig_mod.` keys). Seen on a GPU: load_best_model_at_end failed under torch_compile."""
+    from transformers import GPT2LMHeadModel
+
+    result = _train(tmp_path, "compiled", tiny_gpt2(), torch_compile=True, max_steps=4, eval_steps=2,
+                    save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    evals = [r for r in result.log_history if "eval_loss" in r]
+    best = str(tmp_path / "compiled" / f"checkpoint-{min(evals, key=lambda r: r['eval_loss'])['step']}")
+    assert len(evals) == 2 and os.path.isdir(best)
+    final = GPT2LMHeadModel.from_pretrained(tmp_path / "compiled").state_dict()
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(best, "model.safetensors"))
+    assert not any("_orig_mod" in k for k in list(final) + list(saved))
+    assert len(saved) > 10 and all(torch.equal(final[k], saved[k]) for k in saved)
