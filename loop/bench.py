@@ -95,10 +95,18 @@ def cmd_bench(argv) -> int:
         if name not in SIDES:
             raise LoopError(f"unknown side {name!r}{closest(name, SIDES)}; sides are {', '.join(SIDES)}")
     os.makedirs(config.output_dir, exist_ok=True)
+    # Under `accelerate launch`/torchrun every rank runs this; each rank's child for a side joins the other ranks'
+    # children in one process group (the parent never joins one), and rank 0 writes the report.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     rows = []
     for i, name in enumerate(names):
-        path = os.path.join(config.output_dir, f".bench-{i}.json")
-        proc = subprocess.run([sys.executable, "-m", "loop", "bench", *argv, "--_side", name, "--_result", path])
+        path = os.path.join(config.output_dir, f".bench-{i}-rank{rank}.json")
+        env = dict(os.environ)
+        if world > 1:  # a fresh rendezvous per side: rank 0's child hosts it on its own port (not torchrun's store)
+            env.update(TORCHELASTIC_USE_AGENT_STORE="False",
+                       MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + i))
+        proc = subprocess.run([sys.executable, "-m", "loop", "bench", *argv, "--_side", name, "--_result", path],
+                              env=env)
         if proc.returncode != 0:
             raise LoopError(f"the {name} side of `loop bench` failed (exit {proc.returncode}); see its output above")
         with open(path) as f:
@@ -113,10 +121,13 @@ def cmd_bench(argv) -> int:
                      "tokens_per_second": tokens,
                      "samples_per_second": rate * config.per_device_train_batch_size * config.gradient_accumulation_steps
                      if rate else None,
-                     "mfu": flops * tokens / (peak * 1e12) if peak and flops and tokens else None,
+                     "mfu": flops * tokens / world / (peak * 1e12) if peak and flops and tokens else None,
                      "peak_memory_gb": summary["peak_memory_gb"], "final_loss": summary["train_loss"],
                      "eval_s": summary.get("eval_runtime_s"), "features": got.get("features"),
-                     "params": shape["params"], "flops_per_token": flops})
+                     "params": shape["params"], "flops_per_token": flops, "processes": world,
+                     "tokens_per_second_per_device": tokens / world if tokens else None})
+    if rank != 0:
+        return 0
     report = {"workload": workload or "job", "steps": config.max_steps, "warmup_steps_excluded": skip,
               "precision": config.mixed_precision, "device": rows[0]["device"], "sides": rows,
               "mfu_formula": "(6N + 12*L*H*Q*T) * tokens/s / peak FLOP/s", "config": config.to_dict()}
@@ -135,7 +146,11 @@ def _fmt(v, spec):
 def _table(report) -> str:
     head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'final loss':>12}"
             f"{'eval s':>9}")
-    lines = [f"loop bench: {report['workload']} on {report['device']}, {report['precision']}, {report['steps']} steps "
+    world = report["sides"][0].get("processes", 1)
+    lines = [f"loop bench: {report['workload']} on {world} x {report['device']}, {report['precision']}, "
+             f"{report['steps']} steps (first {report['warmup_steps_excluded']} excluded); tokens/s and samples/s are "
+             f"for all {world} devices together, MFU and memory per device" if world > 1 else
+             f"loop bench: {report['workload']} on {report['device']}, {report['precision']}, {report['steps']} steps "
              f"(first {report['warmup_steps_excluded']} excluded)", head, "-" * len(head)]
     for r in report["sides"]:
         lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"

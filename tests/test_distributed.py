@@ -152,3 +152,19 @@ def test_loop_compare_under_a_two_process_launch(tmp_path):
     assert report["parity"] and report["world_size"] == 2 and report["identical_initial_weights"]
     assert report["difference"]["loss"]["max_abs"] == 0 and report["difference"]["grad_norm"]["max_abs"] == 0
     assert report["difference"]["steps_compared"] == 6 and "eval_loss not judged" in proc.stdout
+
+
+def test_loop_bench_under_a_two_process_launch(tmp_path):
+    """`loop bench` under torchrun: each side's processes form their own group; rank 0 reports rates for both
+    processes together, and on CPU in fp32 the two sides end on the same loss."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    proc = subprocess.run(_torchrun("-m", "loop", "bench", "--workload", "tiny-gpt2", "--sides", "trainer,loop",
+                                    "--steps", "6", "--use_cpu", "true", "--output_dir", str(tmp_path), port=29543),
+                          capture_output=True, text=True, timeout=900, env=env, cwd=os.path.dirname(HERE))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(tmp_path / "bench.json"))
+    trainer, ours = report["sides"]
+    assert trainer["processes"] == ours["processes"] == 2
+    assert ours["tokens_per_second_per_device"] == ours["tokens_per_second"] / 2
+    assert trainer["final_loss"] == ours["final_loss"]
+    assert "on 2 x cpu" in proc.stdout
