@@ -379,7 +379,7 @@ REFUSED = {
     "optim_target_modules": "GaLore/APOLLO-style optimizers are not implemented",
     "bf16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
     "fp16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
-    "use_liger_kernel": "Liger kernels are not integrated",
+    "use_liger_kernel": "Liger kernels are not integrated; `fused_linear_cross_entropy` is the loop's own fused loss (no extra dependency)",
     "liger_kernel_config": "Liger kernels are not integrated",
     "neftune_noise_alpha": "NEFTune is not implemented",
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
