@@ -17,13 +17,16 @@ def _run(cmd, env=None):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and False, reason="torchrun missing")
-def test_two_processes_match_one_with_double_batch(tmp_path):
+@pytest.mark.parametrize("two_process_options", [[], ["fused_linear_cross_entropy=true",
+                                                     "ddp_find_unused_parameters=false"]], ids=["default", "fused"])
+def test_two_processes_match_one_with_double_batch(tmp_path, two_process_options):
+    """DDP equivalence; with the fused loss and DDP without find_unused_parameters too (what `fast` adds)."""
     worker = os.path.join(HERE, "ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     _run([sys.executable, worker, str(tmp_path / "one"), "4"], env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-          worker, str(tmp_path / "two"), "2"], env)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+          "29533" if not two_process_options else "29546", worker, str(tmp_path / "two"), "2", *two_process_options],
+         env)
     one = json.load(open(tmp_path / "one" / "log.json"))
     two = json.load(open(tmp_path / "two" / "log.json"))
     losses1 = [r for r in one if "loss" in r]
