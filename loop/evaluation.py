@@ -29,6 +29,10 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     from transformers.trainer_utils import EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
     acc, model, cfg = run.accelerator, run.model, run.config
+    if cfg.fast and hasattr(model, "_orig_mod"):
+        # `fast` evaluates without compilation: evaluation's shapes (eval batch size, a short last batch, other
+        # lengths) each cost a compilation, which on SST-2 took longer than evaluating eagerly ever would
+        model = model._orig_mod
     start = time.time()
     model.eval()
     if loss_only is None:  # predictions are gathered only when something will read them

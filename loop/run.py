@@ -122,6 +122,13 @@ def make_accelerator(config):
 
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=config.torch_compile_backend or "inductor",
                                                     mode=config.torch_compile_mode)
+    # accelerate keeps one process-wide AcceleratorState and ignores the settings of a later Accelerator: a second
+    # run in the same process (a notebook, `loop compare` in one process) would silently keep the first run's
+    # compile setting. The run's own settings win: forget the previous run's state (the process group stays).
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     # The loop does gradient accumulation itself (whole windows), so the Accelerator accumulates over 1 step.
     return Accelerator(
         mixed_precision=config.mixed_precision, cpu=config.use_cpu,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import loop
+import loop.step
 from loop import TrainConfig
 from loop.errors import LoopError
 from loop.fused_loss import linear_cross_entropy
@@ -114,3 +115,35 @@ def test_compiled_model_loads_its_best_checkpoint_and_saves_plain_weights(tmp_pa
     saved = load_file(os.path.join(best, "model.safetensors"))
     assert not any("_orig_mod" in k for k in list(final) + list(saved))
     assert len(saved) > 10 and all(torch.equal(final[k], saved[k]) for k in saved)
+
+
+def test_fast_preset_end_to_end_matches_the_default_path(tmp_path, monkeypatch):
+    """`fast` on CPU: compiled training with the fused loss, evaluation on the uncompiled module, the final save.
+    Without dropout the logged numbers equal the default path's within 1e-5 (fp32)."""
+    model = tiny_gpt2()
+    plain = _train(tmp_path, "plain", clone(model))
+    fast = _train(tmp_path, "fast", clone(model), fast=True)
+    for key in ("loss", "grad_norm", "eval_loss"):
+        a = [r[key] for r in plain.log_history if key in r]
+        b = [r[key] for r in fast.log_history if key in r]
+        assert len(a) == len(b) > 1 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (key, a, b)
+    assert (tmp_path / "fast" / "model.safetensors").exists()
+
+    # evaluation (other shapes, eval mode) goes through the uncompiled module: nothing is compiled for it
+    import loop.evaluation as evaluation
+
+    seen, plain_forward_loss = [], evaluation.forward_loss
+
+    def spy(run, model, *args, **kwargs):
+        seen.append(type(model).__name__)
+        return plain_forward_loss(run, model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "forward_loss", spy)
+    trained = []
+    monkeypatch.setattr(loop.step, "forward_loss", lambda run, m, *a, **k: trained.append(type(m).__name__) or
+                        plain_forward_loss(run, m, *a, **k))
+    _train(tmp_path, "spied", clone(model), fast=True, max_steps=3)
+    assert seen and "OptimizedModule" not in seen and set(seen) == {"GPT2LMHeadModel"}
+    # and training did run compiled, although earlier runs in this process were not (accelerate's process-wide
+    # state used to keep the first run's setting)
+    assert trained and set(trained) == {"OptimizedModule"}
