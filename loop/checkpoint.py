@@ -6,7 +6,7 @@ Layout of `<output_dir>/checkpoint-<global_step>/`:
     optimizer.pt scheduler.pt scaler.pt   (absent with save_only_model; scaler only with fp16)
     rng_state_<rank>.pth     every rank's python/numpy/torch/cuda RNG (now and at the epoch's start) and its
                              loss accumulator since the last log record (for exact resume)
-    ema.safetensors          EMA weights (with ema_decay > 0)
+    ema.safetensors          EMA weights (with ema_decay > 0); under FSDP2 ema_shards_<rank>.safetensors per rank
     loop_state.json          TrainState: step, data position, best metric, log history, callback state
     train_config.json        the TrainConfig the checkpoint was made with
     COMPLETE                 written last: the step and every file's size and crc32. A folder without it, or
@@ -178,6 +178,11 @@ def _sharded(accelerator) -> bool:
     return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 
+def ema_file_name(ema, rank: int) -> str:
+    """ema.safetensors, or under FSDP2 one file of shards per rank (resume needs the same world size)."""
+    return f"ema_shards_{rank}.safetensors" if ema.sharded else "ema.safetensors"
+
+
 def save(run) -> str:
     """Write a complete checkpoint for the current step; return its path. Collective: every rank calls it."""
     acc, cfg, state = run.accelerator, run.config, run.state
@@ -206,12 +211,13 @@ def save(run) -> str:
             # per rank: RNG now and at the epoch's start, and this rank's loss accumulator since the last log
             torch.save({**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()},
                        os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))
-        if acc.is_main_process:
-            if run.ema is not None:
-                from safetensors.torch import save_file
+        if run.ema is not None and (run.ema.sharded or acc.is_main_process):
+            from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()},
-                          os.path.join(tmp, "ema.safetensors"))
+            # whole EMA from the main process; under FSDP2 each rank's own shards
+            save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()},
+                      os.path.join(tmp, ema_file_name(run.ema, acc.process_index)))
+        if acc.is_main_process:
             state.callback_states = {type(cb).__name__: cb.state_dict() for cb in run.callbacks
                                      if hasattr(cb, "state_dict")}
             with open(os.path.join(tmp, "loop_state.json"), "w") as f:
@@ -320,7 +326,7 @@ def load(run, path: str):
         if acc.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
             acc.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))
     if run.ema is not None:
-        ema_file = os.path.join(path, "ema.safetensors")
+        ema_file = os.path.join(path, ema_file_name(run.ema, acc.process_index))
         if os.path.exists(ema_file):
             from safetensors.torch import load_file
 

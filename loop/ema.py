@@ -5,6 +5,10 @@
     Before ema_start_step the EMA simply tracks the weights (e_t = w_t).
 
 A skipped fp16 step does not call update. Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+
+Under FSDP2 the parameters are DTensors holding this rank's shard: the EMA is made of the same DTensors, so each rank
+keeps the EMA of its own shards (no full copy per GPU), lerps them locally, saves and loads them per rank
+(`local_state_dict`), and the whole EMA exists only when it is gathered into the final model's ema/ folder.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class EMA:
         params = _params(model)
         self.device = torch.device(device) if device is not None else params[0].device
         self.shadow = [p.detach().to(self.device, torch.float32, copy=True) for p in params]
+        self.sharded = any(_is_dtensor(t) for t in self.shadow)  # FSDP2: per-rank shards
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -47,13 +52,24 @@ class EMA:
             e.copy_(tmp)
 
     def state_dict(self):
-        return {f"ema.{i}": t for i, t in enumerate(self.shadow)}
+        """Whole tensors (not sharded), or under FSDP2 this rank's shards: what one file per rank holds."""
+        return {f"ema.{i}": _local(t) for i, t in enumerate(self.shadow)}
 
+    @torch.no_grad()
     def load_state_dict(self, state):
         for i, t in enumerate(self.shadow):
-            t.copy_(state[f"ema.{i}"])
+            got = state[f"ema.{i}"]
+            _local(t).copy_(got.to(_local(t).device))
 
     def named_weights(self, model):
         """{name: ema tensor} under the model's own parameter names, for saving."""
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         return dict(zip(names, self.shadow))
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t

@@ -160,10 +160,10 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:
-        zero3 = acc.distributed_type.name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3
-        if acc.distributed_type.name == "FSDP" or zero3:
-            raise LoopError("ema_decay under FSDP/ZeRO-3 is not supported yet: the EMA needs whole weights on each "
-                            "rank; use a DDP or ZeRO-2 launch config, or set ema_decay 0")
+        if acc.distributed_type.name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3:
+            raise LoopError("ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "
+                            "outside DeepSpeed's own gathers, so there is nothing to average; use FSDP2 (the EMA is "
+                            "kept per shard), ZeRO-2 or DDP, or set ema_decay 0")
         from .ema import EMA
 
         run.ema = EMA(run.unwrapped, config.ema_decay, config.ema_warmup, config.ema_start_step,

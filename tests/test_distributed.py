@@ -171,3 +171,14 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
     assert ours["tokens_per_second_per_device"] == ours["tokens_per_second"] / 2
     assert trainer["final_loss"] == ours["final_loss"]
     assert "on 2 x cpu" in proc.stdout
+
+
+def test_ema_over_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
+    """FSDP2 on 2 CPU processes: each rank keeps the EMA of its own shards, gathered it equals the unsharded EMA,
+    it round-trips through the per-rank checkpoint files, and swapping it in and out is exact."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    proc = subprocess.run(_torchrun(os.path.join(HERE, "fsdp_ema_worker.py"), str(tmp_path), port=29547),
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(": OK,") == 2
+    assert sorted(os.listdir(tmp_path)) == ["ema_shards_0.safetensors", "ema_shards_1.safetensors"]
