@@ -164,6 +164,9 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
             raise LoopError("ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "
                             "outside DeepSpeed's own gathers, so there is nothing to average; use FSDP2 (the EMA is "
                             "kept per shard), ZeRO-2 or DDP, or set ema_decay 0")
+        if acc.distributed_type.name == "FSDP" and config.ema_on_cpu:
+            raise LoopError("ema_on_cpu under FSDP is not supported: the EMA is kept per shard next to the weights "
+                            "(1/N of the model per GPU); set ema_on_cpu false")
         from .ema import EMA
 
         run.ema = EMA(run.unwrapped, config.ema_decay, config.ema_warmup, config.ema_start_step,
