@@ -1,50 +1,109 @@
 #!/usr/bin/env bash
-# 2-GPU runs for issue 10: for DDP, FSDP2, ZeRO-2 and ZeRO-3, train GPT-2 124M (fp32, dropout off), SIGKILL the whole
-# launch after step 7, resume 'latest', and compare every logged loss and grad norm with the uninterrupted run
-# (1e-6 relative), eval_ema_loss included (the EMA rides along except under ZeRO-3, where it is refused). Then check
-# that the final model and its ema/ load with from_pretrained. Exits non-zero on any failure.
-#   bash tests/gpu_multi.sh OUTDIR [topologies...]      (run from the repo root; DeepSpeed needs its wheel)
-#   NPROC=1 bash tests/gpu_multi.sh OUTDIR zero2 zero3  (one GPU: the same checks through one process)
+# The 2-GPU checks of issue 10. Run from the repo root on a machine with 2 GPUs, the project importable
+# (PYTHONPATH=$PWD) and, for ZeRO, DeepSpeed's wheel installed. Exits non-zero on any failure.
+#
+#   bash tests/gpu_multi.sh resume OUTDIR [ddp fsdp2 zero2 zero3]
+#       For each topology: GPT-2 124M (fp32, dropout off, EMA on except under ZeRO-3, where it is refused) trains 12
+#       steps uninterrupted; a second run is SIGKILLed after step 7, resumed with 'latest', SIGKILLed again in the
+#       middle of writing checkpoint-9, and resumed again. Every logged loss, grad norm and eval_ema_loss must equal
+#       the uninterrupted run's within 1e-6 relative; the final model and its ema/ must load with from_pretrained.
+#       NPROC=1 runs the same checks through one process (one GPU).
+#   bash tests/gpu_multi.sh more OUTDIR
+#       Data-parallel equivalence (1 GPU, batch 4, accumulation 2 vs 2 GPUs, batch 4, accumulation 1; 30 steps,
+#       per-step loss within 1e-5 relative); two one-GPU "nodes" on this host (launch_configs/multi_node.yaml,
+#       main process 127.0.0.1) vs one node of 2 (the same losses); `loop compare` under DDP and FSDP2; and the
+#       sharding table: `loop bench` (loop side) on GPT-2 124M and a GPT-2-XL-shaped 1.5B model on 1 GPU, DDP,
+#       FSDP2, ZeRO-2 and ZeRO-3.
 set -uo pipefail
-out=$1; shift; mkdir -p "$out"
-tops=${*:-ddp fsdp2 zero2 zero3}
+what=$1; out=$2; shift 2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-JOB=(--config tasks/configs/gpt2_124m.yaml --disable_tqdm --bf16 false --max_steps 12 --logging_steps 1
-     --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --eval_strategy steps --eval_steps 6
-     --save_strategy steps --save_steps 3 --warmup_steps 2 --max_docs 300 --dataloader_num_workers 0
-     --model_config '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}')
-declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3)
+NODROP='"resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0'
+JOB=(--config tasks/configs/gpt2_124m.yaml --disable_tqdm --bf16 false --logging_steps 1 --max_docs 300
+     --dataloader_num_workers 0 --warmup_steps 2
+     --model_config "{\"n_embd\": 768, \"n_layer\": 12, \"n_head\": 12, \"n_positions\": 1024, $NODROP}")
+declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3 [one]=single_gpu)
 fail=0
-for t in $tops; do
-  # the EMA rides along (per shard under FSDP2) except under ZeRO-3, where it is refused with one line
-  ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
-  launch=(accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2} tests/gpu_worker.py "${ema[@]}")
-  start=$(date +%s)
-  "${launch[@]}" "${JOB[@]}" --output_dir "$out/$t-ref" > "$out/$t-ref.log" 2>&1 || { echo "$t: reference run FAILED"; tail -25 "$out/$t-ref.log"; fail=1; continue; }
-  KILL_AFTER_STEP=7 "${launch[@]}" "${JOB[@]}" --output_dir "$out/$t-run" > "$out/$t-kill.log" 2>&1
-  [ -e "$out/$t-run/model.safetensors" ] && { echo "$t: a killed run left a final model"; fail=1; }
-  "${launch[@]}" "${JOB[@]}" --output_dir "$out/$t-run" --resume_from_checkpoint latest > "$out/$t-resume.log" 2>&1 || { echo "$t: resume FAILED"; tail -25 "$out/$t-resume.log"; fail=1; continue; }
-  python - "$out/$t-ref" "$out/$t-run" "$t" "$(( $(date +%s) - start ))" <<'PY' || fail=1
-import json, sys
-ref, run, name, secs = sys.argv[1:]
-a = [r for r in json.load(open(f"{ref}/result.json")) if "loss" in r]
-b = [r for r in json.load(open(f"{run}/result.json")) if "loss" in r]
-worst = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in ("loss", "grad_norm"))
-ea = [r["eval_ema_loss"] for r in json.load(open(f"{ref}/result.json")) if "eval_ema_loss" in r]
-eb = [r["eval_ema_loss"] for r in json.load(open(f"{run}/result.json")) if "eval_ema_loss" in r]
+
+same() {  # same REF RUN NAME TOL: every logged loss/grad_norm (and eval_ema_loss) of RUN equals REF's within TOL
+  python - "$@" <<'PY' || fail=1
+import json, os, sys
+ref, run, name, tol = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+A, B = json.load(open(f"{ref}/result.json")), json.load(open(f"{run}/result.json"))
+a, b = [r for r in A if "loss" in r], [r for r in B if "loss" in r]
+keys = ("loss", "grad_norm")
+worst = max((abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in keys), default=1.0)
+ea, eb = [r["eval_ema_loss"] for r in A if "eval_ema_loss" in r], [r["eval_ema_loss"] for r in B if "eval_ema_loss" in r]
 ema_worst = max((abs(x - y) / abs(x) for x, y in zip(ea, eb)), default=0.0)
-ok = len(a) == len(b) == 12 and [x["step"] for x in a] == [y["step"] for y in b] and worst <= 1e-6
-ok = ok and len(ea) == len(eb) and ema_worst <= 1e-6 and (name == "zero3" or len(ea) == 2)
-from transformers import AutoModelForCausalLM
-import os
-m = AutoModelForCausalLM.from_pretrained(run)
-ema = AutoModelForCausalLM.from_pretrained(f"{run}/ema") if os.path.isdir(f"{run}/ema") else None
-ok = ok and (ema is not None or name == "zero3")
-print(f"{name}: {len(b)} steps after kill at 7 + resume, max rel diff (loss, grad_norm) vs uninterrupted {worst:.2e}, "
-      f"eval_ema_loss {ema_worst:.2e} over {len(eb)} evals; final model loads "
-      f"({sum(p.numel() for p in m.parameters())/1e6:.1f}M params), ema/ {'loads' if ema is not None else 'absent'}; "
-      f"{secs}s -> {'OK' if ok else 'FAILED'}")
+ok = len(a) == len(b) > 0 and [x["step"] for x in a] == [y["step"] for y in b] and worst <= tol
+ok = ok and len(ea) == len(eb) and ema_worst <= tol
+print(f"{name}: {len(b)} logged steps, max rel diff (loss, grad_norm) {worst:.2e}, eval_ema_loss {ema_worst:.2e} "
+      f"over {len(eb)} evals (tolerance {tol:g}) -> {'OK' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
-done
+}
+
+loads() {  # loads RUN NAME NEED_EMA: the final model (and ema/) load with from_pretrained
+  python - "$@" <<'PY' || fail=1
+import os, sys
+from transformers import AutoModelForCausalLM
+run, name, need_ema = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+m = AutoModelForCausalLM.from_pretrained(run)
+ema = AutoModelForCausalLM.from_pretrained(f"{run}/ema") if os.path.isdir(f"{run}/ema") else None
+ok = ema is not None or not need_ema
+print(f"{name}: final model loads ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M params), ema/ "
+      f"{'loads' if ema is not None else 'absent'} -> {'OK' if ok else 'FAILED'}")
+sys.exit(0 if ok else 1)
+PY
+}
+
+case $what in
+resume)
+  for t in ${*:-ddp fsdp2 zero2 zero3}; do
+    ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
+    launch=(accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2} tests/gpu_worker.py
+            "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
+            --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
+    start=$(date +%s)
+    "${launch[@]}" --output_dir "$out/$t-ref" > "$out/$t-ref.log" 2>&1 || { echo "$t: reference run FAILED"; tail -25 "$out/$t-ref.log"; fail=1; continue; }
+    KILL_AFTER_STEP=7 "${launch[@]}" --output_dir "$out/$t-run" > "$out/$t-kill.log" 2>&1
+    [ -e "$out/$t-run/model.safetensors" ] && { echo "$t: a killed run left a final model"; fail=1; }
+    KILL_IN_SAVE_AT_STEP=9 "${launch[@]}" --output_dir "$out/$t-run" --resume_from_checkpoint latest > "$out/$t-kill-in-save.log" 2>&1
+    [ -e "$out/$t-run/checkpoint-9" ] && { echo "$t: a checkpoint killed mid-save looks complete"; fail=1; }
+    "${launch[@]}" --output_dir "$out/$t-run" --resume_from_checkpoint latest > "$out/$t-resume.log" 2>&1 || { echo "$t: resume FAILED"; tail -25 "$out/$t-resume.log"; fail=1; continue; }
+    same "$out/$t-ref" "$out/$t-run" "$t kill after step 7, kill while saving step 9, resume twice" 1e-6
+    loads "$out/$t-run" "$t" "$([ "$t" = zero3 ] && echo 0 || echo 1)"
+    echo "$t: $(( $(date +%s) - start )) s"
+  done ;;
+more)
+  EQ=("${JOB[@]}" --max_steps 30 --per_device_train_batch_size 4 --eval_strategy no --save_strategy no)
+  accelerate launch --config_file launch_configs/single_gpu.yaml tests/gpu_worker.py "${EQ[@]}" \
+    --gradient_accumulation_steps 2 --output_dir "$out/eq-1gpu" > "$out/eq-1gpu.log" 2>&1 || { echo "1-GPU run FAILED"; fail=1; }
+  accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 tests/gpu_worker.py "${EQ[@]}" \
+    --gradient_accumulation_steps 1 --output_dir "$out/eq-2gpu" > "$out/eq-2gpu.log" 2>&1 || { echo "2-GPU run FAILED"; fail=1; }
+  same "$out/eq-1gpu" "$out/eq-2gpu" "1 GPU (batch 4, accumulation 2) vs 2 GPUs (batch 4, accumulation 1)" 1e-5
+  for r in 0 1; do
+    CUDA_VISIBLE_DEVICES=$r accelerate launch --config_file launch_configs/multi_node.yaml --num_processes 2 \
+      --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 --main_process_port 29561 tests/gpu_worker.py \
+      "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2nodes" > "$out/eq-2nodes-$r.log" 2>&1 &
+  done
+  wait || true
+  same "$out/eq-2gpu" "$out/eq-2nodes" "two 1-GPU nodes vs one node of 2 GPUs" 1e-6
+  for t in ddp fsdp2; do
+    accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes 2 -m loop compare \
+      --config tasks/configs/gpt2_124m.yaml --max_steps 30 --logging_steps 1 --eval_strategy no --disable_tqdm \
+      --output_dir "$out/compare-$t" 2>&1 | grep -v '^{' | tail -8 || fail=1
+  done
+  XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
+  for t in one ddp fsdp2 zero2 zero3; do
+    n=2; [ "$t" = one ] && n=1
+    for model in gpt2-124m gpt2-xl; do
+      extra=(); [ "$model" = gpt2-xl ] && extra=(--model_config "$XL" --per_device_train_batch_size 4)
+      echo "== sharding: $t, $model"
+      accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes $n -m loop bench \
+        --workload gpt2-124m --sides loop --steps 20 "${extra[@]}" --output_dir "$out/shard-$t-$model" 2>&1 \
+        | grep -v '^{' | grep -A3 '^side' || echo "$t $model: FAILED (out of memory?)"
+    done
+  done ;;
+*) echo "usage: bash tests/gpu_multi.sh resume|more OUTDIR [topologies]"; exit 2 ;;
+esac
 exit $fail

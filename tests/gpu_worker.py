@@ -1,5 +1,6 @@
 """Run by tests/gpu_multi.sh under `accelerate launch`: a job (loop/job.py arguments), SIGKILLed on every rank right
-after step $KILL_AFTER_STEP when set; rank 0 writes the log history to <output_dir>/result.json."""
+after step $KILL_AFTER_STEP, or in the middle of writing checkpoint-$KILL_IN_SAVE_AT_STEP, when set; rank 0 writes the
+log history to <output_dir>/result.json."""
 
 import json
 import os
@@ -10,6 +11,18 @@ import loop
 from loop.job import build_job, build_task
 
 kill = int(os.environ.get("KILL_AFTER_STEP", "0"))
+kill_in_save = int(os.environ.get("KILL_IN_SAVE_AT_STEP", "0"))
+if kill_in_save:  # SIGKILL while checkpoint-N is being written: its files are there, its COMPLETE manifest is not
+    import loop.checkpoint as ckpt
+
+    plain_manifest = ckpt.manifest
+
+    def manifest_then_die(folder):
+        if folder.rstrip("/").endswith(f"{ckpt.PREFIX}{kill_in_save}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return plain_manifest(folder)
+
+    ckpt.manifest = manifest_then_die
 
 
 class Killer(loop.Callback):
