@@ -163,6 +163,12 @@ def _table(report) -> str:
     for r in report["sides"]:
         if r.get("features"):
             lines.append(f"{r['side']}: " + "; ".join(r["features"]))
+    by_side = {r["side"]: r["tokens_per_second"] for r in report["sides"] if r["tokens_per_second"]}
+    for ours in ("loop", "loop-compiled", "loop-fast"):
+        ratios = [f"{by_side[ours] / by_side[t]:.2f}x {t}" for t in ("trainer", "trainer-compiled")
+                  if ours in by_side and t in by_side]
+        if ratios:
+            lines.append(f"{ours} tokens/s: " + ", ".join(ratios))
     return "\n".join(lines)
 
 
