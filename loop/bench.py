@@ -24,7 +24,8 @@ from .errors import LoopError, closest
 
 _GPT2 = ["--task", "causal_lm", "--text_source", "stdlib", "--tokenizer_name", "bytes", "--model_type", "gpt2",
          "--packing", "true", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
-         "--logging_steps", "10", "--max_eval_samples", "8", "--dataloader_num_workers", "2", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+         "--logging_steps", "10", "--max_eval_samples", "8", "--dataloader_num_workers", "2",
+         "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
 # GPT-2 124M is GPT-2's compute: its 50257-token vocabulary and 1024-token rows (the text is bytes; the ids do not
 # change the FLOPs). tiny-gpt2 is a CPU smoke workload.
 WORKLOADS = {

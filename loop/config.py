@@ -159,7 +159,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self._coerce_types()
-        if self.fast:  # the preset's config-level parts; the fused loss is decided per model (run.place_model)
+        if self.fast:  # the preset's config-level parts; the fused loss is decided per model (run.use_fused_loss)
             self.torch_compile = True
             if self.ddp_find_unused_parameters is None:
                 self.ddp_find_unused_parameters = False

@@ -8,7 +8,7 @@ A skipped fp16 step does not call update. Buffers (e.g. BatchNorm statistics) ar
 
 Under FSDP2 the parameters are DTensors holding this rank's shard: the EMA is made of the same DTensors, so each rank
 keeps the EMA of its own shards (no full copy per GPU), lerps them locally, saves and loads them per rank
-(`local_state_dict`), and the whole EMA exists only when it is gathered into the final model's ema/ folder.
+(`state_dict` holds the local shards), and the whole EMA exists only when it is gathered into the final model's ema/ folder.
 """
 
 from __future__ import annotations

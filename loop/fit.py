@@ -28,7 +28,7 @@ from .data import default_collator, eval_loader, has_length, prepare_dataset, tr
 from .errors import LoopError
 from .evaluation import evaluate_metrics
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
-from .run import Run, call_model_init, place_model, plain, require_config, start, use_fused_loss
+from .run import Run, call_model_init, place_model, plain, require_config, start, topology, use_fused_loss
 from .telemetry import Telemetry
 
 
@@ -139,7 +139,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     model = place_model(config, model, acc)
     run = Run(config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func,
               optimizer_step)
-    run.fused_loss = use_fused_loss(run)
+    use_fused_loss(run)
 
     collator = default_collator(data_collator, processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
@@ -160,7 +160,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:
-        if acc.distributed_type.name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3:
+        if topology(acc) == "DEEPSPEED_ZERO3":
             raise LoopError("ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "
                             "outside DeepSpeed's own gathers, so there is nothing to average; use FSDP2 (the EMA is "
                             "kept per shard), ZeRO-2 or DDP, or set ema_decay 0")

@@ -199,23 +199,24 @@ def place_model(config, model, acc):
     return model.to(acc.device)
 
 
+def topology(acc) -> str:
+    """accelerate's distributed type by name, with ZeRO-3 told apart from the other DeepSpeed stages."""
+    name = acc.distributed_type.name
+    return "DEEPSPEED_ZERO3" if name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3 else name
+
+
 def use_fused_loss(run) -> bool:
     """fused_linear_cross_entropy, asked for or through `fast` where it applies: patch the model before prepare()."""
     from . import fused_loss
 
-    config, acc = run.config, run.accelerator
-    if not (config.fused_linear_cross_entropy or config.fast):
-        return False
-    zero3 = acc.distributed_type.name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3
-    topology = "DEEPSPEED_ZERO3" if zero3 else acc.distributed_type.name
+    config, where = run.config, topology(run.accelerator)
     own_loss = run.compute_loss_func is not None or run.label_smoother is not None
-    if config.fused_linear_cross_entropy:
-        if own_loss:
-            raise LoopError("fused_linear_cross_entropy computes the model's own loss; it cannot serve a "
-                            "compute_loss_func or label_smoothing_factor; set fused_linear_cross_entropy false")
-        fused_loss.enable(run.unwrapped, topology)
-        return True
-    if own_loss or not fused_loss.applies(run.unwrapped, topology):
+    if config.fused_linear_cross_entropy and own_loss:
+        raise LoopError("fused_linear_cross_entropy computes the model's own loss; it cannot serve a "
+                        "compute_loss_func or label_smoothing_factor; set fused_linear_cross_entropy false")
+    # asked for: enable() refuses what it cannot serve; through `fast`: only where it applies
+    if not config.fused_linear_cross_entropy and not (config.fast and not own_loss
+                                                       and fused_loss.applies(run.unwrapped, where)):
         return False
-    fused_loss.enable(run.unwrapped, topology)
+    fused_loss.enable(run.unwrapped, where)
     return True
