@@ -155,6 +155,10 @@ class TrainConfig:
                                           "chunk by chunk, never materialising the logits, with the head's GEMMs on a "
                                           "vocabulary padded to a multiple of 64 (loop/fused_loss.py). Evaluation "
                                           "is unchanged.", group="loop")
+    dataset_on_device: bool = _f(False, "Collate the whole training set once and keep it on the accelerator; each "
+                                 "batch is cut from it there (same order and batches as the default loader, checked "
+                                 "on sample batches; no loader workers, no per-batch host copy). For map-style sets "
+                                 "up to 2 GiB collated; `fast` turns it on where it applies.", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
     def __post_init__(self):
@@ -317,10 +321,12 @@ class TrainConfig:
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
         if self.fast:
-            on.append("fast (torch_compile, fused_linear_cross_entropy where supported, DDP without "
-                      "find_unused_parameters, gradient_as_bucket_view)")
+            on.append("fast (torch_compile, fused_linear_cross_entropy and dataset_on_device where they apply, DDP "
+                      "without find_unused_parameters, gradient_as_bucket_view)")
         if self.fused_linear_cross_entropy:
             on.append("fused_linear_cross_entropy")
+        if self.dataset_on_device:
+            on.append("dataset_on_device")
         if self.param_groups:
             on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on

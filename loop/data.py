@@ -7,6 +7,7 @@ The train order comes from accelerate's SeedableRandomSampler (seed + epoch), wh
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -96,6 +97,10 @@ def _loader_kwargs(config, collator, batch_size):
 
 def train_loader(config, dataset, collator, accelerator, model_input_name="input_ids"):
     kw = _loader_kwargs(config, collator, config.per_device_train_batch_size)
+    table = on_device_table(config, dataset, collator, accelerator.device, model_input_name)
+    if table is not None:  # same sampler over positions; batches are cut from the table on the device
+        dataset = Positions(len(dataset))
+        kw.update(collate_fn=table, num_workers=0, pin_memory=False, persistent_workers=False, prefetch_factor=None)
     if not isinstance(dataset, IterableDataset):
         if config.train_sampling_strategy == "sequential":
             sampler = SequentialSampler(dataset)
@@ -120,3 +125,104 @@ def eval_loader(config, dataset, collator, accelerator):
         kw.update(sampler=SequentialSampler(dataset) if accelerator.num_processes <= 1 else None,
                   drop_last=config.dataloader_drop_last)
     return accelerator.prepare(DataLoader(dataset, **kw))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dataset_on_device: the training set collated once and kept on the accelerator. A loader over positions keeps the
+# sampler (so the order, the RNG draws and resume are the default loader's); its collate_fn cuts the batch out of the
+# table with one small index copy and an index_select on the device. No worker processes, no per-batch pickling, no
+# pinned staging, no host-to-device copy of the batch: for small models the loader's host time is most of the step.
+
+DEVICE_TABLE_MAX_BYTES = 2 * 2**30
+
+
+class Positions(torch.utils.data.Dataset):
+    """Stands in for the dataset in the loader: item i is the position i."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+    def __getitems__(self, positions):
+        return list(positions)
+
+
+class DeviceTable:
+    """collate_fn over positions: the rows of the collated table, sequence columns cut to the width the collator would
+    have padded this batch to (the longest row, rounded up to its pad_to_multiple_of; computed on the host)."""
+
+    def __init__(self, columns, lengths, multiple, seq_keys):
+        self.columns, self.lengths, self.multiple, self.seq_keys = columns, lengths, multiple, seq_keys
+
+    def __call__(self, positions):
+        rows = torch.as_tensor(positions)
+        index = rows.to(next(iter(self.columns.values())).device, non_blocking=True)
+        if self.lengths is None:
+            return {k: v.index_select(0, index) for k, v in self.columns.items()}
+        width = -(-int(self.lengths[rows].max()) // self.multiple) * self.multiple  # host tensors: no sync
+        return {k: (v[:, :width] if k in self.seq_keys else v).index_select(0, index) for k, v in self.columns.items()}
+
+
+def on_device_table(config, dataset, collator, device, main_input="input_ids"):
+    """A DeviceTable for `dataset` when dataset_on_device asks for it (or `fast`, where it applies), else None.
+    Asked for explicitly, a dataset it cannot serve is refused with the reason; under `fast` it is skipped."""
+    if not (config.dataset_on_device or config.fast):
+        return None
+    table, why = (None, "group_by_length samples by the dataset's lengths") \
+        if config.train_sampling_strategy == "group_by_length" else _build_table(dataset, collator, device, main_input)
+    if table is None and config.dataset_on_device:
+        raise LoopError(f"dataset_on_device: {why}; set dataset_on_device false")
+    return table
+
+
+def _build_table(dataset, collator, device, main_input):
+    if isinstance(dataset, IterableDataset) or not has_length(dataset):
+        return None, "the training set is iterable (no length); only a map-style dataset can be kept on the device"
+    n = len(dataset)
+    fetch = (lambda idx: dataset.__getitems__(idx)) if hasattr(dataset, "__getitems__") else \
+        (lambda idx: [dataset[i] for i in idx])
+    try:
+        sample = collator(fetch(list(range(min(n, 256)))))
+        estimate = sum(v.numel() * v.element_size() for v in sample.values()) * n / min(n, 256)
+    except Exception as e:  # noqa: BLE001 - reported as the reason
+        return None, f"the collator's batch is not a dict of tensors ({type(e).__name__}: {e})"
+    if estimate > DEVICE_TABLE_MAX_BYTES:  # before collating everything on the host
+        return None, f"the collated set would take about {estimate / 2**30:.1f} GiB (more than " \
+                     f"{DEVICE_TABLE_MAX_BYTES / 2**30:.0f})"
+    rows = fetch(list(range(n)))
+    try:
+        full = collator(rows)
+    except Exception as e:  # noqa: BLE001 - reported as the reason
+        return None, f"the collator cannot batch the whole set at once ({type(e).__name__}: {e})"
+    full = dict(full) if isinstance(full, Mapping) else full  # a BatchEncoding (tokenizer.pad) is a Mapping
+    if not isinstance(full, dict) or not all(torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n
+                                            for v in full.values()):
+        return None, "the collator's batch is not a dict of tensors with one row per example"
+    size = sum(v.numel() * v.element_size() for v in full.values())
+    if size > DEVICE_TABLE_MAX_BYTES:
+        return None, f"the collated set takes {size / 2**30:.1f} GiB (more than {DEVICE_TABLE_MAX_BYTES / 2**30:.0f})"
+    width = full[main_input].shape[1] if main_input in full and full[main_input].dim() >= 2 else None
+    seq_keys = {k for k, v in full.items() if v.dim() >= 2 and v.shape[1] == width}
+    lengths, multiple = None, 1
+    if width is not None and all(hasattr(r.get(main_input), "__len__") for r in rows[:1]):
+        lengths = torch.tensor([len(r[main_input]) for r in rows])
+        if collator([rows[int(lengths.argmin())]])[main_input].shape[1] == width:
+            lengths = None  # padded to a fixed width: every batch is the full width
+    if lengths is not None:  # padded to the batch's longest row
+        multiple = getattr(collator, "pad_to_multiple_of", None) or \
+            getattr(getattr(collator, "collator", None), "pad_to_multiple_of", None) or 1
+    table = DeviceTable({k: v.to(device) for k, v in full.items()}, lengths, multiple, seq_keys)
+    # the table must give exactly the collator's batches: checked on a few batches of random rows of every length
+    g = torch.Generator().manual_seed(0)
+    for size_ in (1, 7, 32, min(n, 256)):
+        pick = torch.randperm(n, generator=g)[:size_].tolist()
+        want, got = dict(collator([rows[i] for i in pick])), table(pick)
+        if want.keys() != got.keys() or not all(want[k].dtype == got[k].dtype and want[k].shape == got[k].shape
+                                                 and torch.equal(want[k], got[k].cpu()) for k in want):
+            return None, "the collator's batches depend on more than the rows' lengths (checked on sample batches)"
+    return table, None

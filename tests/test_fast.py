@@ -147,3 +147,74 @@ def test_fast_preset_end_to_end_matches_the_default_path(tmp_path, monkeypatch):
     # and training did run compiled, although earlier runs in this process were not (accelerate's process-wide
     # state used to keep the first run's setting)
     assert trained and set(trained) == {"OptimizedModule"}
+
+
+class RaggedText(torch.utils.data.Dataset):
+    """Token lists of 3..20 tokens (dynamic padding makes every batch a different width)."""
+
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = [torch.randint(1, 50, (int(k),), generator=g).tolist()
+                     for k in torch.randint(3, 21, (n,), generator=g)]
+        self.y = torch.randint(0, 3, (n,), generator=g).tolist()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "attention_mask": [1] * len(self.rows[i]), "labels": self.y[i]}
+
+
+def _train_cls(tmp_path, name, resume=None, data=None, collator=None, **overrides):
+    from tasks.text_classification import pad_collator
+
+    cfg = dict(output_dir=str(tmp_path / name), num_train_epochs=2, per_device_train_batch_size=5,
+               gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="steps",
+               save_steps=5, use_cpu=True, disable_tqdm=True, report_to="none", seed=3)
+    cfg.update(overrides)
+    return loop.train(TrainConfig(**cfg), tiny_bert_classifier(), train_dataset=data or RaggedText(47),
+                      data_collator=collator or pad_collator(4), resume_from_checkpoint=resume)
+
+
+def test_dataset_on_device_gives_the_default_loaders_batches_and_numbers_and_resumes_exactly(tmp_path, monkeypatch):
+    """The table cut per batch (width: the batch's longest row rounded to pad_to_multiple_of) must equal what the
+    collator makes of the sampled rows: same losses and grad norms to the bit, with dropout, over two epochs with a
+    partial last window, and a resume from a mid-epoch checkpoint."""
+    import loop.data
+
+    widths = []
+    cut = loop.data.DeviceTable.__call__
+    monkeypatch.setattr(loop.data.DeviceTable, "__call__",
+                        lambda self, p: (lambda b: widths.append(b["input_ids"].shape[1]) or b)(cut(self, p)))
+    plain = _train_cls(tmp_path, "plain")
+    assert not widths  # off by default
+    table = _train_cls(tmp_path, "table", dataset_on_device=True)
+    assert len(set(widths)) > 1 and all(w % 4 == 0 for w in widths)  # dynamic widths, as the collator pads
+    key = lambda r: (r["step"], r["loss"], r["grad_norm"])  # noqa: E731
+    a, b = [key(r) for r in plain.log_history if "loss" in r], [key(r) for r in table.log_history if "loss" in r]
+    assert len(a) == 10 and a == b
+    resumed = _train_cls(tmp_path, "table", resume=str(tmp_path / "table" / "checkpoint-5"), dataset_on_device=True)
+    assert [key(r) for r in resumed.log_history if "loss" in r][-5:] == a[-5:]
+
+
+def test_dataset_on_device_refuses_what_it_cannot_serve_and_fast_skips_it(tmp_path):
+    from tasks.text_classification import pad_collator
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(RaggedText(20))
+
+    with pytest.raises(LoopError, match="^dataset_on_device: the training set is iterable .*; set dataset_on_device"):
+        _train_cls(tmp_path, "stream", data=Stream(), max_steps=2, dataset_on_device=True)
+
+    def longest_first(features):  # depends on the other rows of the batch, not on each row's length
+        return pad_collator(4)(sorted(features, key=lambda f: -len(f["input_ids"])))
+
+    with pytest.raises(LoopError, match="batches depend on more than the rows' lengths"):
+        _train_cls(tmp_path, "sorted", collator=longest_first, max_steps=2, dataset_on_device=True)
+    assert not (tmp_path / "sorted" / "model.safetensors").exists()
+    # `fast` keeps the default loader where the table does not apply (compile off here: only the data path matters)
+    import loop.data
+
+    assert loop.data.on_device_table(TrainConfig(fast=True), RaggedText(9), longest_first, "cpu") is None
+    assert loop.data.on_device_table(TrainConfig(fast=True), RaggedText(9), pad_collator(4), "cpu") is not None
