@@ -159,6 +159,11 @@ class TrainConfig:
                                  "batch is cut from it there (same order and batches as the default loader, checked "
                                  "on sample batches; no loader workers, no per-batch host copy). For map-style sets "
                                  "up to 2 GiB collated; `fast` turns it on where it applies.", group="loop")
+    attention_backends: typing.Optional[str] = _f(
+        None, "The scaled_dot_product_attention kernels the model may use, a comma list of flash, efficient, cudnn, "
+        "math (torch.nn.attention.sdpa_kernel around every forward); None: PyTorch's choice. `fast` leaves out cudnn "
+        "when the batches vary in width (cuDNN builds a new plan per shape: most of the step for SST-2).",
+        group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
     def __post_init__(self):
@@ -187,6 +192,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 bad(f"{f.name}={value!r} is not supported{closest(str(value), choices)}; choose one of: {', '.join(choices)}")
+        if self.attention_backends is not None:
+            unknown = [n for n in self.attention_backends.split(",") if n not in ("flash", "efficient", "cudnn", "math")]
+            if unknown or not self.attention_backends:
+                bad(f"attention_backends={self.attention_backends!r}: {', '.join(unknown) or 'empty'} is not a kernel; "
+                    "write a comma list of flash, efficient, cudnn, math")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -327,6 +337,8 @@ class TrainConfig:
             on.append("fused_linear_cross_entropy")
         if self.dataset_on_device:
             on.append("dataset_on_device")
+        if self.attention_backends:
+            on.append(f"attention_backends {self.attention_backends}")
         if self.param_groups:
             on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on

