@@ -20,6 +20,15 @@ def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def reshard(model):
+    """FSDP2: put every module's parameter shards back in place. After a forward without backward (an evaluation) the
+    root keeps its parameters unsharded, as plain tensors in place of its DTensor shards (seen on a GPU: the EMA swap
+    that follows mixed the two). A no-op for any other model."""
+    for m in model.modules():
+        if hasattr(m, "reshard") and hasattr(m, "unshard"):  # an FSDPModule
+            m.reshard()
+
+
 class EMA:
     def __init__(self, model, decay: float, warmup: bool = False, start_step: int = 0, device=None):
         self.decay, self.warmup, self.start_step = decay, warmup, start_step
@@ -34,6 +43,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model, step: int):
         """Fold the current weights in after optimizer step number `step` (1-based)."""
+        if self.sharded:
+            reshard(model)
         weights = [p.detach() for p in _params(model)]
         if self.device != weights[0].device or weights[0].dtype != torch.float32:
             weights = [w.to(self.device, torch.float32) for w in weights]
@@ -46,6 +57,8 @@ class EMA:
     @torch.no_grad()
     def swap(self, model):
         """Exchange the model's weights with the EMA in place, one tensor at a time (call again to swap back)."""
+        if self.sharded:
+            reshard(model)
         for p, e in zip(_params(model), self.shadow):
             tmp = p.detach().clone()
             p.copy_(e)

@@ -102,7 +102,12 @@ def _predictions(run, outputs, ignore, has_loss=True):
 
 def evaluate_metrics(run, loader, prefix: str = "eval") -> dict:
     """The metrics of one evaluation during training (predictions only if compute_metrics reads them)."""
-    return evaluation_loop(run, loader, prefix).metrics
+    from .ema import reshard
+
+    metrics = evaluation_loop(run, loader, prefix).metrics
+    if run.accelerator.distributed_type.name == "FSDP":
+        reshard(run.unwrapped)  # shards back in place for whatever reads the parameters next (EMA, checkpoint)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- stand-alone

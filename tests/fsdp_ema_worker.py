@@ -52,8 +52,13 @@ saved = {k: v.clone() for k, v in ema.state_dict().items()}
 torch._foreach_mul_(ema.shadow, 0.0)
 ema.load_state_dict(load_file(path))
 assert all(torch.equal(ema.state_dict()[k], saved[k]) for k in saved)
-# swapped in (the final model's ema/ folder and eval_ema), the model holds the EMA; swapped back, its own weights
+# swapped in (the final model's ema/ folder and eval_ema), the model holds the EMA; swapped back, its own weights.
+# As in the loop, an evaluation forward comes first: FSDP2 leaves the root's parameters unsharded after it (seen on a
+# GPU: the swap then mixed plain tensors and DTensors)
 own = [p.full_tensor().clone() for p in sharded.parameters()]
+with torch.no_grad():
+    sharded.eval()
+    sharded(torch.randint(0, 64, (2, 8)))
 ema.swap(sharded)
 assert all(torch.equal(p.full_tensor(), e) for p, e in zip(sharded.parameters(), ema_ref.shadow))
 ema.swap(sharded)
