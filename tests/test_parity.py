@@ -138,3 +138,21 @@ def test_parity_detects_a_difference(tmp_path):
     got = loop.train(config, clone(model), LMData(20)).log_history
     with pytest.raises(AssertionError):
         assert_same(trainer.state.log_history, got)
+
+
+def test_head_that_ignores_num_items_inflates_the_loss_with_accumulation_on_both_sides(tmp_path):
+    """transformers#47688: BERT's classification head declares **kwargs but ignores num_items_in_batch, so Trainer does
+    not divide its per-batch mean by the accumulation length: with GA 2 the logged loss (and the gradient) is twice the
+    GA 1 loss of the same 8 rows. The loop does the same by default (parity). Setting `model.accepts_loss_kwargs = False`
+    makes both sides average over the window (README: Parity with Trainer)."""
+    def first_loss(model, batch, ga, name):
+        expected, got = run_both(tmp_path / name, model, ClsData(16), max_steps=1, learning_rate=0.0,
+                                 per_device_train_batch_size=batch, gradient_accumulation_steps=ga)
+        assert_same(expected, got)
+        return got[0]["loss"]
+
+    one = first_loss(tiny_bert_classifier(dropout=0.0), 8, 1, "ga1")
+    assert abs(first_loss(tiny_bert_classifier(dropout=0.0), 4, 2, "ga2") - 2 * one) <= 1e-6 * one
+    fixed = tiny_bert_classifier(dropout=0.0)
+    fixed.accepts_loss_kwargs = False
+    assert abs(first_loss(fixed, 4, 2, "ga2-fixed") - one) <= 1e-6 * one
