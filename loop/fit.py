@@ -28,7 +28,8 @@ from .data import default_collator, eval_loader, has_length, prepare_dataset, tr
 from .errors import LoopError
 from .evaluation import evaluate_metrics
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
-from .run import Run, attention_context, call_model_init, place_model, plain, require_config, start, topology, use_fused_loss
+from .run import (Run, attention_context, call_model_init, compile_settings, place_model, plain, require_config,
+                  start, topology, use_fused_loss)
 from .telemetry import Telemetry
 
 
@@ -147,6 +148,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     main_input = getattr(model, "main_input_name", "input_ids")
     run.loader = train_loader(config, train_ds, train_collate, acc, main_input)
     run.attention = attention_context(config, run.loader.device_table)
+    compile_settings(run, run.loader.device_table)
     run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
     run.plan = plan = make_plan(config, run.loader)
 

@@ -231,13 +231,39 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
 
 def attention_context(config, device_table=None):
     """The context every forward runs in: torch.nn.attention.sdpa_kernel(attention_backends), or nothing. `fast`
-    leaves cuDNN attention out when the training batches vary in width (a device table with per-row lengths):
-    cuDNN builds an execution plan for every new shape, which took most of an SST-2 step's host time (README)."""
+    leaves cuDNN attention out when the training batches vary in width (see widths_vary)."""
     names = config.attention_backends
-    if names is None and config.fast and getattr(device_table, "lengths", None) is not None:
+    if names is None and config.fast and widths_vary(device_table):
         names = "flash,efficient,math"
     if not names:
         return contextlib.nullcontext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return functools.partial(sdpa_kernel, [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names.split(",")])
+
+
+def widths_vary(device_table) -> bool:
+    """Training batches of varying width (dynamic padding), as the device table knows them. Two settings of `fast`
+    follow from it. cuDNN attention builds an execution plan for every new shape, which took most of an SST-2 step's
+    host time (README), so it is left out. torch.compile would compile the first width statically and recompile with
+    dynamic shapes at the second (two full compilations; 39 s + 53 s for MiniLM on a CPU), so it compiles with
+    dynamic shapes from the start (compile_dynamic_shapes)."""
+    return getattr(device_table, "lengths", None) is not None
+
+
+def compile_settings(run, device_table):
+    """Under torch_compile, before prepare(): what the device table tells about the batches, used so that the model
+    compiles once. With `fast` and varying widths: torch.compile(dynamic=True) (see widths_vary). And
+    transformers' sequence-classification heads set config.problem_type at their first forward (from num_labels and
+    the labels' dtype); under torch.compile that mutation fails a guard and the whole model is compiled a second time.
+    It is set beforehand by the same rule from the table's labels, so the first forward finds it set."""
+    if not run.config.torch_compile or device_table is None:
+        return
+    plugin = getattr(run.accelerator.state, "dynamo_plugin", None)
+    if run.config.fast and widths_vary(device_table) and plugin is not None:
+        plugin.dynamic = True
+    config, labels = getattr(run.unwrapped, "config", None), device_table.columns.get("labels")
+    if labels is not None and hasattr(config, "problem_type") and config.problem_type is None \
+            and type(run.unwrapped).__name__.endswith("ForSequenceClassification"):
+        config.problem_type = "regression" if config.num_labels == 1 else "single_label_classification" \
+            if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
