@@ -115,13 +115,13 @@ def cmd_bench(argv) -> int:
         os.remove(path)
         summary, shape = got["summary"], got["shape"]
         rate, tokens = summary["steady_steps_per_second"], summary["steady_tokens_per_second"]
-        seq = tokens / rate / (config.per_device_train_batch_size * config.gradient_accumulation_steps) if rate else None
+        rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world  # all ranks
+        seq = tokens / rate / rows_per_step if rate else None
         peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in got["device"]), None)
         flops = flops_per_token(shape, seq) if seq else None
         rows.append({"side": name, "device": got["device"], "ms_per_step": 1000 / rate if rate else None,
                      "tokens_per_second": tokens,
-                     "samples_per_second": rate * config.per_device_train_batch_size * config.gradient_accumulation_steps
-                     if rate else None,
+                     "samples_per_second": rate * rows_per_step if rate else None,
                      "mfu": flops * tokens / world / (peak * 1e12) if peak and flops and tokens else None,
                      "peak_memory_gb": summary["peak_memory_gb"], "final_loss": summary["train_loss"],
                      "eval_s": summary.get("eval_runtime_s"), "features": got.get("features"),

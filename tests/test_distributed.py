@@ -169,6 +169,9 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
     trainer, ours = report["sides"]
     assert trainer["processes"] == ours["processes"] == 2
     assert ours["tokens_per_second_per_device"] == ours["tokens_per_second"] / 2
+    # rows of 128 tokens: samples/s counts both processes' rows, and the attention term uses T = 128, not 2 x 128
+    assert abs(ours["samples_per_second"] * 128 - ours["tokens_per_second"]) <= 1e-6 * ours["tokens_per_second"]
+    assert ours["flops_per_token"] == 6 * ours["params"] + 12 * 2 * 2 * 32 * 128  # tiny-gpt2: L 2, H 2, Q 32
     assert trainer["final_loss"] == ours["final_loss"]
     assert "on 2 x cpu" in proc.stdout
 

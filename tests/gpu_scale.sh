@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Scaling past two GPUs (issue 12). Run from the repo root on a machine with 4 or 8 GPUs, the project importable
+# (PYTHONPATH=$PWD) and, for ZeRO, DeepSpeed's wheel installed. Each part fits one 10-minute device call on 8 H200s.
+#
+#   bash tests/gpu_scale.sh dp    OUTDIR   # GPT-2 124M (vocabulary 50257, 16x1024 packed tokens per GPU, bf16), the
+#                                          # loop's fast path, under DDP and FSDP2 on 1, 2, 4, 8 GPUs: tokens/s per
+#                                          # GPU and scaling efficiency = tokens/s at N / (N x tokens/s at 1)
+#   bash tests/gpu_scale.sh xl    OUTDIR   # a GPT-2-XL-shaped 1.5B model under FSDP2, ZeRO-2 and ZeRO-3 on 4 and 8
+#                                          # GPUs: tokens/s per GPU and peak memory per GPU
+#   bash tests/gpu_scale.sh nodes OUTDIR   # two "nodes" of G/2 GPUs on this host (machine_rank 0 and 1, main process
+#                                          # 127.0.0.1) against one node of G: the same per-step losses (fp32,
+#                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
+#   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote
+#
+# GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), STEPS (default 40) and EXTRA (more job
+# arguments for every run, e.g. a smaller model and --use_cpu true for a dry run on CPU processes) can be set.
+# Exits non-zero when a run fails or the two-node losses differ; a missed scaling target is reported, not failed.
+set -uo pipefail
+what=$1; out=$2; mkdir -p "$out"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+GPUS=${GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
+STEPS=${STEPS:-40}
+read -r -a EXTRA <<< "${EXTRA:-}"
+declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3)
+XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
+fail=0
+
+bench() {  # bench NAME TOPOLOGY N [bench arguments]: one `loop bench` run into $out/NAME (bench.json)
+  local name=$1 t=$2 n=$3; shift 3
+  echo "== $name: $t on $n GPU(s)"  # 1 GPU runs the topology's own code path too: efficiency measures scaling only
+  accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes "$n" --main_process_port 29571 \
+    -m loop bench --workload gpt2-124m --steps "$STEPS" "$@" "${EXTRA[@]}" --output_dir "$out/$name" \
+    > "$out/$name.log" 2>&1 || { echo "$name: FAILED (exit $?; out of memory?)"; tail -5 "$out/$name.log"; fail=1; return; }
+  grep -A3 '^side' "$out/$name.log"
+}
+
+case $what in
+dp)
+  for t in ddp fsdp2; do
+    for n in ${SIZES:-1 2 4 8}; do
+      [ "$n" -le "$GPUS" ] && bench "dp-$t-$n" $t $n --sides loop-fast
+    done
+  done ;;
+xl)
+  for t in fsdp2 zero2 zero3; do
+    for n in ${SIZES:-4 8}; do
+      [ "$n" -le "$GPUS" ] && bench "xl-$t-$n" $t $n --sides loop --model_config "$XL" --per_device_train_batch_size 4
+    done
+  done ;;
+nodes)
+  half=$((GPUS / 2)); first=$(seq -s, 0 $((half - 1))); second=$(seq -s, $half $((GPUS - 1)))
+  JOB=(--config tasks/configs/gpt2_124m.yaml --disable_tqdm --bf16 false --logging_steps 1 --max_docs 300
+       --dataloader_num_workers 0 --max_steps 30 --per_device_train_batch_size 4 --eval_strategy no
+       --save_strategy no --model_config '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
+       "vocab_size": 50257, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}' "${EXTRA[@]}")
+  accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" tests/gpu_worker.py \
+    "${JOB[@]}" --output_dir "$out/one-node" > "$out/one-node.log" 2>&1 || { echo "one node: FAILED"; fail=1; }
+  for r in 0 1; do
+    devices=$first; [ $r = 1 ] && devices=$second
+    CUDA_VISIBLE_DEVICES=$devices accelerate launch --config_file launch_configs/multi_node.yaml \
+      --num_processes "$GPUS" --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 \
+      --main_process_port 29581 tests/gpu_worker.py "${JOB[@]}" --output_dir "$out/two-nodes" \
+      > "$out/two-nodes-$r.log" 2>&1 &
+  done
+  wait || true
+  python - "$out" <<'PY' || fail=1
+import json, statistics, sys
+out = sys.argv[1]
+a, b = ([r for r in json.load(open(f"{out}/{d}/result.json")) if "loss" in r] for d in ("one-node", "two-nodes"))
+worst = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in ("loss", "grad_norm"))
+rate = lambda rows: statistics.median(r["loop/tokens_per_second"] for r in rows[5:] if "loop/tokens_per_second" in r)
+ok = len(a) == len(b) == 30 and worst <= 1e-6
+print(f"two nodes vs one node: {len(b)} logged steps, max rel diff (loss, grad_norm) {worst:.2e} (tolerance 1e-6) -> "
+      f"{'OK' if ok else 'FAILED'}; tokens/s (fp32, median after step 5): one node {rate(a):,.0f}, two nodes "
+      f"{rate(b):,.0f} ({100 * (rate(b) / rate(a) - 1):+.1f}%)")
+json.dump({"max_rel_diff": worst, "one_node_tokens_per_second": rate(a), "two_nodes_tokens_per_second": rate(b)},
+          open(f"{out}/nodes.json", "w"))
+sys.exit(0 if ok else 1)
+PY
+  ;;
+table)
+  python - "$out" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+gb = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731 (no peak memory on a CPU)
+runs = {}
+for path in glob.glob(f"{out}/*/bench.json"):
+    report = json.load(open(path))
+    side = report["sides"][0]
+    runs[os.path.basename(os.path.dirname(path))] = (report["device"], side)
+if not runs:
+    sys.exit("no bench.json under " + out)
+print(f"device: {next(iter(runs.values()))[0]}\n")
+print("| GPT-2 124M, loop-fast | GPUs | tokens/s (all) | tokens/s per GPU | scaling efficiency | peak GB per GPU |")
+print("|---|---|---|---|---|---|")
+for t, target in (("ddp", 0.95), ("fsdp2", 0.90)):
+    one = runs.get(f"dp-{t}-1")
+    for n in (1, 2, 4, 8):
+        if f"dp-{t}-{n}" not in runs:
+            continue
+        s = runs[f"dp-{t}-{n}"][1]
+        eff = s["tokens_per_second"] / (n * one[1]["tokens_per_second"]) if one else None
+        mark = "" if eff is None or n == 1 else (" (target %d%%: %s)" % (100 * target, "met" if eff >= target else "MISSED"))
+        print(f"| {t} | {n} | {s['tokens_per_second']:,.0f} | {s['tokens_per_second'] / n:,.0f} | "
+              f"{'-' if eff is None else f'{100 * eff:.1f}%'}{mark} | {gb(s['peak_memory_gb'])} |")
+print("\n| 1.5B GPT-2-XL shape, loop | GPUs | tokens/s per GPU | peak GB per GPU |")
+print("|---|---|---|---|")
+for t in ("fsdp2", "zero2", "zero3"):
+    for n in (1, 2, 4, 8):
+        if f"xl-{t}-{n}" in runs:
+            s = runs[f"xl-{t}-{n}"][1]
+            print(f"| {t} | {n} | {s['tokens_per_second'] / n:,.0f} | {gb(s['peak_memory_gb'])} |")
+PY
+  ;;
+*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table OUTDIR"; exit 2 ;;
+esac
+exit $fail
