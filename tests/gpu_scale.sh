@@ -18,7 +18,7 @@
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-GPUS=${GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
+GPUS=${GPUS:-$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}
 STEPS=${STEPS:-40}
 read -r -a EXTRA <<< "${EXTRA:-}"
 declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3)
