@@ -125,7 +125,12 @@ class _FusedLoss:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         if ignore_index != IGNORE_INDEX:
             shift_labels = torch.where(shift_labels == ignore_index, IGNORE_INDEX, shift_labels)
-        return linear_cross_entropy(logits, self.head.weight, shift_labels, num_items_in_batch)
+        weight = self.head.weight
+        if hasattr(weight, "placements"):  # a DTensor shard: the head is an FSDP unit of its own, resharded by now
+            raise LoopError("fused_linear_cross_entropy needs the output layer in the root FSDP unit (as accelerate's "
+                            "TRANSFORMER_BASED_WRAP leaves it), not wrapped on its own; change the wrap policy or set "
+                            "fused_linear_cross_entropy false")
+        return linear_cross_entropy(logits, weight, shift_labels, num_items_in_batch)
 
 
 def _refusal(model, distributed_type: str):
@@ -139,8 +144,8 @@ def _refusal(model, distributed_type: str):
         why = f"it supports causal LMs of type {', '.join(SUPPORTED)} (this model: {model_type or type(model).__name__})"
     elif head.bias is not None or head.in_features == head.out_features:
         why = "the model's output layer has a bias or a square weight"
-    elif distributed_type in ("FSDP", "DEEPSPEED_ZERO3"):
-        why = "under FSDP and ZeRO-3 the head's weight is sharded outside its module's forward"
+    elif distributed_type == "DEEPSPEED_ZERO3":  # FSDP2: the loss runs inside the root's forward, weights unsharded
+        why = "under ZeRO-3 the head's weight is a placeholder outside its module's forward"
     return why
 
 
