@@ -6,6 +6,8 @@
 #   bash tests/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
 #   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast
 #   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
+#   bash tests/gpu_speed.sh profile OUTDIR  # tests/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
+# SST2_SIDES picks the SST-2 runs among default eager-fast fast fast-graphs (default: default eager-fast fast).
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -24,6 +26,7 @@ sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), 
       default) extra=() ;;
       eager-fast) extra=(--dataset_on_device true --attention_backends flash,efficient,math) ;;  # `fast` minus compile
       fast) extra=(--fast true) ;;
+      fast-graphs) extra=(--fast true --torch_compile_mode reduce-overhead) ;;  # one dynamic compile, a graph per width
     esac
     timeout ${SST2_TIMEOUT:-300} python -m loop train --config tasks/configs/sst2_minilm.yaml \
       --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
@@ -36,5 +39,13 @@ parity)
     '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}' \
     --gradient_accumulation_steps 1 --max_steps 100 --logging_steps 1 --eval_strategy no --trainer_runs 2 \
     --disable_tqdm --output_dir "$out/parity" 2>&1 | grep -v '^{' | tail -25 ;;
-*) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity OUTDIR"; exit 2 ;;
+profile)  # where the small models' steps go: tiny BERT with CUDA graphs, SST-2 under fast (compiling takes a while)
+  timeout 240 python tests/profile_step.py "$out/prof-tiny-bert" --workload tiny-bert --sides loop --fast true \
+    --torch_compile_mode reduce-overhead --attention_backends flash,efficient,math > "$out/prof-tiny-bert.txt" 2>&1
+  grep -v '^{' "$out/prof-tiny-bert.txt" | grep -A40 '^===' | cut -c1-300
+  timeout 300 python tests/profile_step.py "$out/prof-sst2" --config tasks/configs/sst2_minilm.yaml \
+    --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
+    --sides loop --fast true > "$out/prof-sst2.txt" 2>&1
+  grep -v '^{' "$out/prof-sst2.txt" | grep -A40 '^===' | cut -c1-300 ;;
+*) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity|profile OUTDIR"; exit 2 ;;
 esac
