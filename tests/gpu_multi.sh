@@ -34,12 +34,15 @@ ref, run, name, tol = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 A, B = json.load(open(f"{ref}/result.json")), json.load(open(f"{run}/result.json"))
 a, b = [r for r in A if "loss" in r], [r for r in B if "loss" in r]
 keys = ("loss", "grad_norm")
-worst = max((abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in keys), default=1.0)
+diffs = [(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12), x["step"], k) for x, y in zip(a, b) for k in keys]
+worst, at, key = max(diffs, default=(1.0, None, None))
+first = next(((st, k) for d, st, k in diffs if d > 0), None)  # where the runs start to differ, if they do
 ea, eb = [r["eval_ema_loss"] for r in A if "eval_ema_loss" in r], [r["eval_ema_loss"] for r in B if "eval_ema_loss" in r]
 ema_worst = max((abs(x - y) / abs(x) for x, y in zip(ea, eb)), default=0.0)
 ok = len(a) == len(b) > 0 and [x["step"] for x in a] == [y["step"] for y in b] and worst <= tol
 ok = ok and len(ea) == len(eb) and ema_worst <= tol
-print(f"{name}: {len(b)} logged steps, max rel diff (loss, grad_norm) {worst:.2e}, eval_ema_loss {ema_worst:.2e} "
+print(f"{name}: {len(b)} logged steps, max rel diff (loss, grad_norm) {worst:.2e} (step {at} {key}; first difference "
+      f"{'none' if first is None else f'at step {first[0]} {first[1]}'}), eval_ema_loss {ema_worst:.2e} "
       f"over {len(eb)} evals (tolerance {tol:g}) -> {'OK' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
