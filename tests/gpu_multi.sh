@@ -41,8 +41,8 @@ ea, eb = [r["eval_ema_loss"] for r in A if "eval_ema_loss" in r], [r["eval_ema_l
 ema_worst = max((abs(x - y) / abs(x) for x, y in zip(ea, eb)), default=0.0)
 ok = len(a) == len(b) > 0 and [x["step"] for x in a] == [y["step"] for y in b] and worst <= tol
 ok = ok and len(ea) == len(eb) and ema_worst <= tol
-print(f"{name}: {len(b)} logged steps, max rel diff (loss, grad_norm) {worst:.2e} (step {at} {key}; first difference "
-      f"{'none' if first is None else f'at step {first[0]} {first[1]}'}), eval_ema_loss {ema_worst:.2e} "
+where = "" if first is None else f" (largest at step {at} {key}; first difference at step {first[0]} {first[1]})"
+print(f"{name}: {len(b)} logged steps, max rel diff (loss, grad_norm) {worst:.2e}{where}, eval_ema_loss {ema_worst:.2e} "
       f"over {len(eb)} evals (tolerance {tol:g}) -> {'OK' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 PY
