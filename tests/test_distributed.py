@@ -17,10 +17,11 @@ def _run(cmd, env=None):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("two_process_options", [[], ["fused_linear_cross_entropy=true",
-                                                     "ddp_find_unused_parameters=false"]], ids=["default", "fused"])
+@pytest.mark.parametrize("two_process_options", [[], ["fused_linear_cross_entropy=true", "dataset_on_device=true",
+                                                     "ddp_find_unused_parameters=false"]], ids=["default", "fast-parts"])
 def test_two_processes_match_one_with_double_batch(tmp_path, two_process_options):
-    """DDP equivalence; with the fused loss and DDP without find_unused_parameters too (what `fast` adds)."""
+    """DDP equivalence; with the fused loss, the training set on the device (each rank cuts its own share of the
+    batches from it) and DDP without find_unused_parameters too (what `fast` adds)."""
     worker = os.path.join(HERE, "ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     _run([sys.executable, worker, str(tmp_path / "one"), "4"], env)
