@@ -247,7 +247,7 @@ def widths_vary(device_table) -> bool:
     follow from it. cuDNN attention builds an execution plan for every new shape, which took most of an SST-2 step's
     host time (README), so it is left out. torch.compile would compile the first width statically and recompile with
     dynamic shapes at the second (two full compilations; 39 s + 53 s for MiniLM on a CPU), so it compiles with
-    dynamic shapes from the start (compile_dynamic_shapes)."""
+    dynamic shapes from the start (compile_settings)."""
     return getattr(device_table, "lengths", None) is not None
 
 
