@@ -66,14 +66,25 @@ case $what in
 resume)
   for t in ${*:-ddp fsdp2 zero2 zero3}; do
     ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
-    launch=(accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2} tests/gpu_worker.py
-            "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 4 --gradient_accumulation_steps 2
-            --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
+    acc=(accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2})
+    worker=(tests/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 4
+            --gradient_accumulation_steps 2 --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
+    launch=("${acc[@]}" --main_process_port 29590 "${worker[@]}")
     start=$(date +%s)
-    "${launch[@]}" --output_dir "$out/$t-ref" > "$out/$t-ref.log" 2>&1 || { echo "$t: reference run FAILED"; tail -25 "$out/$t-ref.log"; fail=1; continue; }
+    # the uninterrupted reference (twice with SPREAD=1) and the run killed after step 7 share the GPUs, at once:
+    # launch start-up is most of each run's time, and 124M fits several times over
+    "${acc[@]}" --main_process_port 29591 "${worker[@]}" --output_dir "$out/$t-ref" > "$out/$t-ref.log" 2>&1 &
+    ref=$!
+    [ "${SPREAD:-0}" = 1 ] && { "${acc[@]}" --main_process_port 29592 "${worker[@]}" --output_dir "$out/$t-ref2" \
+                                  > "$out/$t-ref2.log" 2>&1 & }
+    KILL_AFTER_STEP=7 "${acc[@]}" --main_process_port 29593 "${worker[@]}" --output_dir "$out/$t-run" \
+      > "$out/$t-kill.log" 2>&1 &
+    kill_pid=$!
+    wait $kill_pid
+    wait $ref || { echo "$t: reference run FAILED"; tail -25 "$out/$t-ref.log"; fail=1; wait; continue; }
+    wait  # the second reference
     tol=1e-6
     if [ "${SPREAD:-0}" = 1 ]; then  # the uninterrupted run's own run-to-run spread on this machine
-      "${launch[@]}" --output_dir "$out/$t-ref2" > "$out/$t-ref2.log" 2>&1
       spread=$(python - "$out/$t-ref" "$out/$t-ref2" <<'PY'
 import json, sys
 a, b = ([r for r in json.load(open(f"{d}/result.json")) if "loss" in r] for d in sys.argv[1:])
@@ -83,7 +94,6 @@ PY
       echo "$t: two uninterrupted runs differ by up to ${spread} (relative); tolerance max(1e-6, that)"
       tol=$(python -c "print(max(1e-6, float('${spread:-0}')))")
     fi
-    KILL_AFTER_STEP=7 "${launch[@]}" --output_dir "$out/$t-run" > "$out/$t-kill.log" 2>&1
     [ -e "$out/$t-run/model.safetensors" ] && { echo "$t: a killed run left a final model"; fail=1; }
     KILL_IN_SAVE_AT_STEP=9 "${launch[@]}" --output_dir "$out/$t-run" --resume_from_checkpoint latest > "$out/$t-kill-in-save.log" 2>&1
     [ -e "$out/$t-run/checkpoint-9" ] && { echo "$t: a checkpoint killed mid-save looks complete"; fail=1; }
