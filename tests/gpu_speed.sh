@@ -13,8 +13,10 @@ what=$1; out=$2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 show() { grep -v '^{' | grep -v 'it/s\]' | grep -A14 -E '^(loop bench|verdict|side|step)' ; }
 case $what in
-gpt2)
-  python -m loop bench --workload gpt2-124m --steps 100 --output_dir "$out/gpt2" 2>&1 | show ;;
+gpt2)  # then the fast path without cuDNN attention (masked efficient attention instead), to see which is faster
+  python -m loop bench --workload gpt2-124m --steps 100 --output_dir "$out/gpt2" 2>&1 | show
+  python -m loop bench --workload gpt2-124m --steps 100 --sides loop-fast --attention_backends flash,efficient,math \
+    --output_dir "$out/gpt2-no-cudnn" 2>&1 | show ;;
 bert)
   python -m loop bench --workload tiny-bert --steps 300 --output_dir "$out/tiny-bert" 2>&1 | show
   python -m loop bench --workload tiny-bert --steps 300 --sides loop-fast --torch_compile_mode reduce-overhead \
