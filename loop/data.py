@@ -211,7 +211,7 @@ def _build_table(dataset, collator, device, main_input):
     width = full[main_input].shape[1] if main_input in full and full[main_input].dim() >= 2 else None
     seq_keys = {k for k, v in full.items() if v.dim() >= 2 and v.shape[1] == width}
     lengths, multiple = None, 1
-    if width is not None and all(hasattr(r.get(main_input), "__len__") for r in rows[:1]):
+    if width is not None and isinstance(rows[0], Mapping) and hasattr(rows[0].get(main_input), "__len__"):
         lengths = torch.tensor([len(r[main_input]) for r in rows])
         if collator([rows[int(lengths.argmin())]])[main_input].shape[1] == width:
             lengths = None  # padded to a fixed width: every batch is the full width
@@ -226,5 +226,7 @@ def _build_table(dataset, collator, device, main_input):
         want, got = dict(collator([rows[i] for i in pick])), table(pick)
         if want.keys() != got.keys() or not all(want[k].dtype == got[k].dtype and want[k].shape == got[k].shape
                                                  and torch.equal(want[k], got[k].cpu()) for k in want):
+            if width is not None and not isinstance(rows[0], Mapping):
+                return None, f"the batches vary in width and the rows are not dicts with a {main_input} to measure"
             return None, "the collator's batches depend on more than the rows' lengths (checked on sample batches)"
     return table, None
