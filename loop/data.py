@@ -227,6 +227,7 @@ def _build_table(dataset, collator, device, main_input):
         if want.keys() != got.keys() or not all(want[k].dtype == got[k].dtype and want[k].shape == got[k].shape
                                                  and torch.equal(want[k], got[k].cpu()) for k in want):
             if width is not None and not isinstance(rows[0], Mapping):
-                return None, f"the batches vary in width and the rows are not dicts with a {main_input} to measure"
+                return None, (f"the batches vary in width and the rows are not dicts holding a `{main_input}` "
+                              "sequence to measure")
             return None, "the collator's batches depend on more than the rows' lengths (checked on sample batches)"
     return table, None

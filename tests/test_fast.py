@@ -217,6 +217,20 @@ def test_dataset_on_device_refuses_what_it_cannot_serve_and_fast_skips_it(tmp_pa
     import loop.data
 
     assert loop.data.on_device_table(TrainConfig(fast=True), RaggedText(9), longest_first, "cpu") is None
+
+    class Pairs(torch.utils.data.Dataset):  # rows as tuples: their lengths cannot be read
+        def __len__(self):
+            return 9
+
+        def __getitem__(self, i):
+            return RaggedText(9)[i]["input_ids"], i % 3
+
+    def pairs(rows):
+        return pad_collator(4)([{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in rows])
+
+    assert loop.data.on_device_table(TrainConfig(fast=True), Pairs(), pairs, "cpu") is None
+    with pytest.raises(LoopError, match="rows are not dicts holding a `input_ids` sequence"):
+        loop.data.on_device_table(TrainConfig(dataset_on_device=True), Pairs(), pairs, "cpu")
     assert loop.data.on_device_table(TrainConfig(fast=True), RaggedText(9), pad_collator(4), "cpu") is not None
 
 
