@@ -114,7 +114,7 @@ def evaluate_metrics(run, loader, prefix: str = "eval") -> dict:
 def _inference_run(config, model, dataset, data_collator, processing_class, compute_metrics,
                    preprocess_logits_for_metrics, compute_loss_func, what):
     from .data import default_collator, eval_loader, prepare_dataset
-    from .run import Run, place_model, start
+    from .run import Run, attention_context, place_model, start
 
     if dataset is None:
         raise LoopError(f"{what} needs a dataset")
@@ -125,6 +125,7 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
     ds, collate = prepare_dataset(dataset, default_collator(data_collator, processing_class), model, config,
                                   run.label_names, what)
     loader = eval_loader(config, ds, collate, acc)
+    run.attention = attention_context(config)  # attention_backends, as in training
     run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     return run, loader

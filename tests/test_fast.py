@@ -247,3 +247,29 @@ def test_fast_with_varying_widths_compiles_once_with_dynamic_shapes_and_keeps_th
     assert counters["stats"]["unique_graphs"] - before == 1
     a, b = ([r["loss"] for r in h.log_history if "loss" in r] for h in (plain, fast))
     assert len(a) == len(b) == 6 and all(abs(x - y) <= 1e-5 * x for x, y in zip(a, b)), (a, b)
+
+
+def test_attention_backends_hold_in_training_evaluation_and_loop_evaluate(tmp_path, monkeypatch):
+    """attention_backends limits the SDPA kernels around every forward: training, evaluation during training and
+    loop.evaluate (the spy reads the backend switches each call sees). A bad name is refused with one line."""
+    import torch.backends.cuda as sdp
+
+    seen, plain_sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(), sdp.cudnn_sdp_enabled(),
+                     sdp.math_sdp_enabled()))
+        return plain_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_gpt2()
+    model.config._attn_implementation = "sdpa"
+    _train(tmp_path, "math", model, attention_backends="math", max_steps=3)
+    config = TrainConfig(output_dir=str(tmp_path / "ev"), use_cpu=True, report_to="none", disable_tqdm=True,
+                         attention_backends="efficient,math")
+    n = len(seen)
+    loop.evaluate(config, model, LMData(8))
+    assert n > 6 and set(seen[:n]) == {(False, False, False, True)}
+    assert set(seen[n:]) == {(False, True, False, True)}
+    with pytest.raises(LoopError, match="attention_backends='flash,cudnnn': cudnnn is not a kernel"):
+        TrainConfig(attention_backends="flash,cudnnn")
