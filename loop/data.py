@@ -182,6 +182,14 @@ def on_device_table(config, dataset, collator, device, main_input="input_ids"):
     return table
 
 
+def _nbytes(batch) -> int:
+    return sum(v.numel() * v.element_size() for v in batch.values())
+
+
+def _too_big(nbytes, verb) -> str:
+    return f"the collated set {verb} {nbytes / 2**30:.1f} GiB (more than {DEVICE_TABLE_MAX_BYTES / 2**30:.0f})"
+
+
 def _build_table(dataset, collator, device, main_input):
     if isinstance(dataset, IterableDataset) or not has_length(dataset):
         return None, "the training set is iterable (no length); only a map-style dataset can be kept on the device"
@@ -189,13 +197,11 @@ def _build_table(dataset, collator, device, main_input):
     fetch = (lambda idx: dataset.__getitems__(idx)) if hasattr(dataset, "__getitems__") else \
         (lambda idx: [dataset[i] for i in idx])
     try:
-        sample = collator(fetch(list(range(min(n, 256)))))
-        estimate = sum(v.numel() * v.element_size() for v in sample.values()) * n / min(n, 256)
+        estimate = _nbytes(collator(fetch(list(range(min(n, 256)))))) * n / min(n, 256)
     except Exception as e:  # noqa: BLE001 - reported as the reason
         return None, f"the collator's batch is not a dict of tensors ({type(e).__name__}: {e})"
     if estimate > DEVICE_TABLE_MAX_BYTES:  # before collating everything on the host
-        return None, f"the collated set would take about {estimate / 2**30:.1f} GiB (more than " \
-                     f"{DEVICE_TABLE_MAX_BYTES / 2**30:.0f})"
+        return None, _too_big(estimate, "would take about")
     rows = fetch(list(range(n)))
     try:
         full = collator(rows)
@@ -205,9 +211,8 @@ def _build_table(dataset, collator, device, main_input):
     if not isinstance(full, dict) or not all(torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n
                                             for v in full.values()):
         return None, "the collator's batch is not a dict of tensors with one row per example"
-    size = sum(v.numel() * v.element_size() for v in full.values())
-    if size > DEVICE_TABLE_MAX_BYTES:
-        return None, f"the collated set takes {size / 2**30:.1f} GiB (more than {DEVICE_TABLE_MAX_BYTES / 2**30:.0f})"
+    if _nbytes(full) > DEVICE_TABLE_MAX_BYTES:
+        return None, _too_big(_nbytes(full), "takes")
     width = full[main_input].shape[1] if main_input in full and full[main_input].dim() >= 2 else None
     seq_keys = {k for k, v in full.items() if v.dim() >= 2 and v.shape[1] == width}
     lengths, multiple = None, 1
@@ -221,8 +226,8 @@ def _build_table(dataset, collator, device, main_input):
     table = DeviceTable({k: v.to(device) for k, v in full.items()}, lengths, multiple, seq_keys)
     # the table must give exactly the collator's batches: checked on a few batches of random rows of every length
     g = torch.Generator().manual_seed(0)
-    for size_ in (1, 7, 32, min(n, 256)):
-        pick = torch.randperm(n, generator=g)[:size_].tolist()
+    for count in (1, 7, 32, min(n, 256)):
+        pick = torch.randperm(n, generator=g)[:count].tolist()
         want, got = dict(collator([rows[i] for i in pick])), table(pick)
         if want.keys() != got.keys() or not all(want[k].dtype == got[k].dtype and want[k].shape == got[k].shape
                                                  and torch.equal(want[k], got[k].cpu()) for k in want):
