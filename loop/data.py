@@ -211,8 +211,9 @@ def _build_table(dataset, collator, device, main_input):
     if not isinstance(full, dict) or not all(torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n
                                             for v in full.values()):
         return None, "the collator's batch is not a dict of tensors with one row per example"
-    if _nbytes(full) > DEVICE_TABLE_MAX_BYTES:
-        return None, _too_big(_nbytes(full), "takes")
+    size = _nbytes(full)
+    if size > DEVICE_TABLE_MAX_BYTES:
+        return None, _too_big(size, "takes")
     width = full[main_input].shape[1] if main_input in full and full[main_input].dim() >= 2 else None
     seq_keys = {k for k, v in full.items() if v.dim() >= 2 and v.shape[1] == width}
     lengths, multiple = None, 1
