@@ -15,18 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from .run import reshard
+
 
 def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def reshard(model):
-    """FSDP2: put every module's parameter shards back in place. After a forward without backward (an evaluation) the
-    root keeps its parameters unsharded, as plain tensors in place of its DTensor shards (seen on a GPU: the EMA swap
-    that follows mixed the two). A no-op for any other model."""
-    for m in model.modules():
-        if hasattr(m, "reshard") and hasattr(m, "unshard"):  # an FSDPModule
-            m.reshard()
 
 
 class EMA:

@@ -102,7 +102,7 @@ def _predictions(run, outputs, ignore, has_loss=True):
 
 def evaluate_metrics(run, loader, prefix: str = "eval") -> dict:
     """The metrics of one evaluation during training (predictions only if compute_metrics reads them)."""
-    from .ema import reshard
+    from .run import reshard
 
     metrics = evaluation_loop(run, loader, prefix).metrics
     if run.accelerator.distributed_type.name == "FSDP":

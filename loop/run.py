@@ -84,6 +84,15 @@ def plain(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def reshard(model):
+    """FSDP2: put every module's parameter shards back in place. After a forward without backward (an evaluation) the
+    root keeps its parameters unsharded, as plain tensors in place of its DTensor shards (seen on a GPU: the EMA swap
+    that follows mixed the two). A no-op for any other model."""
+    for m in model.modules():
+        if hasattr(m, "reshard") and hasattr(m, "unshard"):  # an FSDPModule
+            m.reshard()
+
+
 def _takes(fn, name) -> bool:
     try:
         params = inspect.signature(fn).parameters
