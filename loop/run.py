@@ -240,7 +240,8 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
 
 def attention_context(config, device_table=None):
     """The context every forward runs in: torch.nn.attention.sdpa_kernel(attention_backends), or nothing. `fast`
-    leaves cuDNN attention out when the training batches vary in width (see widths_vary)."""
+    leaves cuDNN attention out when the training batches vary in width: cuDNN builds an execution plan for every new
+    shape, which took most of an SST-2 step's host time (README)."""
     names = config.attention_backends
     if names is None and config.fast and widths_vary(device_table):
         names = "flash,efficient,math"
@@ -252,17 +253,14 @@ def attention_context(config, device_table=None):
 
 
 def widths_vary(device_table) -> bool:
-    """Training batches of varying width (dynamic padding), as the device table knows them. Two settings of `fast`
-    follow from it. cuDNN attention builds an execution plan for every new shape, which took most of an SST-2 step's
-    host time (README), so it is left out. torch.compile would compile the first width statically and recompile with
-    dynamic shapes at the second (two full compilations; 39 s + 53 s for MiniLM on a CPU), so it compiles with
-    dynamic shapes from the start (compile_settings)."""
+    """Training batches of varying width (dynamic padding), as the device table knows them."""
     return getattr(device_table, "lengths", None) is not None
 
 
 def compile_settings(run, device_table):
     """Under torch_compile, before prepare(): what the device table tells about the batches, used so that the model
-    compiles once. With `fast` and varying widths: torch.compile(dynamic=True) (see widths_vary). And
+    compiles once. With `fast` and varying widths: torch.compile(dynamic=True); by default it compiles the first width
+    statically and everything again with dynamic shapes at the second (39 s + 53 s for MiniLM on a CPU). And
     transformers' sequence-classification heads set config.problem_type at their first forward (from num_labels and
     the labels' dtype); under torch.compile that mutation fails a guard and the whole model is compiled a second time.
     It is set beforehand by the same rule from the table's labels, so the first forward finds it set."""
