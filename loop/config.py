@@ -149,8 +149,8 @@ class TrainConfig:
         group="loop")
     fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
                     "supports it (causal LMs), dataset_on_device where it applies (when batch widths vary: cuDNN "
-                    "attention left out, compiled once with dynamic shapes), and DDP without find_unused_parameters (unless set) with gradients as "
-                    "bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
+                    "attention left out, compiled once with dynamic shapes), and DDP without "
+                    "find_unused_parameters (unless set) with gradients as bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
                     group="loop")
     fused_linear_cross_entropy: bool = _f(False, "Causal LMs: compute the training loss from the last hidden states "
                                           "chunk by chunk, never materialising the logits, with the head's GEMMs on a "
