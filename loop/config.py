@@ -149,7 +149,8 @@ class TrainConfig:
         group="loop")
     fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
                     "supports it (causal LMs), dataset_on_device where it applies (when batch widths vary: cuDNN "
-                    "attention left out, compiled once with dynamic shapes), and DDP without "
+                    "attention left out, compiled once with dynamic shapes), cuda_graph_step where it applies (one "
+                    "CUDA process), and DDP without "
                     "find_unused_parameters (unless set) with gradients as bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
                     group="loop")
     fused_linear_cross_entropy: bool = _f(False, "Causal LMs: compute the training loss from the last hidden states "
@@ -165,6 +166,10 @@ class TrainConfig:
         "math (torch.nn.attention.sdpa_kernel around every forward); None: PyTorch's choice. `fast` leaves out cudnn "
         "when the batches vary in width (cuDNN builds a new plan per shape: most of the step for SST-2).",
         group="loop")
+    cuda_graph_step: typing.Optional[bool] = _f(None, "Record the whole optimizer step (forward, backward, clip, optimizer) as one "
+                               "CUDA graph per batch shape and replay it: the first two windows of a shape run eagerly, "
+                               "the third is recorded. One CUDA process, not fp16, torch's Adam family. None: on under `fast` "
+                               "where it applies; false: off even under fast (loop/graph_step.py).", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
     def __post_init__(self):
@@ -247,6 +252,9 @@ class TrainConfig:
                 bad(f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps ({self.eval_steps})")
         if self.save_strategy == "best" and self.eval_strategy == "no":
             bad("save_strategy='best' needs evaluation: set eval_strategy to steps or epoch")
+        if self.cuda_graph_step and self.torch_compile_mode in ("reduce-overhead", "max-autotune"):
+            bad(f"torch_compile_mode {self.torch_compile_mode} records CUDA graphs of its own; use the default mode "
+                "with cuda_graph_step, or set cuda_graph_step false")
         if self.save_strategy == "best" and self.metric_for_best_model is None:
             self.metric_for_best_model, self.greater_is_better = "loss", False
         if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
@@ -332,12 +340,15 @@ class TrainConfig:
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
         if self.fast:
-            on.append("fast (torch_compile, fused_linear_cross_entropy and dataset_on_device where they apply, DDP "
+            on.append("fast (torch_compile, fused_linear_cross_entropy, dataset_on_device and cuda_graph_step where they "
+                      "apply, DDP "
                       "without find_unused_parameters, gradient_as_bucket_view)")
         if self.fused_linear_cross_entropy:
             on.append("fused_linear_cross_entropy")
         if self.dataset_on_device:
             on.append("dataset_on_device")
+        if self.cuda_graph_step:
+            on.append("cuda_graph_step")
         if self.attention_backends:
             on.append(f"attention_backends {self.attention_backends}")
         if self.param_groups:

@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data import default_collator, eval_loader, has_length, prepare_dataset, train_loader
 from .errors import LoopError
 from .evaluation import evaluate_metrics
+from .graph_step import use_graph_step
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .run import (Run, attention_context, call_model_init, compile_settings, place_model, plain, require_config,
                   start, topology, use_fused_loss)
@@ -162,6 +163,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
+    use_graph_step(run, custom_step=optimizer_step is not None)
     if config.ema_decay > 0:
         if topology(acc) == "DEEPSPEED_ZERO3":
             raise LoopError("ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "

@@ -114,23 +114,47 @@ def track_loss(run, loss: torch.Tensor, batch):
     run.count_batch(batch)
 
 
-def apply_gradients(run) -> torch.Tensor:
-    """Clip, step the optimizer, the schedule and the EMA, zero the gradients. Returns the pre-clip grad norm."""
-    acc, cfg = run.accelerator, run.config
+def clip_and_step(run) -> torch.Tensor:
+    """Clip and step the optimizer; returns the pre-clip grad norm. Device work only (a CUDA graph can hold it)."""
+    cfg = run.config
     # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
-    grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    run.note_nonfinite(grad_norm)
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(),
+                                                cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
     run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
+    return grad_norm
+
+
+def finish_step(run, grad_norm):
+    """After the optimizer stepped: watch the grad norm, note the lr, step the schedule and the EMA, zero the grads."""
+    run.note_nonfinite(grad_norm)
     run.last_lr = current_lr(run.scheduler, run.optimizer)  # the lr this step used, as Trainer logs it
     if run.group_names:
         run.last_group_lrs = group_lrs(run.scheduler, run.optimizer)
-    if not acc.optimizer_step_was_skipped:
+    if not run.accelerator.optimizer_step_was_skipped:
         if not is_plateau(run.scheduler):  # ReduceLROnPlateau steps on the eval metric instead
             run.scheduler.step()
         if run.ema is not None:
             run.ema.update(run.model, run.state.global_step + 1)
     run.model.zero_grad()
+
+
+def apply_gradients(run) -> torch.Tensor:
+    """Clip, step the optimizer, the schedule and the EMA, zero the gradients. Returns the pre-clip grad norm."""
+    grad_norm = clip_and_step(run)
+    finish_step(run, grad_norm)
     return grad_norm
+
+
+def forward_backward(run, window) -> list[torch.Tensor]:
+    """Forward and backward every micro-batch of `window`; returns their scaled losses (detached, on device)."""
+    num_items = window_item_count(run, window)
+    losses = []
+    for i, batch in enumerate(window):
+        with grad_sync(run, sync=i == len(window) - 1):  # gradients are all-reduced on the last micro-batch only
+            loss = micro_batch_loss(run, batch, num_items, len(window))
+            run.accelerator.backward(loss)
+        losses.append(loss.detach())
+    return losses
 
 
 def optimizer_step(run, window) -> torch.Tensor:
@@ -139,10 +163,6 @@ def optimizer_step(run, window) -> torch.Tensor:
     The window's loss is added to run.tr_loss on device; nothing here waits for the device.
     """
     run.model.train()
-    num_items = window_item_count(run, window)
-    for i, batch in enumerate(window):
-        with grad_sync(run, sync=i == len(window) - 1):  # gradients are all-reduced on the last micro-batch only
-            loss = micro_batch_loss(run, batch, num_items, len(window))
-            run.accelerator.backward(loss)
+    for loss, batch in zip(forward_backward(run, window), window):
         track_loss(run, loss, batch)
     return apply_gradients(run)

@@ -7,6 +7,8 @@
 #   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast
 #   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
 #   bash tests/gpu_speed.sh profile OUTDIR  # tests/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
+#   bash tests/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: same losses as the eager step (tiny BERT, fp32 and
+#                                           # bf16), then its speed (tiny BERT) and the SST-2 job under fast
 # SST2_SIDES picks the SST-2 runs among default eager-fast fast fast-graphs (default: default eager-fast fast).
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
@@ -35,6 +37,15 @@ sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), 
       --disable_tqdm true "${extra[@]}" --output_dir "$out/sst2-$side" > "$out/sst2-$side.log" 2>&1
     echo "sst2 $side: exit $?"
     grep -E '"(eval_accuracy|train_runtime)"' "$out/sst2-$side/metrics.jsonl" | cut -c1-200
+    python - "$out/sst2-$side/metrics.jsonl" <<'PY'  # where the run's time went: first steps vs steady state
+import json, statistics, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+t = [(r["step"], r["loop/step_time"]) for r in recs if "loop/step_time" in r]
+if t:
+    steady = [v for s, v in t if s > t[0][0] * 10]
+    print(f"first record (step {t[0][0]}): {t[0][1] * 1000:.1f} ms/step; steady median "
+          f"{statistics.median(steady) * 1000:.2f} ms/step over {len(steady)} records")
+PY
   done ;;
 parity)
   python -m loop compare --config tasks/configs/gpt2_124m.yaml --model_config \
@@ -49,5 +60,34 @@ profile)  # where the small models' steps go: tiny BERT with CUDA graphs, SST-2 
     --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
     --sides loop --fast true > "$out/prof-sst2.txt" 2>&1
   grep -v '^{' "$out/prof-sst2.txt" | grep -A40 '^===' | cut -c1-300 ;;
-*) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity|profile OUTDIR"; exit 2 ;;
+graphs)  # per-step losses and grad norms of the compiled eager and the recorded step (tiny BERT, dropout on, a
+  # warm-up then linear schedule: the learning rate reaches the recorded optimizer), then the speed
+  mapfile -t job < <(python -c "from loop.bench import WORKLOADS; print(chr(10).join(WORKLOADS['tiny-bert']))")
+  fail=0
+  for prec in fp32 bf16; do
+    for side in eager graphs; do
+      extra=(--torch_compile true --dataset_on_device true --cuda_graph_step $([ $side = graphs ] && echo true || echo false))
+      timeout 200 python -m loop train "${job[@]}" --max_steps ${CHECK_STEPS:-60} --logging_steps 1 --disable_tqdm true \
+        --bf16 $([ $prec = bf16 ] && echo true || echo false) --lr_scheduler_type linear --warmup_steps 10 \
+        "${extra[@]}" --output_dir "$out/check-$prec-$side" > "$out/check-$prec-$side.log" 2>&1 \
+        || { echo "check $prec $side failed:"; tail -3 "$out/check-$prec-$side.log"; fail=1; }
+    done
+    python - "$out/check-$prec-eager/metrics.jsonl" "$out/check-$prec-graphs/metrics.jsonl" $prec <<'PY' || fail=1
+import json, sys
+logs = [[json.loads(l) for l in open(p)] for p in sys.argv[1:3]]
+a, b = ([(r["loss"], r["grad_norm"]) for r in h if "loss" in r and "grad_norm" in r] for h in logs)
+rel = lambda x, y: abs(x - y) / max(abs(x), 1e-12)
+d = [max(rel(x[0], y[0]), rel(x[1], y[1])) for x, y in zip(a, b)]
+worst = max(d) if d else float("nan")
+first = next((i + 1 for i, v in enumerate(d) if v > 0), None)
+print(f"graphs vs eager, {sys.argv[3]}: {len(a)}/{len(b)} steps, max rel diff {worst:.2e}, first differing step {first}")
+sys.exit(0 if len(a) == len(b) > 0 and worst <= (1e-5 if sys.argv[3] == "fp32" else 2e-2) else 1)
+PY
+  done
+  [ "${CHECK_ONLY:-0}" = 1 ] && exit $fail
+  python -m loop bench --workload tiny-bert --steps 300 --sides loop-fast --output_dir "$out/tiny-bert" 2>&1 | show
+  python -m loop bench --workload tiny-bert --steps 300 --sides loop-fast --cuda_graph_step false \
+    --output_dir "$out/tiny-bert-no-graphs" 2>&1 | show
+  exit $fail ;;
+*) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs OUTDIR"; exit 2 ;;
 esac

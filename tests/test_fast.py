@@ -273,3 +273,73 @@ def test_attention_backends_hold_in_training_evaluation_and_loop_evaluate(tmp_pa
     assert set(seen[n:]) == {(False, True, False, True)}
     with pytest.raises(LoopError, match="attention_backends='flash,cudnnn': cudnnn is not a kernel"):
         TrainConfig(attention_backends="flash,cudnnn")
+
+
+def test_graph_step_bookkeeping_trains_like_the_eager_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """cuda_graph_step's host side, on CPU: the recorded body runs on the graph's own input buffers (record=False, no
+    CUDA graph), so the shape keys, the buffer copies, the warm-up-then-replay order, the logged loss and the
+    schedule/EMA tail must give the eager step's numbers to the bit: dynamic widths, accumulation 2 with a partial last
+    window, dropout, EMA, two epochs, and a resume from a mid-epoch checkpoint. (The graphs themselves are checked on
+    a GPU: tests/gpu_speed.sh graphs.)"""
+    import loop.graph_step as gs
+
+    made = []
+    monkeypatch.setattr(gs, "why_not", lambda run, custom_step: None)
+    monkeypatch.setattr(gs, "WARMUP", 1)  # record at a shape's second window: more replays in a short run
+    real = gs.GraphStep
+    monkeypatch.setattr(gs, "GraphStep", lambda run: made.append(real(run, record=False)) or made[-1])
+    common = dict(dataset_on_device=True, ema_decay=0.9, num_train_epochs=4, save_steps=10)
+    plain = _train_cls(tmp_path, "plain", **common)
+    graphed = _train_cls(tmp_path, "graphed", cuda_graph_step=True, **common)
+    step = made[-1]
+    assert len(step.graphs) >= 2 and sum(step.seen.values()) < 10  # several shapes, most steps replayed
+    key = lambda r: (r["step"], r["loss"], r["grad_norm"], r["learning_rate"])  # noqa: E731
+    a, b = [key(r) for r in plain.log_history if "loss" in r], [key(r) for r in graphed.log_history if "loss" in r]
+    assert len(a) == 20 and a == b
+    from safetensors.torch import load_file
+
+    ema = [load_file(str(tmp_path / name / "ema" / "model.safetensors")) for name in ("plain", "graphed")]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    resumed = _train_cls(tmp_path, "graphed", resume=str(tmp_path / "graphed" / "checkpoint-10"), cuda_graph_step=True,
+                         **common)
+    assert [key(r) for r in resumed.log_history if "loss" in r][-10:] == a[-10:]
+
+
+
+def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips_it(tmp_path):
+    from types import SimpleNamespace
+
+    import loop.graph_step as gs
+    from loop.step import optimizer_step
+
+    with pytest.raises(LoopError, match="^cuda_graph_step needs a CUDA device .*; set cuda_graph_step false$"):
+        _train_cls(tmp_path, "cpu", max_steps=1, cuda_graph_step=True)
+    assert not (tmp_path / "cpu" / "model.safetensors").exists()
+    with pytest.raises(LoopError, match="torch_compile_mode reduce-overhead records CUDA graphs of its own"):
+        TrainConfig(cuda_graph_step=True, torch_compile_mode="reduce-overhead")
+    # `fast` on a CPU keeps the eager step
+    from tasks.text_classification import pad_collator
+
+    run = loop.fit.build(TrainConfig(output_dir=str(tmp_path / "f"), fast=True, use_cpu=True, report_to="none"),
+                         model=tiny_bert_classifier(), model_init=None, train_dataset=RaggedText(9), eval_dataset=None,
+                         data_collator=pad_collator(4), compute_metrics=None, callbacks=[], processing_class=None,
+                         preprocess_logits_for_metrics=None, compute_loss_func=None, optimizers=(None, None),
+                         optimizer_cls_and_kwargs=None, optimizer_step=None)
+    assert run.step_fn is optimizer_step
+
+    def fake(device="cuda", procs=1, precision="bf16", optimizer=None, **cfg):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = optimizer or torch.optim.AdamW([p], fused=False)
+        config = SimpleNamespace(mixed_precision=precision, torch_compile_mode=None, gradient_checkpointing=False,
+                                 **{"torch_compile": True, **cfg})
+        return SimpleNamespace(config=config, optimizer=opt, loader=SimpleNamespace(device_table=object()),
+                               accelerator=SimpleNamespace(device=torch.device(device), num_processes=procs))
+
+    assert gs.why_not(fake(), custom_step=False) is None
+    for run, says in ((fake(), "not a custom optimizer_step"), (fake(procs=2), "runs on one process"),
+                      (fake(precision="fp16"), "fp16's loss scaler"), (fake(torch_compile=False), "compiled model"),
+                      (SimpleNamespace(**{**vars(fake()), "loader": SimpleNamespace(device_table=None)}),
+                       "needs the training set on the device"),
+                      (fake(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)),
+                       "SGD cannot: use optim adamw_torch_fused")):
+        assert says in gs.why_not(run, custom_step=says.startswith("not a custom"))
