@@ -150,7 +150,7 @@ class TrainConfig:
     fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
                     "supports it (causal LMs), dataset_on_device where it applies (when batch widths vary: cuDNN "
                     "attention left out, compiled once with dynamic shapes), cuda_graph_step where it applies (one "
-                    "CUDA process, the training set on the device), and DDP without "
+                    "CUDA process, compiled, the training set on the device), and DDP without "
                     "find_unused_parameters (unless set) with gradients as bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
                     group="loop")
     fused_linear_cross_entropy: bool = _f(False, "Causal LMs: compute the training loss from the last hidden states "
@@ -168,8 +168,8 @@ class TrainConfig:
         group="loop")
     cuda_graph_step: typing.Optional[bool] = _f(None, "Record the whole optimizer step (forward, backward, clip, optimizer) as one "
                                "CUDA graph per batch shape and replay it: the first two windows of a shape run eagerly, "
-                               "the third is recorded. One CUDA process, with torch_compile and dataset_on_device, not fp16, "
-                               "torch's Adam family. None: on under `fast` "
+                               "the third is recorded. One CUDA process, not fp16, torch's Adam family, no pinned host "
+                               "batches; verified with torch_compile and dataset_on_device. None: on under `fast` "
                                "where it applies; false: off even under fast (loop/graph_step.py).", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 

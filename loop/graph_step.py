@@ -20,11 +20,13 @@ offsets. On an H100 (tiny BERT, dropout, a changing lr) the losses and grad norm
 to the bit for the first 10 steps in bf16, then drift as GPU runs do (atomic adds). transformers drops an all-ones
 attention mask only when it can look at it (a host sync), never while a graph records, so a recorded step keeps it.
 A capture that fails stops the run with one line (CUDA's random generator is left mid-capture, so not even an eager
-step could follow). Applies with the training set on the device (dataset_on_device: with host-loader batches the
-capture failed on an H100, not yet explained), to the compiled model (torch_compile: eager PyTorch's cuBLASLt
-GEMM-with-bias fails inside a capture on an H100), on one CUDA process, without fp16's loss scaler, with an optimizer
-that can step inside a graph (torch's Adam family: `capturable`), not with gradient checkpointing or a compile mode
-that records graphs itself.
+step could follow). Verified on an H100 with the compiled model and the training set on the device (dataset_on_device);
+that is where `fast` turns it on. Two captures failed there, both fed by the host loader, whose pin-memory thread makes
+CUDA calls while the graph records (CUDA's default capture mode forbids that from any thread): the compiled step, and
+eager PyTorch's fused GEMM-with-bias (cuBLASLt). So pinned host batches are refused; an eager model, or host batches
+without pinning, may be asked for and are unverified. Not with fp16's loss scaler, an optimizer that cannot step
+inside a graph (torch's Adam family can: `capturable`), gradient checkpointing or a compile mode that records graphs
+itself, and on one CUDA process only.
 """
 
 from __future__ import annotations
@@ -52,13 +54,10 @@ def why_not(run, custom_step: bool) -> str | None:
     if acc.num_processes > 1:
         return ("cuda_graph_step runs on one process (the gradient all-reduce is not recorded); set cuda_graph_step "
                 "false under DDP, FSDP or DeepSpeed")
-    if not config.torch_compile:
-        return ("cuda_graph_step records the compiled model (eager PyTorch's fused GEMM with bias, through cuBLASLt, "
-                "fails inside a capture on an H100); set torch_compile true (fast does), or cuda_graph_step false")
-    if getattr(run.loader, "device_table", None) is None:
-        return ("cuda_graph_step needs the training set on the device (dataset_on_device): with batches from the "
-                "host loader its capture failed on an H100 (not yet explained); set dataset_on_device true, or "
-                "cuda_graph_step false")
+    if getattr(run.loader, "device_table", None) is None and config.dataloader_pin_memory:
+        return ("cuda_graph_step with pinned host batches: the DataLoader's pin-memory thread makes CUDA calls while "
+                "the graph records, and such captures failed on an H100; set dataset_on_device true (or "
+                "dataloader_pin_memory false), or cuda_graph_step false")
     if config.mixed_precision == "fp16":
         return ("cuda_graph_step cannot record fp16's loss scaler (it decides on the host whether to step); use bf16 "
                 "or set cuda_graph_step false")
@@ -82,9 +81,10 @@ def use_graph_step(run, custom_step: bool) -> bool:
     if not (config.cuda_graph_step or config.fast and config.cuda_graph_step is None):
         return False
     reason = why_not(run, custom_step)
-    if reason is not None:
-        if config.cuda_graph_step:
-            raise LoopError(reason)
+    if reason is not None and config.cuda_graph_step:
+        raise LoopError(reason)
+    verified = run.loader.device_table is not None and config.torch_compile  # where it ran on a GPU
+    if reason is not None or not (config.cuda_graph_step or verified):  # `fast` takes it only where verified
         return False
     run.step_fn = GraphStep(run)
     return True
@@ -195,8 +195,8 @@ class GraphStep:
             # a failed capture leaves CUDA's random generator mid-capture: eager steps cannot go on in this process
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoopError(f"cuda_graph_step could not record the training step at step {run.state.global_step + 1} "
-                            f"({first}; a host sync or a recompilation inside the step does this); set "
-                            "cuda_graph_step false") from None
+                            f"({first}; a host sync or a recompilation inside the step does this; verified on an "
+                            "H100 with torch_compile and dataset_on_device); set cuda_graph_step false") from None
         finally:
             for g, f in zip(groups, floats):
                 g["lr"] = f

@@ -9,7 +9,8 @@
 #   bash tests/gpu_speed.sh profile OUTDIR  # tests/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
 #   bash tests/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses against the eager step's, within its own
 #                                           # run-to-run spread (tiny BERT, fp32, bf16), then the speed (tiny BERT)
-# SST2_SIDES picks the SST-2 runs among default eager-fast fast fast-graphs (default: default eager-fast fast).
+# SST2_SIDES picks the SST-2 runs among default eager-fast fast fast-graphs eager-graphs (default: default eager-fast
+# fast); eager-graphs records the uncompiled step (no compile time; unverified on a GPU).
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -30,7 +31,8 @@ sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), 
       default) extra=() ;;
       eager-fast) extra=(--dataset_on_device true --attention_backends flash,efficient,math) ;;  # `fast` minus compile
       fast) extra=(--fast true) ;;
-      fast-graphs) extra=(--fast true --torch_compile_mode reduce-overhead) ;;  # one dynamic compile, a graph per width
+      fast-graphs) extra=(--fast true --cuda_graph_step false --torch_compile_mode reduce-overhead) ;;  # compile's graphs
+      eager-graphs) extra=(--dataset_on_device true --attention_backends flash,efficient,math --cuda_graph_step true) ;;
     esac
     timeout ${SST2_TIMEOUT:-300} python -m loop train --config tasks/configs/sst2_minilm.yaml \
       --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \

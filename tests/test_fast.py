@@ -306,7 +306,7 @@ def test_graph_step_bookkeeping_trains_like_the_eager_step_and_resumes_exactly(t
 
 
 
-def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips_it(tmp_path):
+def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips_it(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     import loop.graph_step as gs
@@ -331,15 +331,24 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
         p = torch.nn.Parameter(torch.zeros(2))
         opt = optimizer or torch.optim.AdamW([p], fused=False)
         config = SimpleNamespace(mixed_precision=precision, torch_compile_mode=None, gradient_checkpointing=False,
-                                 **{"torch_compile": True, **cfg})
+                                 **{"dataloader_pin_memory": True, **cfg})
         return SimpleNamespace(config=config, optimizer=opt, loader=SimpleNamespace(device_table=object()),
                                accelerator=SimpleNamespace(device=torch.device(device), num_processes=procs))
 
     assert gs.why_not(fake(), custom_step=False) is None
+    unpinned = fake(dataloader_pin_memory=False)
+    unpinned.loader.device_table = None
+    assert gs.why_not(unpinned, custom_step=False) is None  # asked for: allowed (unverified on a GPU) ...
     for run, says in ((fake(), "not a custom optimizer_step"), (fake(procs=2), "runs on one process"),
-                      (fake(precision="fp16"), "fp16's loss scaler"), (fake(torch_compile=False), "compiled model"),
+                      (fake(precision="fp16"), "fp16's loss scaler"), 
                       (SimpleNamespace(**{**vars(fake()), "loader": SimpleNamespace(device_table=None)}),
-                       "needs the training set on the device"),
+                       "with pinned host batches"),
                       (fake(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)),
                        "SGD cannot: use optim adamw_torch_fused")):
         assert says in gs.why_not(run, custom_step=says.startswith("not a custom"))
+    # ... but `fast` takes it only where it was verified: compiled, batches cut from the device table
+    monkeypatch.setattr(gs, "GraphStep", lambda run: "graphed")  # no CUDA stream to make on a CPU
+    for table, compiled, taken in ((object(), True, True), (None, True, False), (object(), False, False)):
+        run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled)
+        run.loader.device_table = table
+        assert gs.use_graph_step(run, custom_step=False) is taken
