@@ -352,3 +352,24 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
         run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled)
         run.loader.device_table = table
         assert gs.use_graph_step(run, custom_step=False) is taken
+
+
+def test_graph_step_feeds_the_schedule_to_the_recorded_optimizer_through_its_lr_tensors():
+    """A recorded optimizer reads its learning rates from tensors; the scheduler keeps plain floats (no sync when
+    logging them), and before every replay the current floats are filled into those tensors, per group."""
+    from types import SimpleNamespace
+
+    import loop.graph_step as gs
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (step + 1))
+    step = gs.GraphStep(SimpleNamespace(optimizer=opt), record=False)
+    step.lrs, step.filled = [torch.tensor(1.0), torch.tensor(0.5)], [1.0, 0.5]
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        step._fill_lrs()
+        assert [float(t) for t in step.lrs] == [float(torch.tensor(g["lr"])) for g in opt.param_groups]  # fp32
+        assert all(type(g["lr"]) is float for g in opt.param_groups) and type(sched.get_last_lr()[0]) is float
+    assert [float(t) for t in step.lrs] == [1 / 4, 0.5 / 4]
