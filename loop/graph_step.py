@@ -111,8 +111,8 @@ class GraphStep:
         self.graphs: dict = {}
         self.seen = collections.Counter()
         self.pool = None
-        # warm-ups and captures run on one side stream: cuBLAS sets up its workspace per stream, and a capture on a
-        # stream whose GEMMs never ran eagerly fails (CUBLAS_STATUS_EXECUTION_FAILED, seen on an H100)
+        # warm-ups and captures share one side stream (as torch's make_graphed_callables warms up on a side stream):
+        # what cuBLAS/cuDNN set up per stream exists before the capture instead of being made inside it
         self.stream = torch.cuda.Stream() if record else None
         self.lrs = None  # the tensors the recorded optimizer reads its learning rates from
         self.filled: list = []
