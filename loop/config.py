@@ -38,6 +38,14 @@ def _f(default, help: str, group: str = "trainer", note: str = "", choices=None)
     return field(default=default, metadata=meta)
 
 
+def compile_records_graphs(config) -> str | None:
+    """Why cuda_graph_step cannot go with this compile mode (it records CUDA graphs itself), or None."""
+    if config.torch_compile_mode in ("reduce-overhead", "max-autotune"):
+        return (f"torch_compile_mode {config.torch_compile_mode} records CUDA graphs of its own; use the default "
+                "mode with cuda_graph_step, or set cuda_graph_step false")
+    return None
+
+
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- Trainer group: what is trained, how long
@@ -253,9 +261,8 @@ class TrainConfig:
                 bad(f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps ({self.eval_steps})")
         if self.save_strategy == "best" and self.eval_strategy == "no":
             bad("save_strategy='best' needs evaluation: set eval_strategy to steps or epoch")
-        if self.cuda_graph_step and self.torch_compile_mode in ("reduce-overhead", "max-autotune"):
-            bad(f"torch_compile_mode {self.torch_compile_mode} records CUDA graphs of its own; use the default mode "
-                "with cuda_graph_step, or set cuda_graph_step false")
+        if self.cuda_graph_step and (conflict := compile_records_graphs(self)):
+            bad(conflict)
         if self.save_strategy == "best" and self.metric_for_best_model is None:
             self.metric_for_best_model, self.greater_is_better = "loss", False
         if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":

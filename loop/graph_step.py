@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .config import compile_records_graphs
 from .errors import LoopError
 from .step import clip_and_step, finish_step, forward_backward, optimizer_step, track_loss
 
@@ -54,7 +55,7 @@ def why_not(run, custom_step: bool) -> str | None:
     if acc.num_processes > 1:
         return ("cuda_graph_step runs on one process (the gradient all-reduce is not recorded); set cuda_graph_step "
                 "false under DDP, FSDP or DeepSpeed")
-    if getattr(run.loader, "device_table", None) is None and config.dataloader_pin_memory:
+    if run.loader.device_table is None and config.dataloader_pin_memory:
         return ("cuda_graph_step with pinned host batches: the DataLoader's pin-memory thread makes CUDA calls while "
                 "the graph records, and such captures failed on an H100; set dataset_on_device true (or "
                 "dataloader_pin_memory false), or cuda_graph_step false")
@@ -65,9 +66,8 @@ def why_not(run, custom_step: bool) -> str | None:
         return (f"cuda_graph_step needs an optimizer that can step inside a CUDA graph (torch's Adam family, "
                 f"`capturable`); {type(getattr(opt, 'optimizer', opt)).__name__} cannot: use optim adamw_torch_fused "
                 "or set cuda_graph_step false")
-    if config.torch_compile_mode in ("reduce-overhead", "max-autotune"):
-        return (f"torch_compile_mode {config.torch_compile_mode} records CUDA graphs of its own; use the default "
-                "mode with cuda_graph_step, or set cuda_graph_step false")
+    if conflict := compile_records_graphs(config):
+        return conflict
     if config.gradient_checkpointing:
         return ("gradient_checkpointing re-runs forwards with saved RNG states, which a CUDA graph cannot record; "
                 "set cuda_graph_step false")
