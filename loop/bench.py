@@ -4,7 +4,8 @@
     loop bench --config JOB [...]           (any job file; --<field> VALUE overrides as in `loop train`)
 
 Per side: ms per optimizer step, tokens/s and samples/s (steady state: the first steps are excluded as warm-up),
-MFU, peak device memory and the final training loss. Writes <output_dir>/bench.json and bench.png.
+MFU, peak device memory, train_loss (the mean over the run) and the last logged loss. Writes
+<output_dir>/bench.json (with each side's logged loss curve) and bench.png.
 
 MFU = (6 N + 12 L H Q T) x tokens/s / peak FLOP/s: N all parameters, L layers, H heads, Q head size, T tokens per row
 (the attention term of PaLM's appendix B); peak 989 TFLOP/s bf16 on an H100/H200 (--peak_tflops to set another).
@@ -106,14 +107,16 @@ def cmd_bench(argv) -> int:
         if world > 1:  # a fresh rendezvous per side: rank 0's child hosts it on its own port (not torchrun's store)
             env.update(TORCHELASTIC_USE_AGENT_STORE="False",
                        MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + i))
-        proc = subprocess.run([sys.executable, "-m", "loop", "bench", *argv, "--_side", name, "--_result", path],
-                              env=env)
+        # the child takes the same --steps (argv already ends with this process's --max_steps; the child appends its own)
+        proc = subprocess.run([sys.executable, "-m", "loop", "bench", *argv, "--steps", str(steps or 100),
+                               "--_side", name, "--_result", path], env=env)
         if proc.returncode != 0:
             raise LoopError(f"the {name} side of `loop bench` failed (exit {proc.returncode}); see its output above")
         with open(path) as f:
             got = json.load(f)
         os.remove(path)
         summary, shape = got["summary"], got["shape"]
+        curve = [[r["step"], r["loss"]] for r in got.get("history", []) if "loss" in r]
         rate, tokens = summary["steady_steps_per_second"], summary["steady_tokens_per_second"]
         rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world  # all ranks
         seq = tokens / rate / rows_per_step if rate else None
@@ -123,7 +126,9 @@ def cmd_bench(argv) -> int:
                      "tokens_per_second": tokens,
                      "samples_per_second": rate * rows_per_step if rate else None,
                      "mfu": flops * tokens / world / (peak * 1e12) if peak and flops and tokens else None,
-                     "peak_memory_gb": summary["peak_memory_gb"], "final_loss": summary["train_loss"],
+                     "peak_memory_gb": summary["peak_memory_gb"],
+                     "train_loss": summary["train_loss"],  # Trainer's train_loss: the mean over the whole run
+                     "last_loss": curve[-1][1] if curve else None, "curve": curve,  # the logged losses, by step
                      "eval_s": summary.get("eval_runtime_s"), "features": got.get("features"),
                      "params": shape["params"], "flops_per_token": flops, "processes": world,
                      "tokens_per_second_per_device": tokens / world if tokens else None})
@@ -145,8 +150,8 @@ def _fmt(v, spec):
 
 
 def _table(report) -> str:
-    head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'final loss':>12}"
-            f"{'eval s':>9}")
+    head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'train_loss':>12}"
+            f"{'last loss':>11}{'eval s':>9}")
     world = report["sides"][0].get("processes", 1)
     lines = [f"loop bench: {report['workload']} on {world} x {report['device']}, {report['precision']}, "
              f"{report['steps']} steps (first {report['warmup_steps_excluded']} excluded); tokens/s and samples/s are "
@@ -156,8 +161,8 @@ def _table(report) -> str:
     for r in report["sides"]:
         lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
                      f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
-                     f"{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['final_loss'], '.4f'):>12}"
-                     f"{_fmt(r.get('eval_s'), '.2f'):>9}")
+                     f"{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['train_loss'], '.4f'):>12}"
+                     f"{_fmt(r.get('last_loss'), '.4f'):>11}{_fmt(r.get('eval_s'), '.2f'):>9}")
     r = report["sides"][0]
     lines.append(f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "
                  "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU)")

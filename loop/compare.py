@@ -298,6 +298,9 @@ def cmd_compare(argv) -> int:
         "loop_only_features_on": config.loop_features(), "steady_skip": skip,
         "transformers": __import__("transformers").__version__, "torch": torch.__version__,
         "config": config.to_dict(),
+        # per-step (step, loss, grad_norm) of every run, to see where and how far the curves part
+        "curves": {name: [[r["step"], r["loss"], r.get("grad_norm")] for r in run["history"] if "loss" in r]
+                   for name, run in [("loop", loop_run)] + [(f"trainer{i + 1}", r) for i, r in enumerate(trainer_run_list)]},
     }
     if int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(out, exist_ok=True)
@@ -333,8 +336,9 @@ def table(report) -> str:
     t, l, d = report["trainer"], report["loop"], report["difference"]
     rows = [("", "Trainer", "loop")]
     for key in ("steps", "train_loss", "steady_steps_per_second", "steady_tokens_per_second", "steps_per_second",
-                "tokens_per_second", "peak_memory_gb", "train_runtime_s", "wall_time_s"):
-        rows.append((key, _fmt(t[key]), _fmt(l[key])))
+                "tokens_per_second", "peak_memory_gb", "train_runtime_s", "eval_runtime_s", "wall_time_s"):
+        if key != "eval_runtime_s" or t.get(key) or l.get(key):
+            rows.append((key, _fmt(t.get(key)), _fmt(l.get(key))))
     for key in sorted(set(t["final_eval"]) | set(l["final_eval"])):
         rows.append((key, _fmt(t["final_eval"].get(key)), _fmt(l["final_eval"].get(key))))
     w = [max(len(r[i]) for r in rows) for i in range(3)]

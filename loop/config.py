@@ -156,7 +156,7 @@ class TrainConfig:
         "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
         group="loop")
     fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
-                    "supports it (causal LMs), dataset_on_device where it applies (when batch widths vary: cuDNN "
+                    "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies (when batch widths vary: cuDNN "
                     "attention left out, compiled once with dynamic shapes), cuda_graph_step where it applies (one "
                     "CUDA process, compiled, the training set on the device), and DDP without "
                     "find_unused_parameters (unless set) with gradients as bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
@@ -177,8 +177,13 @@ class TrainConfig:
     cuda_graph_step: typing.Optional[bool] = _f(None, "Record the whole optimizer step (forward, backward, clip, optimizer) as one "
                                "CUDA graph per batch shape and replay it: the first two windows of a shape run eagerly, "
                                "the third is recorded. One CUDA process, not fp16, torch's Adam family, no pinned host "
-                               "batches; verified with torch_compile and dataset_on_device. None: on under `fast` "
+                               "batches; verified with dataset_on_device (compiled or eager). None: on under `fast` "
                                "where it applies; false: off even under fast (loop/graph_step.py).", group="loop")
+    varlen_attention: typing.Optional[bool] = _f(None, "Causal LMs on packed rows (position_ids restarting per document, "
+                               "no attention_mask): attention through PyTorch's variable-length flash kernel, one "
+                               "sequence per document, dropout included, instead of SDPA with a dense block-diagonal "
+                               "mask. CUDA, bf16/fp16. None: on under `fast` where it applies; false: off even under "
+                               "fast (loop/varlen_attention.py).", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
 
     def __post_init__(self):
@@ -348,7 +353,8 @@ class TrainConfig:
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
         if self.fast:
-            on.append("fast (torch_compile, fused_linear_cross_entropy, dataset_on_device and cuda_graph_step where they "
+            on.append("fast (torch_compile, fused_linear_cross_entropy, dataset_on_device, varlen_attention and "
+                      "cuda_graph_step where they "
                       "apply, DDP "
                       "without find_unused_parameters, gradient_as_bucket_view)")
         if self.fused_linear_cross_entropy:
@@ -357,6 +363,8 @@ class TrainConfig:
             on.append("dataset_on_device")
         if self.cuda_graph_step:
             on.append("cuda_graph_step")
+        if self.varlen_attention:
+            on.append("varlen_attention")
         if self.attention_backends:
             on.append(f"attention_backends {self.attention_backends}")
         if self.param_groups:

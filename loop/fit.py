@@ -30,7 +30,7 @@ from .evaluation import evaluate_metrics
 from .graph_step import use_graph_step
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .run import (Run, attention_context, call_model_init, compile_settings, place_model, plain, require_config,
-                  start, topology, use_fused_loss)
+                  start, topology, use_fused_loss, use_varlen_attention)
 from .telemetry import Telemetry
 
 
@@ -148,6 +148,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     eval_ds, eval_collate = prepare_dataset(eval_dataset, collator, model, config, run.label_names, "eval")
     main_input = getattr(model, "main_input_name", "input_ids")
     run.loader = train_loader(config, train_ds, train_collate, acc, main_input)
+    use_varlen_attention(run, train_ds, train_collate)
     run.attention = attention_context(config, run.loader.device_table)
     compile_settings(run, run.loader.device_table)
     run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None

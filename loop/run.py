@@ -234,6 +234,38 @@ def use_fused_loss(run) -> bool:
     return True
 
 
+def use_varlen_attention(run, dataset, collate) -> bool:
+    """varlen_attention, asked for or through `fast` where it applies: before prepare(), once the data is known. The
+    per-batch document bound is counted over the collated training set: the device table, or collated here."""
+    from . import varlen_attention as va
+
+    config = run.config
+    if config.varlen_attention is False or (config.varlen_attention is None and not config.fast):
+        return False
+    table = run.loader.device_table
+    if table is not None:
+        batches = iter([table.columns])
+    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        n = len(dataset)
+        batches = (collate([dataset[i] for i in range(s, min(s + 256, n))]) for s in range(0, n, 256))
+    else:
+        batches = None
+    first = next(batches, None) if batches is not None else None
+    if batches is None:
+        why = "the training set is iterable, so the documents in a batch cannot be counted beforehand"
+    elif first is None:
+        why = "the training set is empty"
+    else:
+        why = va.why_not(run.unwrapped, run.accelerator.device, config.mixed_precision, first)
+    if why:
+        if config.varlen_attention:
+            raise LoopError(f"varlen_attention cannot be used here: {why}; set varlen_attention false")
+        return False
+    counts = va.count_documents([first, *batches])
+    va.enable(run.unwrapped, va.segment_bound(counts, config.per_device_train_batch_size))
+    return True
+
+
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "math": "MATH"}
 

@@ -171,7 +171,7 @@ def test_loop_evaluate_a_saved_model_and_its_ema(tmp_path):
 def test_loop_bench_smoke_on_a_tiny_cpu_workload(tmp_path):
     """Each side in its own process; steady-state rates, the FLOP count, and (CPU, fp32) the same final loss."""
     proc = run("bench", "--workload", "tiny-gpt2", "--sides", "trainer,loop", "--steps", "8", "--use_cpu", "true",
-               "--output_dir", str(tmp_path))
+               "--logging_steps", "2", "--output_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "bench.json"))
     trainer, ours = report["sides"]
@@ -179,7 +179,8 @@ def test_loop_bench_smoke_on_a_tiny_cpu_workload(tmp_path):
     for side in (trainer, ours):
         assert side["tokens_per_second"] > 0 and side["ms_per_step"] > 0
         assert side["tokens_per_second"] == pytest.approx(side["samples_per_second"] * 128, rel=1e-6)  # 128-token rows
-    assert trainer["final_loss"] == ours["final_loss"]
+    assert trainer["train_loss"] == ours["train_loss"] and trainer["curve"] == ours["curve"]
+    assert [s for s, _ in ours["curve"]] == [2, 4, 6, 8] and ours["last_loss"] == ours["curve"][-1][1]
     n, layers, heads, head_dim = ours["params"], 2, 2, 32
     assert ours["flops_per_token"] == pytest.approx(6 * n + 12 * layers * heads * head_dim * 128)
     assert "MFU = (6N + 12*L*H*Q*T)" in proc.stdout and os.path.exists(tmp_path / "bench.png")

@@ -45,21 +45,27 @@ def _train(tmp_path, name, model, **overrides):
     return loop.train(TrainConfig(**cfg), model, train_dataset=data, eval_dataset=LMData(12, seed=1))
 
 
+def assert_same_numbers(first, second, rel=1e-5):
+    """Two 6-step runs of `_train`'s shape (evaluation at steps 3 and 6) log the same losses, grad norms and eval
+    losses within `rel`."""
+    a = [r for r in first.log_history if "loss" in r]
+    b = [r for r in second.log_history if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= rel * abs(x[key]), (key, x, y)
+    ea = [r["eval_loss"] for r in first.log_history if "eval_loss" in r]
+    eb = [r["eval_loss"] for r in second.log_history if "eval_loss" in r]
+    assert len(ea) == len(eb) == 2 and all(abs(x - y) <= rel * x for x, y in zip(ea, eb))
+
+
 def test_fused_loss_trains_like_the_model_own_loss_and_leaves_evaluation_and_weights_alone(tmp_path):
     from transformers import GPT2LMHeadModel
 
     model = tiny_gpt2()
     plain = _train(tmp_path, "plain", clone(model))
     fused = _train(tmp_path, "fused", clone(model), fused_linear_cross_entropy=True)
-    a = [r for r in plain.log_history if "loss" in r]
-    b = [r for r in fused.log_history if "loss" in r]
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        for key in ("loss", "grad_norm"):
-            assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]), (key, x, y)
-    ea = [r["eval_loss"] for r in plain.log_history if "eval_loss" in r]
-    eb = [r["eval_loss"] for r in fused.log_history if "eval_loss" in r]
-    assert len(ea) == len(eb) == 2 and all(abs(x - y) <= 1e-5 * x for x, y in zip(ea, eb))
+    assert_same_numbers(plain, fused)
     # the saved model is an ordinary GPT-2 whose logits are real logits (the head is only deferred in training)
     saved = GPT2LMHeadModel.from_pretrained(tmp_path / "fused").eval()
     ids = torch.randint(0, 64, (2, 16))
@@ -346,9 +352,9 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
                       (fake(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)),
                        "SGD cannot: use optim adamw_torch_fused")):
         assert says in gs.why_not(run, custom_step=says.startswith("not a custom"))
-    # ... but `fast` takes it only where it was verified: compiled, batches cut from the device table
+    # ... but `fast` takes it only where it was verified: batches cut from the device table (compiled or eager)
     monkeypatch.setattr(gs, "GraphStep", lambda run: "graphed")  # no CUDA stream to make on a CPU
-    for table, compiled, taken in ((object(), True, True), (None, True, False), (object(), False, False)):
+    for table, compiled, taken in ((object(), True, True), (None, True, False), (object(), False, True)):
         run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled)
         run.loader.device_table = table
         assert gs.use_graph_step(run, custom_step=False) is taken
@@ -373,3 +379,116 @@ def test_graph_step_feeds_the_schedule_to_the_recorded_optimizer_through_its_lr_
         assert [float(t) for t in step.lrs] == [float(torch.tensor(g["lr"])) for g in opt.param_groups]  # fp32
         assert all(type(g["lr"]) is float for g in opt.param_groups) and type(sched.get_last_lr()[0]) is float
     assert [float(t) for t in step.lrs] == [1 / 4, 0.5 / 4]
+
+
+class PackedLM(torch.utils.data.Dataset):
+    """Packed rows as tasks.causal_lm.pack builds them: documents of 1 to 23 tokens, positions restarting at 0."""
+
+    def __init__(self, n_docs, block=16, seed=0, vocab=64):
+        from tasks.causal_lm import pack
+
+        g = torch.Generator().manual_seed(seed)
+        docs = [torch.randint(0, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(n_docs)]
+        self.rows = pack(docs, block, pad_id=0)
+
+    def __len__(self):
+        return len(self.rows["input_ids"])
+
+    def __getitem__(self, i):
+        return {k: torch.tensor(v[i]) for k, v in self.rows.items()}
+
+
+def test_varlen_attention_is_the_block_diagonal_attention_of_packed_rows():
+    """The layout around the flash kernel (flattening, document boundaries, the fixed-size cu_seqlens, the scale),
+    run on CPU through the same maths per document: loss, logits and every gradient equal transformers' SDPA path with
+    its dense block-diagonal mask; a padded batch takes the model's own padded attention."""
+    from loop import varlen_attention as va
+
+    data = PackedLM(30)
+    batch = {k: torch.stack([data[i][k] for i in range(6)]) for k in ("input_ids", "position_ids", "labels")}
+    sdpa, varlen = tiny_gpt2(), tiny_gpt2()
+    sdpa.config.use_cache = varlen.config.use_cache = False
+    sdpa.set_attn_implementation("sdpa")
+    counts = va.count_documents([{"position_ids": torch.stack([r["position_ids"] for r in data])}])
+    assert counts.tolist() == [int((r["position_ids"] == 0).sum()) for r in data] and counts.max() > 1
+    bound = va.segment_bound(counts, 6)
+    assert bound == sum(sorted(counts.tolist())[-6:])
+    va.enable(varlen, bound)
+    # cu_seqlens: every document start, then zero-length sequences up to the bound; no host sync needed for its size
+    starts = va.document_starts(batch["position_ids"], 6, 16)
+    cu = va.cu_seqlens(starts, bound).tolist()
+    n = int(starts.sum())
+    assert len(cu) == bound + 1 and cu[:n] == torch.nonzero(starts.flatten()).flatten().tolist()
+    assert cu[n:] == [6 * 16] * (bound + 1 - n)
+    a, b = sdpa(**batch), varlen(**batch)
+    a.loss.backward()
+    b.loss.backward()
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-6 * a.loss.item()
+    assert (a.logits - b.logits).abs().max().item() <= 1e-5
+    for (name, p), q in zip(sdpa.named_parameters(), varlen.parameters()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-6 * p.grad.abs().max().item() + 1e-9, name
+    # a batch with a padding mask (left and right padding) is attended as transformers' SDPA path attends it
+    mask = torch.ones(6, 16, dtype=torch.long)
+    mask[0, 11:] = 0
+    mask[1, :5] = 0
+    with torch.no_grad():
+        x, y = sdpa(batch["input_ids"], attention_mask=mask).logits, varlen(batch["input_ids"], attention_mask=mask).logits
+    assert torch.isfinite(y).all() and (x - y)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_where_it_cannot_run(tmp_path,
+                                                                                                    monkeypatch):
+    from types import SimpleNamespace
+
+    from loop import varlen_attention as va
+
+    common = dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3,
+                  logging_steps=1, eval_strategy="steps", eval_steps=3, save_strategy="no", use_cpu=True,
+                  disable_tqdm=True, report_to="none", telemetry=False)
+
+    def train(name, **overrides):
+        model = tiny_gpt2()
+        model.config.use_cache = False
+        return loop.train(TrainConfig(output_dir=str(tmp_path / name), **common, **overrides), model,
+                          train_dataset=PackedLM(60), eval_dataset=PackedLM(20, seed=1)), model
+
+    # asked for on a CPU: one line, nothing written
+    with pytest.raises(LoopError, match="^varlen_attention cannot be used here: it runs PyTorch's flash-attention "
+                                        "kernel, which needs a CUDA device; set varlen_attention false$"):
+        train("cpu", varlen_attention=True, bf16=True)
+    assert not (tmp_path / "cpu" / "model.safetensors").exists()
+    # by default the model's attention is left as it is, and `fast` leaves it so where the kernel cannot run (a CPU)
+    plain, model = train("plain")
+    assert model.config._attn_implementation != va.NAME
+    from loop.run import use_varlen_attention
+
+    gpt = tiny_gpt2()
+    fast = SimpleNamespace(config=TrainConfig(output_dir=str(tmp_path / "f"), fast=True, bf16=True),
+                           loader=SimpleNamespace(device_table=None), unwrapped=gpt,
+                           accelerator=SimpleNamespace(device=torch.device("cpu")))
+    assert use_varlen_attention(fast, PackedLM(60), torch.utils.data.default_collate) is False
+    assert gpt.config._attn_implementation != va.NAME
+    # where it applies (the CUDA checks waived, the per-document maths on CPU): the same run, step for step
+    monkeypatch.setattr(va, "why_not", lambda *a: None)
+    varlen, model = train("varlen", varlen_attention=True)
+    assert model.config._attn_implementation == va.NAME
+    rows = torch.stack([r["position_ids"] for r in PackedLM(60)])
+    assert model.transformer.h[0].attn._loop_varlen_segments == va.segment_bound(
+        va.count_documents([{"position_ids": rows}]), 4)
+    assert_same_numbers(plain, varlen)
+    monkeypatch.undo()
+    # each refusal names its reason
+    packed = {"input_ids": 0, "position_ids": 0}
+    cuda = torch.device("cuda")
+    for model, precision, batch, says in (
+            (tiny_bert_classifier(), "bf16", packed, "not 'bert'"),
+            (tiny_gpt2(), "bf16", {"input_ids": 0, "position_ids": 0, "attention_mask": 0}, "not packed rows"),
+            (tiny_gpt2(), "bf16", {"input_ids": 0}, "not packed rows"),
+            (tiny_gpt2(), "no", packed, "bf16/fp16 only"),
+            (tiny_gpt2(), "bf16", packed, None)):
+        why = va.why_not(model, torch.device("cpu") if says is None else cuda, precision, batch)
+        assert (says or "needs a CUDA device") in why
+    odd = tiny_gpt2()
+    odd.config.n_embd, odd.config.n_head = 36, 3  # head size 12
+    assert "multiple of 8" in va.why_not(odd, cuda, "bf16", packed)
