@@ -477,6 +477,7 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
     assert model.transformer.h[0].attn._loop_varlen_segments == va.segment_bound(
         va.count_documents([{"position_ids": rows}]), 4)
     assert_same_numbers(plain, varlen)
+    assert va.NAME not in (tmp_path / "varlen" / "config.json").read_text()  # the saved model loads anywhere
     monkeypatch.undo()
     # each refusal names its reason
     packed = {"input_ids": 0, "position_ids": 0}
