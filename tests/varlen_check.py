@@ -2,6 +2,9 @@
 output and gradients against SDPA with the dense block-diagonal mask at dropout 0 (eager and compiled), dropout 0.1,
 a CUDA graph around the compiled forward and backward (fresh dropout masks at every replay), and the time per layer.
 Run from the repo root: python tests/varlen_check.py
+In its one run (H100) the per-layer time, alone and on these inputs, was 1.6-1.7 ms against 1.36 ms for masked SDPA,
+while inside the compiled GPT-2 step varlen_attention took the step from 52.5 to 46.5 ms (and a bare call of the
+kernel on [B, T, 3, H, D] inputs took 0.82 ms): the isolated figure is not understood yet.
 """
 import time, torch, torch.nn.functional as F
 from types import SimpleNamespace
