@@ -156,9 +156,9 @@ class TrainConfig:
         "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
         group="loop")
     fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
-                    "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies (when batch widths vary: cuDNN "
-                    "attention left out, compiled once with dynamic shapes), cuda_graph_step where it applies (one "
-                    "CUDA process, compiled, the training set on the device), and DDP without "
+                    "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies "
+                    "(when batch widths vary: cuDNN attention left out, compiled once with dynamic shapes), "
+                    "cuda_graph_step where it applies (one CUDA process, the training set on the device), and DDP without "
                     "find_unused_parameters (unless set) with gradients as bucket views. Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
                     group="loop")
     fused_linear_cross_entropy: bool = _f(False, "Causal LMs: compute the training loss from the last hidden states "
@@ -354,9 +354,7 @@ class TrainConfig:
             on.append("allow_inexact_resume")
         if self.fast:
             on.append("fast (torch_compile, fused_linear_cross_entropy, dataset_on_device, varlen_attention and "
-                      "cuda_graph_step where they "
-                      "apply, DDP "
-                      "without find_unused_parameters, gradient_as_bucket_view)")
+                      "cuda_graph_step where they apply, DDP without find_unused_parameters, gradient_as_bucket_view)")
         if self.fused_linear_cross_entropy:
             on.append("fused_linear_cross_entropy")
         if self.dataset_on_device:

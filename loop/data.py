@@ -190,12 +190,28 @@ def _too_big(nbytes, verb) -> str:
     return f"the collated set {verb} {nbytes / 2**30:.1f} GiB (more than {DEVICE_TABLE_MAX_BYTES / 2**30:.0f})"
 
 
+def is_map_style(dataset) -> bool:
+    return not isinstance(dataset, IterableDataset) and has_length(dataset)
+
+
+def _fetcher(dataset):
+    """rows(indices) for a map-style dataset: its own __getitems__ where it has one."""
+    return (lambda idx: dataset.__getitems__(idx)) if hasattr(dataset, "__getitems__") else \
+        (lambda idx: [dataset[i] for i in idx])
+
+
+def collated_chunks(dataset, collator, size: int = 256):
+    """A map-style dataset collated `size` rows at a time, in order (a generator)."""
+    fetch, n = _fetcher(dataset), len(dataset)
+    for start in range(0, n, size):
+        yield collator(fetch(list(range(start, min(start + size, n)))))
+
+
 def _build_table(dataset, collator, device, main_input):
-    if isinstance(dataset, IterableDataset) or not has_length(dataset):
+    if not is_map_style(dataset):
         return None, "the training set is iterable (no length); only a map-style dataset can be kept on the device"
     n = len(dataset)
-    fetch = (lambda idx: dataset.__getitems__(idx)) if hasattr(dataset, "__getitems__") else \
-        (lambda idx: [dataset[i] for i in idx])
+    fetch = _fetcher(dataset)
     try:
         estimate = _nbytes(collator(fetch(list(range(min(n, 256)))))) * n / min(n, 256)
     except Exception as e:  # noqa: BLE001 - reported as the reason

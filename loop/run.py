@@ -238,22 +238,17 @@ def use_varlen_attention(run, dataset, collate) -> bool:
     """varlen_attention, asked for or through `fast` where it applies: before prepare(), once the data is known. The
     per-batch document bound is counted over the collated training set: the device table, or collated here."""
     from . import varlen_attention as va
+    from .data import collated_chunks, is_map_style
 
     config = run.config
     if config.varlen_attention is False or (config.varlen_attention is None and not config.fast):
         return False
     table = run.loader.device_table
-    if table is not None:
-        batches = iter([table.columns])
-    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        n = len(dataset)
-        batches = (collate([dataset[i] for i in range(s, min(s + 256, n))]) for s in range(0, n, 256))
-    else:
-        batches = None
-    first = next(batches, None) if batches is not None else None
+    batches = iter([table.columns]) if table is not None else \
+        collated_chunks(dataset, collate) if is_map_style(dataset) else None
     if batches is None:
         why = "the training set is iterable, so the documents in a batch cannot be counted beforehand"
-    elif first is None:
+    elif (first := next(batches, None)) is None:
         why = "the training set is empty"
     else:
         why = va.why_not(run.unwrapped, run.accelerator.device, config.mixed_precision, first)

@@ -82,7 +82,7 @@ graphs)  # per-step losses and grad norms of the compiled eager step and the rec
     done
     det=0; [[ "${CHECK_EXTRA---full_determinism true}" == *"full_determinism true"* ]] && det=1
     python - "$out/check-$prec" $prec $det <<'PY' || fail=1
-import json, sys
+import json, os, sys
 base, prec, det = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 def rows(side):
     return [(r["loss"], r["grad_norm"]) for r in map(json.loads, open(f"{base}-{side}/metrics.jsonl")) if "grad_norm" in r]
@@ -90,7 +90,6 @@ rel = lambda x, y: abs(x - y) / max(abs(x), 1e-12)
 def diff(a, b):
     d = [max(rel(x[0], y[0]), rel(x[1], y[1])) for x, y in zip(a, b)]
     return (max(d) if d else float("nan")), next((i + 1 for i, v in enumerate(d) if v > 0), None)
-import os
 eager, graphs = rows("eager"), rows("graphs")
 spread, s_first = diff(eager, rows("eager2")) if os.path.exists(f"{base}-eager2") else (0.0, None)
 worst, first = diff(eager, graphs)
