@@ -85,3 +85,32 @@ def test_readme_coverage_table_is_the_generated_one():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     for name, status, note in coverage():
         assert f"| `{name}` | {status} | {note} |" in readme, name
+
+
+@pytest.mark.parametrize("user_set", [False, True])
+def test_full_determinism_does_not_make_kernel_launches_blocking(monkeypatch, user_set):
+    """transformers' helper sets CUDA_LAUNCH_BLOCKING=1, which Trainer never feels (its CUDA context exists before
+    it seeds) but the loop would (it seeds first): every launch waiting for the GPU. Determinism itself stays on."""
+    import os
+
+    import torch
+
+    from loop.run import seed_everything
+
+    monkeypatch.delenv("ASCEND_LAUNCH_BLOCKING", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    if user_set:
+        monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    else:
+        monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(TrainConfig(output_dir="o", full_determinism=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":16:8"
+        assert os.environ.get("CUDA_LAUNCH_BLOCKING") == ("1" if user_set else None)
+        assert "ASCEND_LAUNCH_BLOCKING" not in os.environ
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
