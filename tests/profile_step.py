@@ -90,7 +90,7 @@ def report(name, p):
     print(f"  device time {total / PROF / 1000:.2f} ms/step; top kernels:")
     for e in kernels[:int(os.environ.get("PROFILE_TOP", "14"))]:
         print(f"  {100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / PROF / 1000:7.2f} ms  "
-              f"x{e.count // PROF:<4} {e.key[:110]}")
+              f"x{e.count // PROF:<4} {e.key if len(e.key) <= 110 else e.key[:55] + ' ... ' + e.key[-50:]}")
     kinds = {}  # the same kernels by kind, from their names (first match wins)
     for e in kernels:
         name = e.key.lower()
