@@ -155,7 +155,8 @@ class TrainConfig:
         "(JSON on the CLI). A parameter joins the first entry whose pattern it matches (re.search), else the default "
         "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
         group="loop")
-    fast: bool = _f(False, "The fast path: turns on torch_compile, fused_linear_cross_entropy where the model "
+    fast: bool = _f(False, "The fast path: turns on torch_compile, fused AdamW (optim adamw_torch becomes "
+                    "adamw_torch_fused, the same algorithm), fused_linear_cross_entropy where the model "
                     "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies "
                     "(when batch widths vary: cuDNN attention left out, compiled once with dynamic shapes), "
                     "cuda_graph_step where it applies (one CUDA process, the training set on the device), and DDP without "
@@ -190,6 +191,8 @@ class TrainConfig:
         self._coerce_types()
         if self.fast:  # the preset's config-level parts; the fused loss is decided per model (run.use_fused_loss)
             self.torch_compile = True
+            if self.optim == "adamw_torch":  # the same AdamW, one fused kernel instead of a dozen foreach passes
+                self.optim = "adamw_torch_fused"
             if self.ddp_find_unused_parameters is None:
                 self.ddp_find_unused_parameters = False
         self.validate()
@@ -353,8 +356,9 @@ class TrainConfig:
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
         if self.fast:
-            on.append("fast (torch_compile, fused_linear_cross_entropy, dataset_on_device, varlen_attention and "
-                      "cuda_graph_step where they apply, DDP without find_unused_parameters, gradient_as_bucket_view)")
+            on.append("fast (torch_compile, fused AdamW for adamw_torch, fused_linear_cross_entropy, dataset_on_device, "
+                      "varlen_attention and cuda_graph_step where they apply, DDP without find_unused_parameters, "
+                      "gradient_as_bucket_view)")
         if self.fused_linear_cross_entropy:
             on.append("fused_linear_cross_entropy")
         if self.dataset_on_device:

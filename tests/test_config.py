@@ -114,3 +114,9 @@ def test_full_determinism_does_not_make_kernel_launches_blocking(monkeypatch, us
     finally:
         torch.use_deterministic_algorithms(was)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+
+
+def test_fast_turns_foreach_adamw_into_fused_and_leaves_other_optimizers():
+    assert TrainConfig(output_dir="o", fast=True, optim="adamw_torch").optim == "adamw_torch_fused"
+    assert TrainConfig(output_dir="o", fast=True, optim="sgd").optim == "sgd"
+    assert TrainConfig(output_dir="o", optim="adamw_torch").optim == "adamw_torch"  # not without fast
