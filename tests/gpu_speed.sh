@@ -8,7 +8,8 @@
 #   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
 #                                           # (PARITY_EXTRA="--full_determinism true": deterministic kernels on both sides)
 #   bash tests/gpu_speed.sh profile OUTDIR  # tests/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
-#   bash tests/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (tests/eval_speed.py)
+#   bash tests/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (tests/eval_speed.py), then
+#                                           # inside training (tests/eval_in_train.py, each side twice)
 #   bash tests/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses and grad norms against the eager step's
 #                                           # (tiny BERT, bf16, fp32), then the speed (tiny BERT)
 #   graphs takes CHECK_ONLY=1 (no speed), CHECK_STEPS=N, CHECK_PRECISIONS="bf16", CHECK_SPREAD="" (no second eager
@@ -107,6 +108,9 @@ PY
     --output_dir "$out/tiny-bert-no-graphs" 2>&1 | show
   exit $fail ;;
 eval)
-  python tests/eval_speed.py 2>&1 | grep -E '^(loop|trainer|   top)' | tee "$out/eval.txt" ;;
+  python tests/eval_speed.py 2>&1 | grep -E '^(loop|trainer|   top)' | tee "$out/eval.txt"
+  for i in 1 2; do for side in loop trainer; do  # inside training: each side in its own process, alternating
+    python tests/eval_in_train.py $side "$out/in-train-$side$i" 2>&1 | grep -E '^(loop|trainer):' | tee -a "$out/eval.txt"
+  done; done ;;
 *) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval OUTDIR"; exit 2 ;;
 esac
