@@ -7,6 +7,7 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, ".")
 from transformers import Trainer
 import loop
+from loop.compare import _TRAINER_KEYS
 from loop.job import build_job
 side, out = sys.argv[1], sys.argv[2]
 argv = ["--config", "tasks/configs/gpt2_124m.yaml", "--model_config", '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}',
@@ -20,8 +21,8 @@ if side == "loop":
     res = loop.train(config, model, **built)
     hist = res.log_history
 else:
-    keys = ("train_dataset", "eval_dataset", "data_collator", "compute_loss_func", "compute_metrics", "preprocess_logits_for_metrics", "processing_class")
-    tr = Trainer(model=model, args=config.to_training_arguments(output_dir=out + "/t"), **{k: v for k, v in built.items() if k in keys})
+    kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}  # what `loop compare` hands Trainer
+    tr = Trainer(model=model, args=config.to_training_arguments(output_dir=out + "/t"), **kwargs)
     tr.train(); hist = tr.state.log_history
 print(f"{side}: eval_runtime " + " ".join(f"{r['eval_runtime']:.3f}" for r in hist if "eval_runtime" in r)
       + f" | total wall {time.time() - t0:.1f} s | train_runtime {[r.get('train_runtime') for r in hist if 'train_runtime' in r]}")

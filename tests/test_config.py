@@ -104,7 +104,7 @@ def test_full_determinism_does_not_make_kernel_launches_blocking(monkeypatch, us
         monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
     else:
         monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
-    was = torch.are_deterministic_algorithms_enabled()
+    was = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         seed_everything(TrainConfig(output_dir="o", full_determinism=True))
         assert torch.are_deterministic_algorithms_enabled()
@@ -112,8 +112,8 @@ def test_full_determinism_does_not_make_kernel_launches_blocking(monkeypatch, us
         assert os.environ.get("CUDA_LAUNCH_BLOCKING") == ("1" if user_set else None)
         assert "ASCEND_LAUNCH_BLOCKING" not in os.environ
     finally:
-        torch.use_deterministic_algorithms(was)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+        torch.use_deterministic_algorithms(was[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was[1], was[2]
 
 
 def test_fast_turns_foreach_adamw_into_fused_and_leaves_other_optimizers():
