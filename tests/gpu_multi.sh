@@ -135,21 +135,21 @@ checks_part() {  # equivalence, two nodes and loop compare, at the same time (co
       "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2nodes" > "$out/eq-2nodes-$r.log" 2>&1 &
     nodes+=($!)
   done
-  local port=29642 cmp=()
+  local port=29642 t
+  local -A cmp
   for t in ddp fsdp2; do
     accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes 2 --main_process_port $port \
       -m loop compare --config tasks/configs/gpt2_124m.yaml --max_steps 30 --logging_steps 1 --eval_strategy no \
       --disable_tqdm --full_determinism true ${EXTRA_JOB:-} --output_dir "$out/compare-$t" > "$out/compare-$t.log" 2>&1 &
-    cmp+=($!); port=$((port + 1))
+    cmp[$t]=$!; port=$((port + 1))
   done
   wait $one || { echo "1-GPU run FAILED"; tail -5 "$out/eq-1gpu.log"; fail=1; }
   wait $two || { echo "2-GPU run FAILED"; tail -5 "$out/eq-2gpu.log"; fail=1; }
   same "$out/eq-1gpu" "$out/eq-2gpu" "1 GPU (batch 4, accumulation 2) vs 2 GPUs (batch 4, accumulation 1)" 1e-5
   wait ${nodes[0]} && wait ${nodes[1]} || { echo "two-node run FAILED"; tail -5 "$out/eq-2nodes-0.log"; fail=1; }
   same "$out/eq-2gpu" "$out/eq-2nodes" "two 1-GPU nodes vs one node of 2 GPUs" 1e-6
-  for i in 0 1; do
-    t=$([ $i = 0 ] && echo ddp || echo fsdp2)
-    wait ${cmp[$i]} || { echo "loop compare under $t: FAILED (or no parity)"; fail=1; }
+  for t in ddp fsdp2; do
+    wait ${cmp[$t]} || { echo "loop compare under $t: FAILED (or no parity)"; fail=1; }
     echo "== loop compare under $t (run alongside the other checks: its speed columns mean nothing)"
     grep -v '^{' "$out/compare-$t.log" | grep -E 'train_loss|per-step|grad_norm max|Trainer vs|verdict|device' | head -8
   done
