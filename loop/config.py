@@ -155,7 +155,9 @@ class TrainConfig:
         "(JSON on the CLI). A parameter joins the first entry whose pattern it matches (re.search), else the default "
         "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
         group="loop")
-    fast: bool = _f(False, "The fast path: turns on torch_compile, fused AdamW (optim adamw_torch becomes "
+    fast: bool = _f(False, "The fast path: turns on torch_compile (not where batch widths vary and the step is "
+                    "recorded: there the eager step is recorded, which is faster short of ~40,000 steps; name a "
+                    "torch_compile_mode to compile anyway), fused AdamW (optim adamw_torch becomes "
                     "adamw_torch_fused, the same algorithm), fused_linear_cross_entropy where the model "
                     "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies "
                     "(when batch widths vary: cuDNN attention left out, compiled once with dynamic shapes), "
@@ -178,8 +180,9 @@ class TrainConfig:
     cuda_graph_step: typing.Optional[bool] = _f(None, "Record the whole optimizer step (forward, backward, clip, optimizer) as one "
                                "CUDA graph per batch shape and replay it: the first two windows of a shape run eagerly, "
                                "the third is recorded. One CUDA process, not fp16, torch's Adam family, no pinned host "
-                               "batches; verified with dataset_on_device (compiled or eager). None: on under `fast` "
-                               "where it applies; false: off even under fast (loop/graph_step.py).", group="loop")
+                               "batches; verified with dataset_on_device (compiled or eager) and unpinned host batches "
+                               "(compiled). None: on under `fast` where it applies; false: off even under fast "
+                               "(loop/graph_step.py).", group="loop")
     varlen_attention: typing.Optional[bool] = _f(None, "Causal LMs on packed rows (position_ids restarting per document, "
                                "no attention_mask): attention through PyTorch's variable-length flash kernel, one "
                                "sequence per document, dropout included, instead of SDPA with a dense block-diagonal "
@@ -356,7 +359,8 @@ class TrainConfig:
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
         if self.fast:
-            on.append("fast (torch_compile, fused AdamW for adamw_torch, fused_linear_cross_entropy, dataset_on_device, "
+            on.append("fast (torch_compile unless widths vary under cuda_graph_step, fused AdamW for adamw_torch, "
+                      "fused_linear_cross_entropy, dataset_on_device, "
                       "varlen_attention and cuda_graph_step where they apply, DDP without find_unused_parameters, "
                       "gradient_as_bucket_view)")
         if self.fused_linear_cross_entropy:

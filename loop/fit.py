@@ -150,7 +150,6 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     run.loader = train_loader(config, train_ds, train_collate, acc, main_input)
     use_varlen_attention(run, train_ds, train_collate)
     run.attention = attention_context(config, run.loader.device_table)
-    compile_settings(run, run.loader.device_table)
     run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
     run.plan = plan = make_plan(config, run.loader)
 
@@ -160,11 +159,14 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     if optimizer is None:
         optimizer = build_optimizer(config, model, optimizer_cls_and_kwargs)
         run.group_names = parameter_groups(config, model)[1] if config.param_groups else []
+    # before prepare(), which compiles: whether the step is recorded decides whether `fast` compiles at all
+    run.optimizer = optimizer
+    recorded = use_graph_step(run, custom_step=optimizer_step is not None)
+    compile_settings(run, run.loader.device_table, recorded)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
-    use_graph_step(run, custom_step=optimizer_step is not None)
     if config.ema_decay > 0:
         if topology(acc) == "DEEPSPEED_ZERO3":
             raise LoopError("ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "

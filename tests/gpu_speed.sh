@@ -13,10 +13,11 @@
 #   bash tests/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses and grad norms against the eager step's
 #                                           # (tiny BERT, bf16, fp32), then the speed (tiny BERT)
 #   graphs takes CHECK_ONLY=1 (no speed), CHECK_STEPS=N, CHECK_PRECISIONS="bf16", CHECK_SPREAD="" (no second eager
-#   run) and CHECK_EXTRA (default "--full_determinism true": deterministic kernels, and the recorded step must give
+#   run), CHECK_DATA=host (batches from the host loader, unpinned, instead of the device table) and CHECK_EXTRA (default "--full_determinism true": deterministic kernels, and the recorded step must give
 #   the eager step's losses and grad norms to the bit; CHECK_EXTRA="" compares within the eager runs' own spread)
-# SST2_SIDES picks the SST-2 runs among default eager-fast fast fast-graphs eager-graphs (default: default eager-fast
-# fast); eager-graphs records the uncompiled step (no compile time: 19.5 s on an H100).
+# SST2_SIDES picks the SST-2 runs among default eager-fast fast fast-compiled fast-graphs eager-graphs (default:
+# default eager-fast fast); `fast` records the uncompiled step here (varying widths: 17.9 s on an H100), as
+# eager-graphs spells out field by field; fast-compiled names a compile mode, so `fast` compiles too (56.9 s cold).
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -37,6 +38,7 @@ sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), 
       default) extra=() ;;
       eager-fast) extra=(--dataset_on_device true --attention_backends flash,efficient,math) ;;  # `fast` minus compile
       fast) extra=(--fast true) ;;
+      fast-compiled) extra=(--fast true --torch_compile_mode default) ;;  # dynamic shapes, then graphs per width
       fast-graphs) extra=(--fast true --cuda_graph_step false --torch_compile_mode reduce-overhead) ;;  # compile's graphs
       eager-graphs) extra=(--dataset_on_device true --attention_backends flash,efficient,math --cuda_graph_step true) ;;
     esac
@@ -75,7 +77,8 @@ graphs)  # per-step losses and grad norms of the compiled eager step and the rec
   fail=0
   for prec in ${CHECK_PRECISIONS:-bf16 fp32}; do
     for side in eager ${CHECK_SPREAD-eager2} graphs; do
-      extra=(--torch_compile true --dataset_on_device true --cuda_graph_step $([ $side = graphs ] && echo true || echo false))
+      data=(--dataset_on_device true); [ "${CHECK_DATA:-device}" = host ] && data=(--dataset_on_device false --dataloader_pin_memory false)
+      extra=(--torch_compile true "${data[@]}" --cuda_graph_step $([ $side = graphs ] && echo true || echo false))
       timeout 200 python -m loop train "${job[@]}" --max_steps ${CHECK_STEPS:-60} --logging_steps 1 --disable_tqdm true \
         --bf16 $([ $prec = bf16 ] && echo true || echo false) --lr_scheduler_type linear --warmup_steps 10 \
         "${extra[@]}" ${CHECK_EXTRA---full_determinism true} --output_dir "$out/check-$prec-$side" > "$out/check-$prec-$side.log" 2>&1 \

@@ -255,6 +255,39 @@ def test_fast_with_varying_widths_compiles_once_with_dynamic_shapes_and_keeps_th
     assert len(a) == len(b) == 6 and all(abs(x - y) <= 1e-5 * x for x, y in zip(a, b)), (a, b)
 
 
+def test_fast_records_the_eager_step_instead_of_compiling_when_widths_vary(tmp_path, monkeypatch):
+    """Dynamic padding with a recorded step (cuda_graph_step, CUDA only: faked here): `fast` leaves the model
+    uncompiled, since compiling with dynamic shapes costs ~40 s for ~1 ms a step (SST-2: 56.9 s compiled, 19.5 s
+    recorded eager). A named compile mode compiles anyway, with dynamic shapes; fixed widths compile as before."""
+    from accelerate.utils import DynamoBackend
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from tasks.text_classification import pad_collator
+
+    recorded = []
+    monkeypatch.setattr(loop.fit, "use_graph_step", lambda run, custom_step: bool(recorded))
+
+    def build(name, data, collator, **cfg):
+        config = TrainConfig(output_dir=str(tmp_path / name), fast=True, use_cpu=True, report_to="none", **cfg)
+        run = loop.fit.build(config, model=tiny_bert_classifier(), model_init=None, train_dataset=data,
+                             eval_dataset=None, data_collator=collator, compute_metrics=None, callbacks=[],
+                             processing_class=None, preprocess_logits_for_metrics=None, compute_loss_func=None,
+                             optimizers=(None, None), optimizer_cls_and_kwargs=None, optimizer_step=None)
+        assert run.loader.device_table is not None  # dataset_on_device, through `fast`
+        return isinstance(run.model, OptimizedModule), run.accelerator.state.dynamo_plugin
+
+    ragged, fixed = (RaggedText(9), pad_collator(4)), (RaggedText(9), pad_collator(20))  # rows of 3..20 tokens
+    compiled, plugin = build("not-recorded", *ragged)
+    assert compiled and plugin.dynamic is True
+    recorded.append(True)
+    compiled, plugin = build("recorded", *ragged)
+    assert not compiled and plugin.backend == DynamoBackend.NO
+    compiled, plugin = build("mode", *ragged, torch_compile_mode="default")
+    assert compiled and plugin.dynamic is True
+    compiled, plugin = build("fixed", *fixed)
+    assert compiled and not plugin.dynamic
+
+
 def test_attention_backends_hold_in_training_evaluation_and_loop_evaluate(tmp_path, monkeypatch):
     """attention_backends limits the SDPA kernels around every forward: training, evaluation during training and
     loop.evaluate (the spy reads the backend switches each call sees). A bad name is refused with one line."""
@@ -333,19 +366,21 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
                          optimizer_cls_and_kwargs=None, optimizer_step=None)
     assert run.step_fn is optimizer_step
 
-    def fake(device="cuda", procs=1, precision="bf16", optimizer=None, **cfg):
+    def fake(device="cuda", procs=1, precision="bf16", optimizer=None, topology="NO", **cfg):
         p = torch.nn.Parameter(torch.zeros(2))
         opt = optimizer or torch.optim.AdamW([p], fused=False)
         config = SimpleNamespace(mixed_precision=precision, torch_compile_mode=None, gradient_checkpointing=False,
                                  **{"dataloader_pin_memory": True, **cfg})
         return SimpleNamespace(config=config, optimizer=opt, loader=SimpleNamespace(device_table=object()),
-                               accelerator=SimpleNamespace(device=torch.device(device), num_processes=procs))
+                               accelerator=SimpleNamespace(device=torch.device(device), num_processes=procs,
+                                                           distributed_type=SimpleNamespace(name=topology)))
 
     assert gs.why_not(fake(), custom_step=False) is None
     unpinned = fake(dataloader_pin_memory=False)
     unpinned.loader.device_table = None
     assert gs.why_not(unpinned, custom_step=False) is None  # asked for: allowed (unverified on a GPU) ...
     for run, says in ((fake(), "not a custom optimizer_step"), (fake(procs=2), "runs on one process"),
+                      (fake(topology="DEEPSPEED"), "not DeepSpeed's engine"),
                       (fake(precision="fp16"), "fp16's loss scaler"), 
                       (SimpleNamespace(**{**vars(fake()), "loader": SimpleNamespace(device_table=None)}),
                        "with pinned host batches"),
