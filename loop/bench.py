@@ -4,7 +4,8 @@
     loop bench --config JOB [...]           (any job file; --<field> VALUE overrides as in `loop train`)
 
 Per side: ms per optimizer step, tokens/s and samples/s (steady state: the first steps are excluded as warm-up),
-MFU, peak device memory, train_loss (the mean over the run) and the last logged loss. Writes
+MFU, the whole training's time (train_runtime: warm-up and compilation included, which the steady rates leave out),
+peak device memory, train_loss (the mean over the run) and the last logged loss. Writes
 <output_dir>/bench.json (with each side's logged loss curve) and bench.png.
 
 MFU = (6 N + 12 L H Q T) x tokens/s / peak FLOP/s: N all parameters, L layers, H heads, Q head size, T tokens per row
@@ -128,6 +129,7 @@ def cmd_bench(argv) -> int:
                      "tokens_per_second": tokens,
                      "samples_per_second": rate * rows_per_step if rate else None,
                      "mfu": flops * tokens / world / (peak * 1e12) if peak and flops and tokens else None,
+                     "train_runtime_s": summary["train_runtime_s"],  # all steps, warm-up and compilation included
                      "peak_memory_gb": summary["peak_memory_gb"],
                      "train_loss": summary["train_loss"],  # Trainer's train_loss: the mean over the whole run
                      "last_loss": curve[-1][1] if curve else None, "curve": curve,  # the logged losses, by step
@@ -152,8 +154,8 @@ def _fmt(v, spec):
 
 
 def _table(report) -> str:
-    head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'peak GB':>9}{'train_loss':>12}"
-            f"{'last loss':>11}{'eval s':>9}")
+    head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'train s':>9}{'peak GB':>9}"
+            f"{'train_loss':>12}{'last loss':>11}{'eval s':>9}")
     world = report["sides"][0].get("processes", 1)
     lines = [f"loop bench: {report['workload']} on {world} x {report['device']}, {report['precision']}, "
              f"{report['steps']} steps (first {report['warmup_steps_excluded']} excluded); tokens/s and samples/s are "
@@ -163,11 +165,13 @@ def _table(report) -> str:
     for r in report["sides"]:
         lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
                      f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
-                     f"{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['train_loss'], '.4f'):>12}"
+                     f"{_fmt(r.get('train_runtime_s'), '.1f'):>9}{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['train_loss'], '.4f'):>12}"
                      f"{_fmt(r.get('last_loss'), '.4f'):>11}{_fmt(r.get('eval_s'), '.2f'):>9}")
     r = report["sides"][0]
     lines.append(f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "
-                 "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU)")
+                 "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU); ms/step, tokens/s "
+                 "and samples/s leave out the warm-up steps, train s (train_runtime) counts every step, compilation "
+                 "included")
     for r in report["sides"]:
         if r.get("features"):
             lines.append(f"{r['side']}: " + "; ".join(r["features"]))
