@@ -27,13 +27,23 @@ def _peak_tflops(config):
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def parameter_count(model, exclude_embeddings: bool = False) -> int:
+    """All parameters (or all but the nn.Embedding weights, as transformers' num_parameters counts them), also under
+    DeepSpeed ZeRO-3, whose parameters are empty placeholders outside its gathers: ds_numel is their real size."""
+    skip = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)} \
+        if exclude_embeddings else set()
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if n not in skip)
+
+
 class Telemetry:
     def __init__(self, run, main_input: str):
         self.run, self.main_input = run, main_input
         model = run.unwrapped
-        self.params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else \
-            sum(p.numel() for p in model.parameters())
-        self.flop_params = self.params if hasattr(model, "num_parameters") else 0  # Trainer counts flos for HF models only
+        hf = hasattr(model, "num_parameters")
+        self.params = parameter_count(model, exclude_embeddings=hf)  # for MFU
+        # total_flos counts what Trainer counts: HF models only, through num_parameters (which sees ZeRO-3's
+        # placeholders as empty, in Trainer too)
+        self.flop_params = model.num_parameters(exclude_embeddings=True) if hf else 0
         self.tokens = self.samples = 0  # since the last loss record, this rank (host ints: no sync)
         self.pending_tokens = self.pending_flos = 0  # not yet moved into the TrainState
         self.unpadded = torch.zeros((), dtype=torch.int64, device=run.accelerator.device)

@@ -18,17 +18,24 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from helpers import tiny_gpt2  # noqa: E402
 from loop import fused_loss  # noqa: E402
+from loop.compare import _weights_sha  # noqa: E402
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 reference = tiny_gpt2(vocab=101)  # tied head (GPT-2): the weight lives in the root's FSDP group with the embeddings
 sharded = copy.deepcopy(reference)
+twin = copy.deepcopy(reference)
 fused_loss.enable(reference)
-fused_loss.enable(sharded, "FSDP")
-for block in sharded.transformer.h:
-    fully_shard(block, mesh=mesh)
-fully_shard(sharded, mesh=mesh)
+for model in (sharded, twin):
+    fused_loss.enable(model, "FSDP")
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+# `loop compare`/`loop bench` hash the initial weights of both sides; under FSDP2 they are DTensors (it called
+# .numpy() on them, which fails for tensor subclasses): each rank hashes its own shards
+initial = _weights_sha(sharded)
+assert _weights_sha(twin) == initial
 optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, sharded)]
 g = torch.Generator().manual_seed(0)
 worst = 0.0
@@ -47,6 +54,7 @@ for step in range(4):
         opt.zero_grad()
         losses.append(loss.detach())
     worst = max(worst, abs(losses[0].item() - losses[1].item()) / losses[0].item())
+assert _weights_sha(sharded) != initial
 full = [p.full_tensor() for p in sharded.parameters()]
 weights = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(reference.parameters(), full))
 assert worst <= 1e-6 and weights <= 1e-6, (worst, weights)

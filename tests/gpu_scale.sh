@@ -12,8 +12,9 @@
 #                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
 #   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote
 #
-# GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), STEPS (default 40) and EXTRA (more job
-# arguments for every run, e.g. a smaller model and --use_cpu true for a dry run on CPU processes) can be set.
+# GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), TOPOLOGIES (default: all of the part's),
+# STEPS (default 40) and EXTRA (more job arguments for every run, e.g. a smaller model and --use_cpu true for a dry
+# run on CPU processes; accelerate applies FSDP on GPUs only, so there the fsdp2 runs are DDP) can be set.
 # Exits non-zero when a run fails or the two-node losses differ; a missed scaling target is reported, not failed.
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
@@ -36,13 +37,13 @@ bench() {  # bench NAME TOPOLOGY N [bench arguments]: one `loop bench` run into 
 
 case $what in
 dp)
-  for t in ddp fsdp2; do
+  for t in ${TOPOLOGIES:-ddp fsdp2}; do
     for n in ${SIZES:-1 2 4 8}; do
       [ "$n" -le "$GPUS" ] && bench "dp-$t-$n" $t $n --sides loop-fast
     done
   done ;;
 xl)
-  for t in fsdp2 zero2 zero3; do
+  for t in ${TOPOLOGIES:-fsdp2 zero2 zero3}; do
     for n in ${SIZES:-4 8}; do
       [ "$n" -le "$GPUS" ] && bench "xl-$t-$n" $t $n --sides loop --model_config "$XL" --per_device_train_batch_size 4
     done

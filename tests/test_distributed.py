@@ -193,7 +193,8 @@ def test_ema_over_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
 
 def test_fused_loss_over_fsdp2_shards_equals_the_unsharded_fused_loss(tmp_path):
     """FSDP2 on 2 CPU processes: GPT-2 (tied head) trained with the fused linear cross-entropy gives, bit for bit, the
-    losses and weights of the same model unsharded; evaluation still returns real logits."""
+    losses and weights of the same model unsharded; evaluation still returns real logits. And `loop compare`'s hash
+    of the initial weights works on the DTensor shards."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.run(_torchrun(os.path.join(HERE, "fsdp_fused_worker.py"), port=29549),
                           capture_output=True, text=True, timeout=600, env=env)
