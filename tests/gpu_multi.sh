@@ -165,8 +165,11 @@ shard_part() {  # the sharding table: one run at a time
       accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes $n -m loop bench \
         --workload gpt2-124m --sides loop --steps 20 "${extra[@]}" ${EXTRA_JOB:-} --output_dir "$out/shard-$t-$model" \
         > "$out/shard-$t-$model.log" 2>&1
-      grep -v '^{' "$out/shard-$t-$model.log" | grep -A3 '^side' \
-        || echo "$t $model: FAILED: $(grep -E 'Error|error:|refused|memory' "$out/shard-$t-$model.log" | tail -1 | cut -c1-200)"
+      # running out of memory is a row of the table (what sharding buys); any other failure fails the script
+      if ! grep -v '^{' "$out/shard-$t-$model.log" | grep -A3 '^side'; then
+        if grep -q 'out of memory' "$out/shard-$t-$model.log"; then echo "$t $model: out of memory"
+        else echo "$t $model: FAILED: $(grep -E 'Error|error:|refused' "$out/shard-$t-$model.log" | tail -1 | cut -c1-200)"; fail=1; fi
+      fi
     done
   done
 }
