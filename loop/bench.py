@@ -165,7 +165,8 @@ def _table(report) -> str:
     for r in report["sides"]:
         lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
                      f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
-                     f"{_fmt(r.get('train_runtime_s'), '.1f'):>9}{_fmt(r['peak_memory_gb'], '.2f'):>9}{_fmt(r['train_loss'], '.4f'):>12}"
+                     f"{_fmt(r.get('train_runtime_s'), '.1f'):>9}{_fmt(r['peak_memory_gb'], '.2f'):>9}"
+                     f"{_fmt(r['train_loss'], '.4f'):>12}"
                      f"{_fmt(r.get('last_loss'), '.4f'):>11}{_fmt(r.get('eval_s'), '.2f'):>9}")
     r = report["sides"][0]
     lines.append(f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "

@@ -26,9 +26,9 @@ step could follow). Verified on an H100 with the training set on the device (dat
 pin-memory thread makes CUDA calls while the graph records (CUDA's default capture mode forbids that from any thread):
 the compiled step, and eager PyTorch's fused GEMM-with-bias (cuBLASLt), which records fine when the batches come from
 the device table. So pinned host batches are refused; host batches without pinning may be asked for (verified on
-an H100: compiled tiny BERT, to the bit against the eager step with deterministic kernels). Not with fp16's loss scaler, an optimizer that cannot step
-inside a graph (torch's Adam family can: `capturable`), gradient checkpointing or a compile mode that records graphs
-itself, and on one CUDA process only.
+an H100: compiled tiny BERT, to the bit against the eager step with deterministic kernels). Not with fp16's loss
+scaler, an optimizer that cannot step inside a graph (torch's Adam family can: `capturable`), gradient checkpointing,
+a compile mode that records graphs itself or DeepSpeed's engine, and on one CUDA process only.
 """
 
 from __future__ import annotations

@@ -302,7 +302,7 @@ def compile_settings(run, device_table, recorded: bool = False):
 
     `fast` with varying widths and a recorded step (cuda_graph_step) does not compile unless a compile mode or backend
     is named: compiling with dynamic shapes costs ~40 s on a cold cache and saves ~1 ms a step (SST-2 on an H100: 56.9 s
-    in all compiled, 19.5 s recorded eager), so it pays only past ~40,000 steps. Otherwise, with `fast` and varying
+    in all compiled, 17.9 s recorded eager), so it pays only past ~40,000 steps. Otherwise, with `fast` and varying
     widths: torch.compile(dynamic=True); by default it compiles the first width statically and everything again with
     dynamic shapes at the second (39 s + 53 s for MiniLM on a CPU). And transformers' sequence-classification heads set
     config.problem_type at their first forward (from num_labels and the labels' dtype); under torch.compile that
@@ -319,8 +319,8 @@ def compile_settings(run, device_table, recorded: bool = False):
             plugin.backend = DynamoBackend.NO  # prepare() leaves the model as it is; the recorded step is eager
             return
         plugin.dynamic = True
-    config, labels = getattr(run.unwrapped, "config", None), device_table.columns.get("labels")
-    if labels is not None and hasattr(config, "problem_type") and config.problem_type is None \
+    model_config, labels = getattr(run.unwrapped, "config", None), device_table.columns.get("labels")
+    if labels is not None and hasattr(model_config, "problem_type") and model_config.problem_type is None \
             and type(run.unwrapped).__name__.endswith("ForSequenceClassification"):
-        config.problem_type = "regression" if config.num_labels == 1 else "single_label_classification" \
+        model_config.problem_type = "regression" if model_config.num_labels == 1 else "single_label_classification" \
             if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
