@@ -296,7 +296,7 @@ def widths_vary(device_table) -> bool:
     return getattr(device_table, "lengths", None) is not None
 
 
-def compile_settings(run, device_table, recorded: bool = False):
+def compile_settings(run, device_table, recorded: bool):
     """Under torch_compile, before prepare(): what the device table tells about the batches, used so that the model
     compiles once, or not at all.
 

@@ -8,13 +8,13 @@ sys.path.insert(0, ".")
 from transformers import Trainer
 import loop
 from loop.compare import _TRAINER_KEYS
-from loop.job import build_job
+from loop.job import build_job, build_task
 side, out = sys.argv[1], sys.argv[2]
 argv = ["--config", "tasks/configs/gpt2_124m.yaml", "--model_config", '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}',
         "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "10", "--max_eval_samples", "512", "--save_strategy", "no",
         "--load_best_model_at_end", "false", "--disable_tqdm", "true", "--output_dir", out, "--logging_steps", "10"] + sys.argv[3:]
 config, module, task = build_job(argv)
-built = module.build(task, config)
+built = build_task(module, task, config)  # under the run's seed, as `loop compare` builds each side
 model = built.pop("model")
 t0 = time.time()
 if side == "loop":
