@@ -80,8 +80,9 @@ resume_one() {  # resume_one TOPOLOGY PORT: one topology's kill-and-resume seque
   local -a ema acc worker launch
   ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
   acc=(accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2})
-  worker=(tests/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 4
-          --gradient_accumulation_steps 2 --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
+  # batch 2 x 4 micro-batches (16 sequences a step on 2 GPUs): the 3 runs of all 4 topologies share the GPUs at once
+  worker=(tests/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 2
+          --gradient_accumulation_steps 4 --per_device_eval_batch_size 4 --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
   launch=("${acc[@]}" --main_process_port $p "${worker[@]}")
   start=$(date +%s)
   # the uninterrupted reference (twice with SPREAD=1) and the run killed after step 7 share the GPUs, at once:
