@@ -503,12 +503,12 @@ def save_model(run, processing_class=None):
     acc, cfg = run.accelerator, run.config
     out = cfg.output_dir
     tmp = os.path.join(out, ".tmp-final")
-    weights = ckpt.strip_prefixes(acc.get_state_dict(run.model))
+    # get_state_dict gathers collectively; under ZeRO-3 only the main process receives the weights (None elsewhere)
+    weights = _stripped(acc.get_state_dict(run.model))
     ema_weights = None
     if run.ema is not None:
         run.ema.swap(run.unwrapped)
-        ema_weights = ckpt.strip_prefixes(acc.get_state_dict(run.model))
-        ema_weights = {k: v.clone() for k, v in ema_weights.items()}
+        ema_weights = _stripped(acc.get_state_dict(run.model), clone=True)  # the swap back reuses the storage
         run.ema.swap(run.unwrapped)
     if acc.is_main_process:
         import shutil
@@ -528,6 +528,12 @@ def save_model(run, processing_class=None):
                 _replace(os.path.join(tmp, name), os.path.join(out, name))
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _stripped(state_dict, clone=False):
+    if state_dict is None:  # a ZeRO-3 rank other than the main one
+        return None
+    return {k: v.clone() if clone else v for k, v in ckpt.strip_prefixes(state_dict).items()}
 
 
 def _replace(src, dst):

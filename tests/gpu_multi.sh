@@ -24,7 +24,8 @@
 #       concurrent runs mean nothing).
 #   bash tests/gpu_multi.sh shard OUTDIR
 #       The sharding table, one run at a time: `loop bench` (loop side, 20 steps) on GPT-2 124M and a GPT-2-XL-shaped
-#       1.5B model on 1 GPU, DDP, FSDP2, ZeRO-2 and ZeRO-3. MODELS="gpt2-124m" or "gpt2-xl" for one model only.
+#       1.5B model on 1 GPU, DDP, FSDP2, ZeRO-2 and ZeRO-3. MODELS="gpt2-124m" or "gpt2-xl" for one model only,
+#       TOPOLOGIES="one ddp fsdp2 zero2 zero3" (all by default) for some rows.
 #   bash tests/gpu_multi.sh more OUTDIR     # checks, then shard
 #   Two 10-minute calls on a pair of H200s:
 #       SPREAD=1 bash tests/gpu_multi.sh resume OUT; MODELS=gpt2-124m bash tests/gpu_multi.sh shard OUT
@@ -158,7 +159,7 @@ checks_part() {  # equivalence, two nodes and loop compare, at the same time (co
 
 shard_part() {  # the sharding table: one run at a time
   XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
-  for t in one ddp fsdp2 zero2 zero3; do
+  for t in ${TOPOLOGIES:-one ddp fsdp2 zero2 zero3}; do
     n=2; [ "$t" = one ] && n=1
     for model in ${MODELS:-gpt2-124m gpt2-xl}; do
       extra=(); [ "$model" = gpt2-xl ] && extra=(--model_config "$XL" --per_device_train_batch_size 4)
