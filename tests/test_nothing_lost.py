@@ -87,3 +87,40 @@ def test_manifest_lists_every_file_and_damaged_checkpoints_are_skipped_on_resume
     assert _comparable(resumed) == _comparable(reference)
     assert ckpt.damage(str(out / "checkpoint-12"), checksums=True) is None
     assert ckpt.damage(str(out / "checkpoint-8"), checksums=True) is None
+
+
+def test_final_save_where_only_the_main_process_receives_the_gathered_weights(tmp_path):
+    """Under ZeRO-3, get_state_dict gathers collectively and returns None on every rank but the main one. The final
+    save (model and EMA) must pass through those ranks without touching the weights, and the main rank must write
+    them. On 2 GPUs the ranks other than 0 crashed here at the end of every ZeRO-3 run."""
+    from types import SimpleNamespace
+
+    from loop.ema import EMA
+    from loop.fit import save_model
+
+    model = tiny_gpt2()
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the EMA now differs from the model
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = [t.clone() for t in ema.shadow]
+
+    def fake_run(main):
+        acc = SimpleNamespace(is_main_process=main, wait_for_everyone=lambda: None,
+                              get_state_dict=lambda m: {f"module.{k}": v for k, v in m.state_dict().items()} if main
+                              else None)
+        return SimpleNamespace(accelerator=acc, config=SimpleNamespace(output_dir=str(tmp_path)), model=model,
+                               unwrapped=model, ema=ema)
+
+    save_model(fake_run(main=False))  # another rank: no error, nothing written, the weights left as they were
+    assert not os.path.exists(tmp_path / "model.safetensors") and not os.path.exists(tmp_path / "ema")
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    save_model(fake_run(main=True))
+    saved, saved_ema = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "ema" / "model.safetensors")
+    assert torch.equal(saved["transformer.h.0.mlp.c_fc.weight"], expected["transformer.h.0.mlp.c_fc.weight"])
+    names = [n for n, _ in model.named_parameters()]
+    i = names.index("transformer.h.0.mlp.c_fc.weight")
+    assert torch.equal(saved_ema["transformer.h.0.mlp.c_fc.weight"], shadow[i])
+    assert not torch.equal(shadow[i], expected["transformer.h.0.mlp.c_fc.weight"])
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # swapped back
