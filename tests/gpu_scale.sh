@@ -11,6 +11,9 @@
 #                                          # 127.0.0.1) against one node of G: the same per-step losses (fp32,
 #                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
 #   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote
+#   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes on GPUS GPUs: all-reduce bandwidth alone
+#                                          # (tests/allreduce_probe.py), then a profile of the loop-fast GPT-2 step
+#                                          # (tests/profile_ddp.py; EXTRA adds job arguments, e.g. --ddp_bucket_cap_mb)
 #
 # GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), TOPOLOGIES (default: all of the part's),
 # STEPS (default 40) and EXTRA (more job arguments for every run, e.g. a smaller model and --use_cpu true for a dry
@@ -113,6 +116,11 @@ for t in ("fsdp2", "zero2", "zero3"):
             print(f"| {t} | {n} | {s['tokens_per_second'] / n:,.0f} | {gb(s['peak_memory_gb'])} |")
 PY
   ;;
-*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table OUTDIR"; exit 2 ;;
+profile)
+  torchrun --nproc_per_node "$GPUS" --master_port 29582 tests/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
+  accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" --main_process_port 29583 \
+    tests/profile_ddp.py "${EXTRA[@]}" > "$out/profile.log" 2>&1 || { echo "profile: FAILED"; tail -5 "$out/profile.log"; fail=1; }
+  grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/profile.log" | grep -A30 'ms/step unprofiled' | head -34 ;;
+*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|profile OUTDIR"; exit 2 ;;
 esac
 exit $fail
