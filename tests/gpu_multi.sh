@@ -12,7 +12,8 @@
 #       another. NPROC=1 runs the same checks through one process (one GPU). SPREAD=1 runs each uninterrupted
 #       reference twice and takes the larger of 1e-6 and that run-to-run spread as the tolerance (fp32 on a GPU is not
 #       deterministic).
-#   EXTRA_JOB="--full_determinism true" (or any job arguments) is added to every run of every part. On a CPU:
+#   EXTRA_JOB="--full_determinism true" (or any job arguments) is added to every run of every part. RUN_TIMEOUT
+#       (default 300 s) stops any one launch that runs longer (a hung collective), which counts as a failure. On a CPU:
 #       EXTRA_JOB='--use_cpu true --max_docs 60 --model_config {"n_embd":32,"n_layer":2,"n_head":2,"n_positions":1024,
 #       "vocab_size":257,"resid_pdrop":0,"embd_pdrop":0,"attn_pdrop":0}' (one line, no spaces) runs resume ddp fsdp2
 #       and checks in a few minutes.
@@ -40,6 +41,8 @@ JOB=(--config tasks/configs/gpt2_124m.yaml --disable_tqdm --bf16 false --logging
      --model_config "{\"n_embd\": 768, \"n_layer\": 12, \"n_head\": 12, \"n_positions\": 1024, \"vocab_size\": 50257, $NODROP}"
      ${EXTRA_JOB:-})
 declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3 [one]=single_gpu)
+# every launch is stopped after RUN_TIMEOUT seconds (exit 124, a failure): a hung collective must not eat the call
+LAUNCH=(timeout -k 10 "${RUN_TIMEOUT:-300}" accelerate launch)
 fail=0
 
 same() {  # same REF RUN NAME TOL: every logged loss/grad_norm (and eval_ema_loss) of RUN equals REF's within TOL
@@ -81,7 +84,7 @@ resume_one() {  # resume_one TOPOLOGY PORT: one topology's kill-and-resume seque
   local t=$1 p=$2 fail=0 start ref ref2 kill_pid tol spread
   local -a ema acc worker launch
   ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
-  acc=(accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2})
+  acc=("${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2})
   # batch 2 x 4 micro-batches (16 sequences a step on 2 GPUs): the 3 runs of all 4 topologies share the GPUs at once
   worker=(tests/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 2
           --gradient_accumulation_steps 4 --per_device_eval_batch_size 4 --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
@@ -100,7 +103,7 @@ resume_one() {  # resume_one TOPOLOGY PORT: one topology's kill-and-resume seque
     > "$out/$t-kill.log" 2>&1 &
   kill_pid=$!
   wait $kill_pid
-  wait $ref || { echo "$t: reference run FAILED"; tail -25 "$out/$t-ref.log"; wait; return 1; }
+  wait $ref || { echo "$t: reference run FAILED (exit $?; 124: over RUN_TIMEOUT)"; tail -25 "$out/$t-ref.log"; wait; return 1; }
   [ -z "$ref2" ] || wait $ref2 || { echo "$t: second reference run FAILED"; tail -25 "$out/$t-ref2.log"; return 1; }
   tol=1e-6
   if [ "${SPREAD:-0}" = 1 ]; then  # the uninterrupted run's own run-to-run spread on this machine
@@ -125,15 +128,15 @@ PY
 
 checks_part() {  # equivalence, two nodes and loop compare, at the same time (correctness only)
   EQ=("${JOB[@]}" --max_steps 30 --per_device_train_batch_size 4 --eval_strategy no --save_strategy no)
-  CUDA_VISIBLE_DEVICES=0 accelerate launch --config_file launch_configs/single_gpu.yaml tests/gpu_worker.py "${EQ[@]}" \
+  CUDA_VISIBLE_DEVICES=0 "${LAUNCH[@]}" --config_file launch_configs/single_gpu.yaml tests/gpu_worker.py "${EQ[@]}" \
     --gradient_accumulation_steps 2 --output_dir "$out/eq-1gpu" > "$out/eq-1gpu.log" 2>&1 &
   local one=$!
-  accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 --main_process_port 29641 \
+  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 --main_process_port 29641 \
     tests/gpu_worker.py "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2gpu" > "$out/eq-2gpu.log" 2>&1 &
   local two=$!
   local nodes=()
   for r in 0 1; do
-    CUDA_VISIBLE_DEVICES=$r accelerate launch --config_file launch_configs/multi_node.yaml --num_processes 2 \
+    CUDA_VISIBLE_DEVICES=$r "${LAUNCH[@]}" --config_file launch_configs/multi_node.yaml --num_processes 2 \
       --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 --main_process_port 29561 tests/gpu_worker.py \
       "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2nodes" > "$out/eq-2nodes-$r.log" 2>&1 &
     nodes+=($!)
@@ -141,7 +144,7 @@ checks_part() {  # equivalence, two nodes and loop compare, at the same time (co
   local port=29642 t
   local -A cmp
   for t in ddp fsdp2; do
-    accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes 2 --main_process_port $port \
+    "${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes 2 --main_process_port $port \
       -m loop compare --config tasks/configs/gpt2_124m.yaml --max_steps 30 --logging_steps 1 --eval_strategy no \
       --disable_tqdm --full_determinism true ${EXTRA_JOB:-} --output_dir "$out/compare-$t" > "$out/compare-$t.log" 2>&1 &
     cmp[$t]=$!; port=$((port + 1))
@@ -165,7 +168,7 @@ shard_part() {  # the sharding table: one run at a time
     for model in ${MODELS:-gpt2-124m gpt2-xl}; do
       extra=(); [ "$model" = gpt2-xl ] && extra=(--model_config "$XL" --per_device_train_batch_size 4)
       echo "== sharding: $t, $model"
-      accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes $n -m loop bench \
+      "${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes $n -m loop bench \
         --workload gpt2-124m --sides loop --steps 20 "${extra[@]}" ${EXTRA_JOB:-} --output_dir "$out/shard-$t-$model" \
         > "$out/shard-$t-$model.log" 2>&1
       # running out of memory is a row of the table (what sharding buys); any other failure fails the script

@@ -16,7 +16,7 @@
 #                                          # (tests/profile_ddp.py; EXTRA adds job arguments, e.g. --ddp_bucket_cap_mb)
 #
 # GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), TOPOLOGIES (default: all of the part's),
-# STEPS (default 40) and EXTRA (more job arguments for every run, e.g. a smaller model and --use_cpu true for a dry
+# STEPS (default 40), RUN_TIMEOUT (default 300 s for any one launch; longer is a failure) and EXTRA (more job arguments for every run, e.g. a smaller model and --use_cpu true for a dry
 # run on CPU processes; accelerate applies FSDP on GPUs only, so there the fsdp2 runs are DDP) can be set.
 # Exits non-zero when a run fails or the two-node losses differ; a missed scaling target is reported, not failed.
 set -uo pipefail
@@ -26,13 +26,14 @@ GPUS=${GPUS:-$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev
 STEPS=${STEPS:-40}
 read -r -a EXTRA <<< "${EXTRA:-}"
 declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3)
+LAUNCH=(timeout -k 10 "${RUN_TIMEOUT:-300}" accelerate launch)  # a hung collective must not eat the call
 XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
 fail=0
 
 bench() {  # bench NAME TOPOLOGY N [bench arguments]: one `loop bench` run into $out/NAME (bench.json)
   local name=$1 t=$2 n=$3; shift 3
   echo "== $name: $t on $n GPU(s)"  # 1 GPU runs the topology's own code path too: efficiency measures scaling only
-  accelerate launch --config_file launch_configs/${CFG[$t]}.yaml --num_processes "$n" --main_process_port 29571 \
+  "${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes "$n" --main_process_port 29571 \
     -m loop bench --workload gpt2-124m --steps "$STEPS" "$@" "${EXTRA[@]}" --output_dir "$out/$name" \
     > "$out/$name.log" 2>&1 || { echo "$name: FAILED (exit $?; out of memory?)"; tail -5 "$out/$name.log"; fail=1; return; }
   grep -A3 '^side' "$out/$name.log"
@@ -57,11 +58,11 @@ nodes)
        --dataloader_num_workers 0 --max_steps 30 --per_device_train_batch_size 4 --eval_strategy no
        --save_strategy no --model_config '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
        "vocab_size": 50257, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}' "${EXTRA[@]}")
-  accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" tests/gpu_worker.py \
+  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" tests/gpu_worker.py \
     "${JOB[@]}" --output_dir "$out/one-node" > "$out/one-node.log" 2>&1 || { echo "one node: FAILED"; fail=1; }
   for r in 0 1; do
     devices=$first; [ $r = 1 ] && devices=$second
-    CUDA_VISIBLE_DEVICES=$devices accelerate launch --config_file launch_configs/multi_node.yaml \
+    CUDA_VISIBLE_DEVICES=$devices "${LAUNCH[@]}" --config_file launch_configs/multi_node.yaml \
       --num_processes "$GPUS" --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 \
       --main_process_port 29581 tests/gpu_worker.py "${JOB[@]}" --output_dir "$out/two-nodes" \
       > "$out/two-nodes-$r.log" 2>&1 &
@@ -118,7 +119,7 @@ PY
   ;;
 profile)
   torchrun --nproc_per_node "$GPUS" --master_port 29582 tests/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
-  accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" --main_process_port 29583 \
+  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" --main_process_port 29583 \
     tests/profile_ddp.py "${EXTRA[@]}" > "$out/profile.log" 2>&1 || { echo "profile: FAILED"; tail -5 "$out/profile.log"; fail=1; }
   grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/profile.log" | grep -A30 'ms/step unprofiled' | head -34 ;;
 *) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|profile OUTDIR"; exit 2 ;;
