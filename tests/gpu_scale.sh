@@ -11,9 +11,10 @@
 #                                          # 127.0.0.1) against one node of G: the same per-step losses (fp32,
 #                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
 #   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote
-#   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes on GPUS GPUs: all-reduce bandwidth alone
-#                                          # (tests/allreduce_probe.py), then a profile of the loop-fast GPT-2 step
-#                                          # (tests/profile_ddp.py; EXTRA adds job arguments, e.g. --ddp_bucket_cap_mb)
+#   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes: all-reduce bandwidth alone
+#                                          # (tests/allreduce_probe.py), then the loop-fast GPT-2 step profiled on 1 GPU
+#                                          # and on GPUS (tests/profile_ddp.py: compute busy, communication not
+#                                          # overlapped, idle; EXTRA adds job arguments, e.g. --ddp_bucket_cap_mb 100)
 #
 # GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), TOPOLOGIES (default: all of the part's),
 # STEPS (default 40), RUN_TIMEOUT (default 300 s for any one launch; longer is a failure) and EXTRA (more job arguments for every run, e.g. a smaller model and --use_cpu true for a dry
@@ -119,9 +120,14 @@ PY
   ;;
 profile)
   torchrun --nproc_per_node "$GPUS" --master_port 29582 tests/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
-  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" --main_process_port 29583 \
-    tests/profile_ddp.py "${EXTRA[@]}" > "$out/profile.log" 2>&1 || { echo "profile: FAILED"; tail -5 "$out/profile.log"; fail=1; }
-  grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/profile.log" | grep -A30 'ms/step unprofiled' | head -34 ;;
+  for n in 1 "$GPUS"; do  # one GPU without the recorded step (DDP cannot record it; it costs nothing at this size)
+    one=(); [ "$n" = 1 ] && one=(--cuda_graph_step false)
+    echo "== profile: $n GPU(s)"
+    "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$n" --main_process_port 29583 \
+      tests/profile_ddp.py "${one[@]}" "${EXTRA[@]}" > "$out/profile-$n.log" 2>&1 \
+      || { echo "profile on $n: FAILED"; tail -5 "$out/profile-$n.log"; fail=1; }
+    grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/profile-$n.log" | grep -A28 'ms/step unprofiled' | head -30
+  done ;;
 *) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|profile OUTDIR"; exit 2 ;;
 esac
 exit $fail

@@ -1,6 +1,7 @@
 """Where a data-parallel step's time goes: GPT-2 124M with the fast path (`loop bench`'s gpt2-124m workload, `fast`),
-36 steps; rank 0 times steps 21-25 unprofiled, then profiles steps 26-35 and prints the CUDA kernels that take the most
-device time, with the NCCL share. Run by `tests/gpu_scale.sh profile`, or directly:
+36 steps; rank 0 times steps 21-25 unprofiled, then profiles steps 26-35. It prints a breakdown of the step from the
+kernels' own timestamps (compute kernels busy, communication not hidden behind them, GPU idle) and the CUDA kernels
+that take the most device time. Run by `tests/gpu_scale.sh profile` (on 1 GPU and on GPUS), or directly:
 
     accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 tests/profile_ddp.py [job args]
 """
@@ -22,6 +23,30 @@ argv = WORKLOADS["gpt2-124m"] + ["--fast", "true", "--max_steps", "36", "--disab
 config, module, task = build_job(argv)
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 rank = int(os.environ.get("RANK", "0"))
+
+
+def busy(intervals):
+    """Length of the union of [start, end) intervals: time during which at least one of them runs."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def breakdown(events, steps):
+    """Per step, in ms: compute kernels busy, NCCL kernels busy, communication not overlapped by compute, GPU idle."""
+    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower()) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return None
+    compute = [(a, b) for a, b, comm in kernels if not comm]
+    comm = [(a, b) for a, b, is_comm in kernels if is_comm]
+    window = max(b for _, b, _ in kernels) - min(a for a, _, _ in kernels)
+    c, n, u = busy(compute), busy(comm), busy(compute + comm)
+    ms = lambda us: us / steps / 1e3  # noqa: E731 (profiler times are in microseconds)
+    return {"window": ms(window), "compute": ms(c), "nccl": ms(n), "exposed_comm": ms(u - c), "idle": ms(window - u)}
 
 
 class Profile(loop.Callback):
@@ -49,6 +74,11 @@ class Profile(loop.Callback):
                 nccl = sum(e.device_time_total for e in events if "nccl" in e.key.lower())
                 print(f"profiled: {dt * 1e3:.1f} ms/step; CUDA kernel time {gpu / 1e4:.1f} ms a step summed over "
                       f"streams, of which NCCL {nccl / 1e4:.1f} ms")
+                parts = breakdown(self.prof.events(), 10)
+                if parts:
+                    print("per step, from kernel timestamps: {window:.1f} ms on the GPU = compute kernels busy "
+                          "{compute:.1f} + communication not overlapped {exposed_comm:.1f} + idle {idle:.1f} "
+                          "(NCCL kernels busy {nccl:.1f} ms in all)".format(**parts))
                 print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=70))
 
 
