@@ -189,8 +189,9 @@ def _run_side(side, config, module, task, skip):
     start = time.time()
     if side == "loop":
         extra = list(built.pop("callbacks", None) or [])
-        result = train(dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop")),
-                       callbacks=extra + [loop_cb], **built)
+        # no final model: Trainer's train() writes none either, and a 1.5B model's is 6 GB of disk and seconds
+        result = train(dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop"),
+                                           save_final_model=False), callbacks=extra + [loop_cb], **built)
         history, steps, model = result.log_history, result.global_step, clock.model
     else:
         kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}

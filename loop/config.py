@@ -189,6 +189,9 @@ class TrainConfig:
                                "mask. CUDA, bf16/fp16. None: on under `fast` where it applies; false: off even under "
                                "fast (loop/varlen_attention.py).", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
+    save_final_model: bool = _f(True, "Write the final model (and ema/) to output_dir when training ends, as "
+                                "trainer.save_model() after training does; false for benchmarks and sweeps that keep "
+                                "no model (`loop bench` and `loop compare` set it).", group="loop")
 
     def __post_init__(self):
         self._coerce_types()

@@ -489,7 +489,8 @@ def finish(run, processing_class=None) -> TrainResult:
                 import shutil
 
                 shutil.rmtree(path, ignore_errors=True)
-    save_model(run, processing_class)
+    if cfg.save_final_model:
+        save_model(run, processing_class)
     fire(run.callbacks, "on_train_end", run)
     records.out.close()
     if cfg.report_to:

@@ -221,6 +221,8 @@ def test_loop_bench_smoke_on_a_tiny_cpu_workload(tmp_path):
     n, layers, heads, head_dim = ours["params"], 2, 2, 32
     assert ours["flops_per_token"] == pytest.approx(6 * n + 12 * layers * heads * head_dim * 128)
     assert "MFU = (6N + 12*L*H*Q*T)" in proc.stdout and os.path.exists(tmp_path / "bench.png")
+    written = [f for _, _, files in os.walk(tmp_path) for f in files]
+    assert "metrics.jsonl" in written and "model.safetensors" not in written  # the loop side keeps no final model
     ratio = ours["tokens_per_second"] / trainer["tokens_per_second"]
     assert f"loop tokens/s: {ratio:.2f}x trainer" in proc.stdout
     assert_one_line_error(run("bench", "--workload", "gpt3"), "unknown workload", "gpt2-124m")

@@ -124,3 +124,21 @@ def test_final_save_where_only_the_main_process_receives_the_gathered_weights(tm
     assert torch.equal(saved_ema["transformer.h.0.mlp.c_fc.weight"], shadow[i])
     assert not torch.equal(shadow[i], expected["transformer.h.0.mlp.c_fc.weight"])
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # swapped back
+
+
+def test_save_final_model_false_trains_and_checkpoints_the_same_but_writes_no_final_model(tmp_path):
+    """`loop bench` and `loop compare` keep no final model (Trainer's train() writes none; a 1.5B model's is 6 GB).
+    The run, its records and its checkpoints are those of the default run; only model.safetensors and ema/ are absent."""
+    def config(out, **kw):
+        return loop.TrainConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=4, max_steps=6,
+                                logging_steps=2, save_steps=3, disable_tqdm=True, ema_decay=0.9, **kw)
+
+    kept = loop.train(config(tmp_path / "kept"), tiny_gpt2(), LMData(64))
+    skipped = loop.train(config(tmp_path / "skipped", save_final_model=False), tiny_gpt2(), LMData(64))
+    losses = lambda r: [(x["step"], x["loss"]) for x in r.log_history if "loss" in x]  # noqa: E731
+    assert losses(kept) == losses(skipped) and len(losses(kept)) == 3
+    assert os.path.exists(tmp_path / "kept" / "model.safetensors") and os.path.isdir(tmp_path / "kept" / "ema")
+    assert not os.path.exists(tmp_path / "skipped" / "model.safetensors")
+    assert not os.path.exists(tmp_path / "skipped" / "ema")
+    assert sorted(n for n in os.listdir(tmp_path / "skipped") if n.startswith("checkpoint-")) == \
+        ["checkpoint-3", "checkpoint-6"]
