@@ -64,4 +64,6 @@ assert all(torch.equal(p.full_tensor(), e) for p, e in zip(sharded.parameters(),
 ema.swap(sharded)
 assert all(torch.equal(p.full_tensor(), w) for p, w in zip(sharded.parameters(), own))
 print(f"rank {rank}: OK, {held} of {whole} EMA values held")
-dist.destroy_process_group()
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

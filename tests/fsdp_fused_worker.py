@@ -78,4 +78,6 @@ try:
 except LoopError as e:
     assert "needs the output layer in the root FSDP unit" in str(e), e
 print(f"rank {rank}: OK, loss rel diff {worst:.1e}, weights rel diff {weights:.1e} after 4 AdamW steps")
-dist.destroy_process_group()
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)
