@@ -188,6 +188,11 @@ class TrainConfig:
                                "sequence per document, dropout included, instead of SDPA with a dense block-diagonal "
                                "mask. CUDA, bf16/fp16. None: on under `fast` where it applies; false: off even under "
                                "fast (loop/varlen_attention.py).", group="loop")
+    ddp_compile_overlap: typing.Optional[bool] = _f(
+        None, "torch_compile under DDP: true (torch's default) splits the compiled model at DDP's bucket boundaries "
+        "(dynamo's DDP optimizer) so that each bucket's all-reduce overlaps the rest of the backward; false compiles "
+        "one graph and all-reduces when the backward is done (torch._dynamo.config.optimize_ddp False, process-wide): "
+        "no overlap, but the backward keeps its fusions and the whole GPU. None: torch's default.", group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
     save_final_model: bool = _f(True, "Write the final model (and ema/) to output_dir when training ends, as "
                                 "trainer.save_model() after training does; false for benchmarks and sweeps that keep "
@@ -376,6 +381,8 @@ class TrainConfig:
             on.append("varlen_attention")
         if self.attention_backends:
             on.append(f"attention_backends {self.attention_backends}")
+        if self.ddp_compile_overlap is not None and self.torch_compile:
+            on.append(f"ddp_compile_overlap {str(self.ddp_compile_overlap).lower()}")
         if self.param_groups:
             on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on

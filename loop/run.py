@@ -310,6 +310,11 @@ def compile_settings(run, device_table, recorded: bool):
     the table's labels, so the first forward finds it set."""
     config = run.config
     plugin = getattr(run.accelerator.state, "dynamo_plugin", None)
+    if config.torch_compile and config.ddp_compile_overlap is not None:
+        from torch import _dynamo
+
+        # process-wide, read when the compiled model first runs under DDP (and at any recompilation)
+        _dynamo.config.optimize_ddp = config.ddp_compile_overlap
     if not config.torch_compile or plugin is None or device_table is None:
         return
     if config.fast and widths_vary(device_table):

@@ -11,14 +11,21 @@ from helpers import LMData, tiny_gpt2  # noqa: E402
 
 out, batch = sys.argv[1], int(sys.argv[2])
 extra = dict(a.split("=", 1) for a in sys.argv[3:])
+vocab = int(extra.pop("vocab", 64))  # a larger vocabulary makes the model span several 1 MB DDP buckets
 config = loop.TrainConfig(output_dir=os.path.join(out, "run"), per_device_train_batch_size=batch,
                           gradient_accumulation_steps=2, max_steps=6, logging_steps=1, learning_rate=1e-3,
                           save_strategy="no", use_cpu=True, disable_tqdm=True, telemetry=False,
                           eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=3, **extra)
-result = loop.train(config, tiny_gpt2(), LMData(48, ragged=True), eval_dataset=LMData(12, seed=1, ragged=True))
+result = loop.train(config, tiny_gpt2(vocab=vocab), LMData(48, ragged=True), eval_dataset=LMData(12, seed=1, ragged=True))
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, "log.json"), "w") as f:
         json.dump(result.log_history, f)
+    if config.torch_compile:  # how dynamo compiled the model: one AOT graph per piece it was split into
+        import torch._dynamo
+
+        with open(os.path.join(out, "compiled.json"), "w") as f:
+            json.dump({"optimize_ddp": torch._dynamo.config.optimize_ddp,
+                       "aot_graphs": torch._dynamo.utils.counters["aot_autograd"]["total"]}, f)
 from loop.cli import leave_process_group  # noqa: E402
 
 leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

@@ -17,17 +17,24 @@ def _run(cmd, env=None):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("two_process_options", [[], ["fused_linear_cross_entropy=true", "dataset_on_device=true",
-                                                     "ddp_find_unused_parameters=false"]], ids=["default", "fast-parts"])
-def test_two_processes_match_one_with_double_batch(tmp_path, two_process_options):
+@pytest.mark.parametrize("port,both,two_process_options", [
+    (29533, [], []),
+    (29546, [], ["fused_linear_cross_entropy=true", "dataset_on_device=true", "ddp_find_unused_parameters=false"]),
+    (29544, ["vocab=12000", "torch_compile=true"], ["ddp_compile_overlap=false", "ddp_bucket_cap_mb=1"]),
+], ids=["default", "fast-parts", "compiled-no-overlap"])
+def test_two_processes_match_one_with_double_batch(tmp_path, port, both, two_process_options):
     """DDP equivalence; with the fused loss, the training set on the device (each rank cuts its own share of the
-    batches from it) and DDP without find_unused_parameters too (what `fast` adds)."""
+    batches from it) and DDP without find_unused_parameters too (what `fast` adds); and compiled as one graph whose
+    gradients are all-reduced after the backward (ddp_compile_overlap false) from several buckets: as many compiled
+    graphs as in one process, where dynamo's DDP optimizer (the default) splits the model at the buckets."""
     worker = os.path.join(HERE, "ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    _run([sys.executable, worker, str(tmp_path / "one"), "4"], env)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-          "29533" if not two_process_options else "29546", worker, str(tmp_path / "two"), "2", *two_process_options],
-         env)
+    _run([sys.executable, worker, str(tmp_path / "one"), "4", *both], env)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), worker,
+          str(tmp_path / "two"), "2", *both, *two_process_options], env)
+    if "ddp_compile_overlap=false" in two_process_options:
+        one, two = (json.load(open(tmp_path / d / "compiled.json")) for d in ("one", "two"))
+        assert two["optimize_ddp"] is False and two["aot_graphs"] == one["aot_graphs"], (one, two)
     one = json.load(open(tmp_path / "one" / "log.json"))
     two = json.load(open(tmp_path / "two" / "log.json"))
     losses1 = [r for r in one if "loss" in r]
