@@ -11,6 +11,8 @@
 #                                          # 127.0.0.1) against one node of G: the same per-step losses (fp32,
 #                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
 #   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote
+#   bash tests/gpu_scale.sh levers OUTDIR  # the loop-fast GPT-2 step under DDP on GPUS, once per lever (an environment
+#                                          # variable or job arguments, listed in the part): ms/step and tokens/s each
 #   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes: all-reduce bandwidth alone
 #                                          # (tests/allreduce_probe.py), then the loop-fast GPT-2 step profiled on 1 GPU
 #                                          # and on GPUS (tests/profile_ddp.py: compute busy, communication not
@@ -118,6 +120,28 @@ for t in ("fsdp2", "zero2", "zero3"):
             print(f"| {t} | {n} | {s['tokens_per_second'] / n:,.0f} | {gb(s['peak_memory_gb'])} |")
 PY
   ;;
+levers)  # each line: a name, environment assignments (comma-separated; X=1: none), job arguments. LEVERS="a b" picks some
+  while read -r name env args; do
+    [ -n "${LEVERS:-}" ] && [[ " $LEVERS " != *" $name "* ]] && continue
+    echo "== lever $name: $env $args"
+    IFS=, read -r -a envs <<< "$env"; read -r -a more <<< "$args"
+    env "${envs[@]}" "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" \
+      --main_process_port 29571 -m loop bench --workload gpt2-124m --steps "$STEPS" --sides loop-fast "${more[@]}" \
+      "${EXTRA[@]}" --output_dir "$out/lever-$name" < /dev/null > "$out/lever-$name.log" 2>&1 \
+      || { echo "$name: FAILED (exit $?)"; tail -3 "$out/lever-$name.log"; fail=1; continue; }
+    grep -A3 '^side' "$out/lever-$name.log" | grep loop-fast
+  done <<'END_OF_LEVERS'
+base X=1
+no-overlap-one-bucket X=1 --ddp_compile_overlap false --ddp_bucket_cap_mb 1000
+nccl-high-priority TORCH_NCCL_HIGH_PRIORITY=1
+high-priority-250mb TORCH_NCCL_HIGH_PRIORITY=1 --ddp_bucket_cap_mb 250
+8-channels-high-priority NCCL_MAX_NCHANNELS=8,TORCH_NCCL_HIGH_PRIORITY=1
+nccl-simple NCCL_PROTO=Simple
+buckets-100mb X=1 --ddp_bucket_cap_mb 100
+no-overlap X=1 --ddp_compile_overlap false
+static-graph X=1 --ddp_static_graph true
+END_OF_LEVERS
+  ;;
 profile)
   torchrun --nproc_per_node "$GPUS" --master_port 29582 tests/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
   for n in 1 "$GPUS"; do  # one GPU without the recorded step (DDP cannot record it; it costs nothing at this size)
@@ -128,6 +152,6 @@ profile)
       || { echo "profile on $n: FAILED"; tail -5 "$out/profile-$n.log"; fail=1; }
     grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/profile-$n.log" | grep -A28 'ms/step unprofiled' | head -30
   done ;;
-*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|profile OUTDIR"; exit 2 ;;
+*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|levers|profile OUTDIR"; exit 2 ;;
 esac
 exit $fail
