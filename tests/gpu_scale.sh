@@ -32,13 +32,14 @@ declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3
 LAUNCH=(timeout -k 10 "${RUN_TIMEOUT:-300}" accelerate launch)  # a hung collective must not eat the call
 XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
 fail=0
+RUN_ENV=(X=1)  # environment assignments for bench's launch (the levers part sets them per lever)
 
 bench() {  # bench NAME TOPOLOGY N [bench arguments]: one `loop bench` run into $out/NAME (bench.json)
   local name=$1 t=$2 n=$3; shift 3
   echo "== $name: $t on $n GPU(s)"  # 1 GPU runs the topology's own code path too: efficiency measures scaling only
-  "${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes "$n" --main_process_port 29571 \
-    -m loop bench --workload gpt2-124m --steps "$STEPS" "$@" "${EXTRA[@]}" --output_dir "$out/$name" \
-    > "$out/$name.log" 2>&1 || { echo "$name: FAILED (exit $?; out of memory?)"; tail -5 "$out/$name.log"; fail=1; return; }
+  env "${RUN_ENV[@]}" "${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes "$n" \
+    --main_process_port 29571 -m loop bench --workload gpt2-124m --steps "$STEPS" "$@" "${EXTRA[@]}" \
+    --output_dir "$out/$name" < /dev/null > "$out/$name.log" 2>&1 || { echo "$name: FAILED (exit $?; out of memory?)"; tail -5 "$out/$name.log"; fail=1; return; }
   grep -A3 '^side' "$out/$name.log"
 }
 
@@ -124,12 +125,8 @@ levers)  # each line: a name, environment assignments (comma-separated; X=1: non
   while read -r name env args; do
     [ -n "${LEVERS:-}" ] && [[ " $LEVERS " != *" $name "* ]] && continue
     echo "== lever $name: $env $args"
-    IFS=, read -r -a envs <<< "$env"; read -r -a more <<< "$args"
-    env "${envs[@]}" "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" \
-      --main_process_port 29571 -m loop bench --workload gpt2-124m --steps "$STEPS" --sides loop-fast "${more[@]}" \
-      "${EXTRA[@]}" --output_dir "$out/lever-$name" < /dev/null > "$out/lever-$name.log" 2>&1 \
-      || { echo "$name: FAILED (exit $?)"; tail -3 "$out/lever-$name.log"; fail=1; continue; }
-    grep -A3 '^side' "$out/lever-$name.log" | grep loop-fast
+    IFS=, read -r -a RUN_ENV <<< "$env"; read -r -a more <<< "$args"
+    bench "lever-$name" ddp "$GPUS" --sides loop-fast "${more[@]}"
   done <<'END_OF_LEVERS'
 base X=1
 no-overlap-one-bucket X=1 --ddp_compile_overlap false --ddp_bucket_cap_mb 1000
