@@ -191,8 +191,9 @@ class TrainConfig:
     ddp_compile_overlap: typing.Optional[bool] = _f(
         None, "torch_compile under DDP: true (torch's default) splits the compiled model at DDP's bucket boundaries "
         "(dynamo's DDP optimizer) so that each bucket's all-reduce overlaps the rest of the backward; false compiles "
-        "one graph and all-reduces when the backward is done (torch._dynamo.config.optimize_ddp False, process-wide): "
-        "no overlap, but the backward keeps its fusions and the whole GPU. None: torch's default.", group="loop")
+        "one graph and all-reduces when the backward is done (torch._dynamo.config.optimize_ddp False during the run, "
+        "put back after it): no overlap, but the backward keeps its fusions and the whole GPU. None: torch's default.",
+        group="loop")
     metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
     save_final_model: bool = _f(True, "Write the final model (and ema/) to output_dir when training ends, as "
                                 "trainer.save_model() after training does; false for benchmarks and sweeps that keep "

@@ -296,6 +296,16 @@ def widths_vary(device_table) -> bool:
     return getattr(device_table, "lengths", None) is not None
 
 
+def ddp_overlap_setting(config: TrainConfig):
+    """ddp_compile_overlap, for the length of one train() call: torch's setting is process-wide (read when the compiled
+    model first runs under DDP, and at any recompilation), so it is put back afterwards, as the user had it."""
+    if not config.torch_compile or config.ddp_compile_overlap is None:
+        return contextlib.nullcontext()
+    from torch import _dynamo
+
+    return _dynamo.config.patch(optimize_ddp=config.ddp_compile_overlap)
+
+
 def compile_settings(run, device_table, recorded: bool):
     """Under torch_compile, before prepare(): what the device table tells about the batches, used so that the model
     compiles once, or not at all.
@@ -310,11 +320,6 @@ def compile_settings(run, device_table, recorded: bool):
     the table's labels, so the first forward finds it set."""
     config = run.config
     plugin = getattr(run.accelerator.state, "dynamo_plugin", None)
-    if config.torch_compile and config.ddp_compile_overlap is not None:
-        from torch import _dynamo
-
-        # process-wide, read when the compiled model first runs under DDP (and at any recompilation)
-        _dynamo.config.optimize_ddp = config.ddp_compile_overlap
     if not config.torch_compile or plugin is None or device_table is None:
         return
     if config.fast and widths_vary(device_table):

@@ -16,7 +16,20 @@ config = loop.TrainConfig(output_dir=os.path.join(out, "run"), per_device_train_
                           gradient_accumulation_steps=2, max_steps=6, logging_steps=1, learning_rate=1e-3,
                           save_strategy="no", use_cpu=True, disable_tqdm=True, telemetry=False,
                           eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=3, **extra)
-result = loop.train(config, tiny_gpt2(vocab=vocab), LMData(48, ragged=True), eval_dataset=LMData(12, seed=1, ragged=True))
+
+
+class SeenDuringTheRun(loop.Callback):
+    """torch's process-wide optimize_ddp as the run's steps see it (ddp_compile_overlap sets it for the run only)."""
+    optimize_ddp = None
+
+    def on_step_end(self, run):
+        import torch._dynamo
+
+        SeenDuringTheRun.optimize_ddp = torch._dynamo.config.optimize_ddp
+
+
+result = loop.train(config, tiny_gpt2(vocab=vocab), LMData(48, ragged=True), eval_dataset=LMData(12, seed=1, ragged=True),
+                    callbacks=[SeenDuringTheRun()])
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, "log.json"), "w") as f:
         json.dump(result.log_history, f)
@@ -24,7 +37,8 @@ if int(os.environ.get("RANK", "0")) == 0:
         import torch._dynamo
 
         with open(os.path.join(out, "compiled.json"), "w") as f:
-            json.dump({"optimize_ddp": torch._dynamo.config.optimize_ddp,
+            json.dump({"optimize_ddp": SeenDuringTheRun.optimize_ddp,
+                       "optimize_ddp_after": torch._dynamo.config.optimize_ddp,
                        "aot_graphs": torch._dynamo.utils.counters["aot_autograd"]["total"]}, f)
 from loop.cli import leave_process_group  # noqa: E402
 

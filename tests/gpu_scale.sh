@@ -10,9 +10,12 @@
 #   bash tests/gpu_scale.sh nodes OUTDIR   # two "nodes" of G/2 GPUs on this host (machine_rank 0 and 1, main process
 #                                          # 127.0.0.1) against one node of G: the same per-step losses (fp32,
 #                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
-#   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote
+#   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote (levers: against
+#                                          # ONE_GPU_TOKENS, or dp's one-GPU DDP run in the same OUTDIR)
 #   bash tests/gpu_scale.sh levers OUTDIR  # the loop-fast GPT-2 step under DDP on GPUS, once per lever (an environment
 #                                          # variable or job arguments, listed in the part): ms/step and tokens/s each
+#   bash tests/gpu_scale.sh ddp-at-one OUTDIR # on one GPU, the profiled loop-fast GPT-2 step plain and wrapped in DDP
+#                                          # in a world of one process (what DDP costs before any communication)
 #   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes: all-reduce bandwidth alone
 #                                          # (tests/allreduce_probe.py), then the loop-fast GPT-2 step profiled on 1 GPU
 #                                          # and on GPUS (tests/profile_ddp.py: compute busy, communication not
@@ -41,6 +44,15 @@ bench() {  # bench NAME TOPOLOGY N [bench arguments]: one `loop bench` run into 
     --main_process_port 29571 -m loop bench --workload gpt2-124m --steps "$STEPS" "$@" "${EXTRA[@]}" \
     --output_dir "$out/$name" < /dev/null > "$out/$name.log" 2>&1 || { echo "$name: FAILED (exit $?; out of memory?)"; tail -5 "$out/$name.log"; fail=1; return; }
   grep -A3 '^side' "$out/$name.log"
+}
+
+profile() {  # profile NAME N [job arguments]: tests/profile_ddp.py on N GPUs (RUN_ENV as for bench) into $out/NAME.log
+  local name=$1 n=$2; shift 2
+  echo "== $name: $n GPU(s) ${RUN_ENV[*]} $*"
+  env "${RUN_ENV[@]}" "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$n" \
+    --main_process_port 29583 tests/profile_ddp.py "$@" "${EXTRA[@]}" > "$out/$name.log" 2>&1 \
+    || { echo "$name: FAILED"; tail -5 "$out/$name.log"; fail=1; return; }
+  grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/$name.log" | grep -B1 -A28 'ms/step unprofiled' | head -31
 }
 
 case $what in
@@ -119,6 +131,15 @@ for t in ("fsdp2", "zero2", "zero3"):
         if f"xl-{t}-{n}" in runs:
             s = runs[f"xl-{t}-{n}"][1]
             print(f"| {t} | {n} | {s['tokens_per_second'] / n:,.0f} | {gb(s['peak_memory_gb'])} |")
+levers = sorted(k for k in runs if k.startswith("lever-"))
+if levers:  # against one GPU's tokens/s: ONE_GPU_TOKENS, or the dp part's one-GPU DDP run in the same OUTDIR
+    one = float(os.environ.get("ONE_GPU_TOKENS") or runs.get("dp-ddp-1", (None, {}))[1].get("tokens_per_second") or 0)
+    print(f"\n| lever (DDP, loop-fast GPT-2 124M) | ms/step | tokens/s (all GPUs) | x one GPU ({one:,.0f} tokens/s) |")
+    print("|---|---|---|---|")
+    for k in sorted(levers, key=lambda k: -(runs[k][1]["tokens_per_second"] or 0)):
+        s = runs[k][1]
+        times = f"{s['tokens_per_second'] / one:.2f}" if one else "-"
+        print(f"| {k[len('lever-'):]} | {s['ms_per_step']:.1f} | {s['tokens_per_second']:,.0f} | {times} |")
 PY
   ;;
 levers)  # each line: a name, environment assignments (comma-separated; X=1: none), job arguments. LEVERS="a b" picks some
@@ -143,12 +164,23 @@ profile)
   torchrun --nproc_per_node "$GPUS" --master_port 29582 tests/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
   for n in 1 "$GPUS"; do  # one GPU without the recorded step (DDP cannot record it; it costs nothing at this size)
     one=(); [ "$n" = 1 ] && one=(--cuda_graph_step false)
-    echo "== profile: $n GPU(s)"
-    "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$n" --main_process_port 29583 \
-      tests/profile_ddp.py "${one[@]}" "${EXTRA[@]}" > "$out/profile-$n.log" 2>&1 \
-      || { echo "profile on $n: FAILED"; tail -5 "$out/profile-$n.log"; fail=1; }
-    grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/profile-$n.log" | grep -A28 'ms/step unprofiled' | head -30
+    profile "profile-$n" "$n" "${one[@]}"
   done ;;
-*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|levers|profile OUTDIR"; exit 2 ;;
+ddp-at-one)  # one GPU: the step plain, then wrapped in DDP in a world of one process (DDP_AT_ONE=1, see
+             # tests/profile_ddp.py): what DDP's reducer, buckets and dynamo's graph split cost before any link does.
+             # Lines as in levers (LEVERS="a b" picks some).
+  while read -r name env args; do
+    [ -n "${LEVERS:-}" ] && [[ " $LEVERS " != *" $name "* ]] && continue
+    IFS=, read -r -a RUN_ENV <<< "$env"; read -r -a more <<< "$args"
+    profile "ddp-at-one-$name" 1 --cuda_graph_step false "${more[@]}"
+  done <<'END_OF_VARIANTS'
+plain X=1
+ddp DDP_AT_ONE=1
+ddp-no-overlap DDP_AT_ONE=1 --ddp_compile_overlap false
+ddp-no-overlap-one-bucket DDP_AT_ONE=1 --ddp_compile_overlap false --ddp_bucket_cap_mb 1000
+ddp-static-graph DDP_AT_ONE=1 --ddp_static_graph true
+END_OF_VARIANTS
+  ;;
+*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|levers|profile|ddp-at-one OUTDIR"; exit 2 ;;
 esac
 exit $fail

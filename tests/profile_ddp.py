@@ -1,7 +1,8 @@
-"""Where a data-parallel step's time goes: GPT-2 124M with the fast path (`loop bench`'s gpt2-124m workload, `fast`),
-36 steps; rank 0 times steps 21-25 unprofiled, then profiles steps 26-35. It prints a breakdown of the step from the
-kernels' own timestamps (compute kernels busy, communication not hidden behind them, GPU idle) and the CUDA kernels
-that take the most device time. Run by `tests/gpu_scale.sh profile` (on 1 GPU and on GPUS), or directly:
+"""Where a data-parallel step's time goes: GPT-2 124M with the fast path (`loop bench`'s gpt2-124m workload, `fast`).
+After 20 warm-up steps rank 0 times TIMED steps unprofiled (an environment variable, default 5), then profiles the
+next 10. It prints a breakdown of the step from the kernels' own timestamps (compute kernels busy, communication not
+hidden behind them, GPU idle) and the CUDA kernels that take the most device time. Run by `tests/gpu_scale.sh
+profile` (on 1 GPU and on GPUS) and `ddp-at-one`, or directly:
 
     accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 tests/profile_ddp.py [job args]
 """
@@ -18,7 +19,19 @@ import loop  # noqa: E402
 from loop.bench import WORKLOADS  # noqa: E402
 from loop.job import build_job, build_task  # noqa: E402
 
-argv = WORKLOADS["gpt2-124m"] + ["--fast", "true", "--max_steps", "36", "--disable_tqdm", "true",
+if os.environ.get("DDP_AT_ONE") == "1":
+    # A world of one process wrapped in DDP all the same (accelerate wraps only from two processes on): DDP's reducer,
+    # its buckets, its (one-rank) all-reduces and dynamo's graph split at the buckets, without a second GPU or a link.
+    # What this costs over the plain one-GPU step is what DDP costs before any communication does.
+    from accelerate.state import DistributedType, PartialState
+
+    PartialState.use_distributed = property(lambda self: self.distributed_type != DistributedType.NO)
+
+TIMED = int(os.environ.get("TIMED", "5"))  # steps timed unprofiled, after 20 warm-up steps
+PROFILE_STEPS = 10  # then profiled
+START, PROFILED = 20, 20 + TIMED
+END = PROFILED + PROFILE_STEPS
+argv = WORKLOADS["gpt2-124m"] + ["--fast", "true", "--max_steps", str(END + 1), "--disable_tqdm", "true",
                                  "--output_dir", "outputs/profile-ddp"] + sys.argv[1:]
 config, module, task = build_job(argv)
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -54,19 +67,23 @@ class Profile(loop.Callback):
 
     def on_step_end(self, run):
         step = run.state.global_step
-        if step in (20, 25, 35):
+        if step in (START, PROFILED, END):
             sync()  # a sync point on purpose: the clock reads an idle device
-        if step == 20:
+        if step == START:
+            if rank == 0:  # the model the step runs: compiled or not, wrapped in DistributedDataParallel or not
+                inner = getattr(run.model, "_orig_mod", run.model)
+                print(f"model: {type(run.model).__name__} of {type(inner).__name__}", flush=True)
             self.t = time.perf_counter()
-        elif step == 25:
-            print(f"rank {rank}: {(time.perf_counter() - self.t) / 5 * 1e3:.1f} ms/step unprofiled", flush=True)
+        elif step == PROFILED:
+            print(f"rank {rank}: {(time.perf_counter() - self.t) / TIMED * 1e3:.1f} ms/step unprofiled "
+                  f"(steps {START + 1}-{PROFILED})", flush=True)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                             if torch.cuda.is_available() else [])
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
             self.t = time.perf_counter()
-        elif step == 35 and self.prof is not None:
-            dt = (time.perf_counter() - self.t) / 10
+        elif step == END and self.prof is not None:
+            dt = (time.perf_counter() - self.t) / PROFILE_STEPS
             self.prof.__exit__(None, None, None)
             if rank == 0:
                 events = self.prof.key_averages()
@@ -74,7 +91,7 @@ class Profile(loop.Callback):
                 nccl = sum(e.device_time_total for e in events if "nccl" in e.key.lower())
                 print(f"profiled: {dt * 1e3:.1f} ms/step; CUDA kernel time {gpu / 1e4:.1f} ms a step summed over "
                       f"streams, of which NCCL {nccl / 1e4:.1f} ms")
-                parts = breakdown(self.prof.events(), 10)
+                parts = breakdown(self.prof.events(), PROFILE_STEPS)
                 if parts:
                     print("per step, from kernel timestamps: {window:.1f} ms on the GPU = compute kernels busy "
                           "{compute:.1f} + communication not overlapped {exposed_comm:.1f} + idle {idle:.1f} "

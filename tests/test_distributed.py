@@ -26,7 +26,8 @@ def test_two_processes_match_one_with_double_batch(tmp_path, port, both, two_pro
     """DDP equivalence; with the fused loss, the training set on the device (each rank cuts its own share of the
     batches from it) and DDP without find_unused_parameters too (what `fast` adds); and compiled as one graph whose
     gradients are all-reduced after the backward (ddp_compile_overlap false) from several buckets: as many compiled
-    graphs as in one process, where dynamo's DDP optimizer (the default) splits the model at the buckets."""
+    graphs as in one process, where dynamo's DDP optimizer (the default) splits the model at the buckets; torch's
+    process-wide setting is put back after the run."""
     worker = os.path.join(HERE, "ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     _run([sys.executable, worker, str(tmp_path / "one"), "4", *both], env)
@@ -35,6 +36,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, port, both, two_pro
     if "ddp_compile_overlap=false" in two_process_options:
         one, two = (json.load(open(tmp_path / d / "compiled.json")) for d in ("one", "two"))
         assert two["optimize_ddp"] is False and two["aot_graphs"] == one["aot_graphs"], (one, two)
+        assert one["optimize_ddp"] is two["optimize_ddp_after"] is True, (one, two)  # put back after the run
     one = json.load(open(tmp_path / "one" / "log.json"))
     two = json.load(open(tmp_path / "two" / "log.json"))
     losses1 = [r for r in one if "loss" in r]
