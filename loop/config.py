@@ -81,6 +81,9 @@ class TrainConfig:
     torch_empty_cache_steps: typing.Optional[int] = _f(None, "Empty the device cache every N steps.")
     use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     use_cache: bool = _f(False, "Value written to model.config.use_cache during training (Trainer's).")
+    neftune_noise_alpha: typing.Optional[float] = _f(
+        None, "NEFTune: in training, add uniform noise of magnitude alpha/sqrt(sequence length x hidden size) to the "
+        "input embeddings (Trainer's hook, removed when training ends; evaluation sees no noise).")
     # ---------------------------------------------------------------- data
     seed: int = _f(42, "Seed set before anything random happens.")
     data_seed: typing.Optional[int] = _f(None, "Separate seed for the data sampler.")
@@ -247,6 +250,8 @@ class TrainConfig:
             bad(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if not 0 <= self.label_smoothing_factor < 1:
             bad(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
+            bad(f"neftune_noise_alpha must be >= 0 (unset disables NEFTune), got {self.neftune_noise_alpha}")
         if self.fp16 and self.bf16:
             bad("fp16 and bf16 are both set: choose one mixed-precision mode")
         for tracker in self.report_to:
@@ -444,7 +449,6 @@ REFUSED = {
     "fp16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
     "use_liger_kernel": "Liger kernels are not integrated; `fused_linear_cross_entropy` is the loop's own fused loss (no extra dependency)",
     "liger_kernel_config": "Liger kernels are not integrated",
-    "neftune_noise_alpha": "NEFTune is not implemented",
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
     "log_on_each_node": "the loop logs on the main process only",
     "log_level_replica": "replicas keep the library default log level",

@@ -29,8 +29,8 @@ from .errors import LoopError
 from .evaluation import evaluate_metrics
 from .graph_step import use_graph_step
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
-from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, place_model, plain,
-                  require_config, start, topology, use_fused_loss, use_varlen_attention)
+from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, noisy_embeddings,
+                  place_model, plain, require_config, start, topology, use_fused_loss, use_varlen_attention)
 from .telemetry import Telemetry
 
 
@@ -72,8 +72,9 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
         run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
                     processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
                     optimizer_cls_and_kwargs, optimizer_step)
-        saved_rng = resume(run, resume_path)
-        train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
+        with noisy_embeddings(run):
+            saved_rng = resume(run, resume_path)
+            train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
         return finish(run, processing_class)
 
 

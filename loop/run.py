@@ -296,6 +296,29 @@ def widths_vary(device_table) -> bool:
     return getattr(device_table, "lengths", None) is not None
 
 
+@contextlib.contextmanager
+def noisy_embeddings(run):
+    """neftune_noise_alpha: Trainer's own NEFTune hook on the input embeddings for the length of training, removed
+    after it (also when training fails), so that the model handed back and saved is the plain one. The hook draws its
+    noise from the global generator in the forward, where Trainer's does, so the run stays Trainer's number for
+    number."""
+    alpha = run.config.neftune_noise_alpha
+    if alpha is None:
+        yield
+        return
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    embeddings = getattr(run.unwrapped, "get_input_embeddings", lambda: None)()
+    if embeddings is None:
+        raise LoopError(f"neftune_noise_alpha needs a model whose get_input_embeddings() returns its embedding layer; "
+                        f"{type(run.unwrapped).__name__} has none: add it, or unset neftune_noise_alpha")
+    handle = activate_neftune(run.unwrapped, alpha)
+    try:
+        yield
+    finally:
+        deactivate_neftune(run.unwrapped, handle)
+
+
 def ddp_overlap_setting(config: TrainConfig):
     """ddp_compile_overlap, for the length of one train() call: torch's setting is process-wide (read when the compiled
     model first runs under DDP, and at any recompilation), so it is put back afterwards, as the user had it."""

@@ -56,7 +56,8 @@ def test_help_lists_every_field_with_default():
     (["trian"], ["did you mean `train`"]),
     (["train", "--task", "causal"], ["unknown task", "causal_lm"]),
     (["train", "--max_steps", "many"], ["max_steps", "not a valid int"]),
-    (["train", "--neftune_noise_alpha", "5"], ["neftune_noise_alpha", "not support"]),
+    (["train", "--use_liger_kernel", "true"], ["use_liger_kernel", "not support"]),
+    (["train", "--neftune_noise_alpha", "-1"], ["neftune_noise_alpha must be >= 0"]),
 ])
 def test_bad_options_give_one_clear_line(tmp_path, args, needles):
     assert_one_line_error(run(*args, "--output_dir", str(tmp_path)), *needles)

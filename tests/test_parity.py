@@ -59,6 +59,8 @@ CASES = {
     "sequential_sampler": dict(max_steps=5, train_sampling_strategy="sequential"),
     "tokens_seen_all": dict(max_steps=4, include_num_input_tokens_seen="all", eval_strategy="steps", eval_steps=2),
     "tokens_seen_non_padding": dict(max_steps=4, include_num_input_tokens_seen="non_padding"),
+    "neftune_dropout_eval": dict(neftune_noise_alpha=5.0, dropout=0.1, max_steps=6, gradient_accumulation_steps=2,
+                                 eval_strategy="steps", eval_steps=3),
 }
 SCHEDULERS = {
     "linear": {}, "cosine": {}, "cosine_with_restarts": {"num_cycles": 2}, "polynomial": {"power": 2.0},
@@ -138,6 +140,27 @@ def test_parity_detects_a_difference(tmp_path):
     got = loop.train(config, clone(model), LMData(20)).log_history
     with pytest.raises(AssertionError):
         assert_same(trainer.state.log_history, got)
+
+
+def test_neftune_noise_changes_training_and_leaves_no_hook(tmp_path):
+    """The neftune parity case is not vacuous (the noise changes the first loss), the hook leaves with training, and a
+    model without get_input_embeddings is refused with one line."""
+    model, losses = tiny_gpt2(), {}
+    for alpha in (None, 5.0):
+        trained = clone(model)
+        config = loop.TrainConfig(output_dir=str(tmp_path / str(alpha)), per_device_train_batch_size=4, max_steps=3,
+                                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                                  disable_tqdm=True, learning_rate=1e-3, neftune_noise_alpha=alpha)
+        losses[alpha] = [r["loss"] for r in loop.train(config, trained, LMData(20)).log_history if "loss" in r]
+        embeddings = trained.get_input_embeddings()
+        assert not embeddings._forward_hooks and not hasattr(embeddings, "neftune_noise_alpha")
+    assert losses[None][0] != losses[5.0][0]
+    config = loop.TrainConfig(output_dir=str(tmp_path / "plain"), max_steps=2, use_cpu=True, report_to="none",
+                              disable_tqdm=True, neftune_noise_alpha=5.0)
+    with pytest.raises(loop.LoopError, match="get_input_embeddings"):
+        loop.train(config, PlainRegressor(), RegData(20))
+    with pytest.raises(loop.LoopError, match="neftune_noise_alpha must be >= 0"):
+        loop.TrainConfig(neftune_noise_alpha=-1.0)
 
 
 def test_head_that_ignores_num_items_inflates_the_loss_with_accumulation_on_both_sides(tmp_path):
