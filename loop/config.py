@@ -121,6 +121,11 @@ class TrainConfig:
     eval_on_start: bool = _f(False, "Evaluate once before training.")
     prediction_loss_only: bool = _f(False, "Evaluation returns the loss only (no predictions for metrics).")
     eval_accumulation_steps: typing.Optional[int] = _f(None, "Move predictions to the CPU every N eval batches.")
+    include_for_metrics: list = _f([], "Also hand compute_metrics the model inputs ('inputs') and/or the per-sample "
+                                   "losses ('loss'), as EvalPrediction.inputs / .losses.")
+    batch_eval_metrics: bool = _f(False, "Call compute_metrics(eval_pred, compute_result) once a batch instead of on the "
+                                  "whole set (compute_result True on the last batch); predictions are not kept.")
+    eval_do_concat_batches: bool = _f(True, "Concatenate predictions across batches (false: one array per batch).")
     metric_for_best_model: typing.Optional[str] = _f(None, "Metric that picks the best checkpoint and drives early stopping.")
     greater_is_better: typing.Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better.")
     # ---------------------------------------------------------------- checkpoints
@@ -250,6 +255,8 @@ class TrainConfig:
             bad(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if not 0 <= self.label_smoothing_factor < 1:
             bad(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if unknown := [x for x in self.include_for_metrics if x not in ("inputs", "loss")]:
+            bad(f"include_for_metrics: {', '.join(map(repr, unknown))} is not an option; list inputs and/or loss")
         if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
             bad(f"neftune_noise_alpha must be >= 0 (unset disables NEFTune), got {self.neftune_noise_alpha}")
         if self.fp16 and self.bf16:
@@ -455,10 +462,7 @@ REFUSED = {
     "trackio_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
-    "eval_do_concat_batches": "predictions are always concatenated across batches",
     "eval_use_gather_object": "predictions are gathered as tensors",
-    "include_for_metrics": "compute_metrics receives predictions and labels only",
-    "batch_eval_metrics": "compute_metrics runs once on the whole evaluation set",
     "save_on_each_node": "checkpoints are written by the main process to a shared output_dir",
     "enable_jit_checkpoint": "checkpoints are atomic; resume from the newest complete one instead",
     "push_to_hub": "push the saved output_dir with huggingface_hub yourself",

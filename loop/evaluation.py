@@ -11,6 +11,7 @@ evaluations during training, run.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -23,8 +24,23 @@ from .errors import LoopError
 from .step import forward_loss, window_item_count
 
 
-def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = None):
-    """One pass over `loader`: (predictions, label_ids, metrics) as Trainer's evaluation_loop returns them."""
+def check_metrics_function(config, compute_metrics):
+    """batch_eval_metrics calls compute_metrics once a batch and tells it, on the last, to return the summary."""
+    if compute_metrics is not None and not callable(compute_metrics):
+        raise LoopError(f"compute_metrics must be a function, got {type(compute_metrics).__name__}")
+    if config.batch_eval_metrics and compute_metrics is not None \
+            and "compute_result" not in inspect.signature(compute_metrics).parameters:
+        raise LoopError("batch_eval_metrics calls compute_metrics(eval_pred, compute_result=...) once a batch: add a "
+                        "compute_result parameter (True on the last batch: return the metrics then), or set "
+                        "batch_eval_metrics false")
+
+
+def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = None, prediction: bool = False):
+    """One pass over `loader`: (predictions, label_ids, metrics) as Trainer's evaluation_loop returns them.
+
+    include_for_metrics adds the inputs and/or the per-sample losses to compute_metrics' EvalPrediction. With
+    batch_eval_metrics, compute_metrics sees each batch as it is gathered (tensors) with compute_result True on the
+    last, and its last return is the metrics; predictions are then kept for predict() only, as in Trainer."""
     from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_detach
     from transformers.trainer_utils import EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
@@ -39,8 +55,11 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
         loss_only = run.compute_metrics is None or cfg.prediction_loss_only
     ignore = list(getattr(getattr(run.unwrapped, "config", None), "keys_to_ignore_at_inference", ["past_key_values"])) \
         if hasattr(run.unwrapped, "config") else []
-    losses, preds, labels_all = (EvalLoopContainer(True, padding_index=-100) for _ in range(3))
-    batch_size, seen = cfg.per_device_eval_batch_size, 0
+    losses, preds, labels_all, inputs_all = (EvalLoopContainer(cfg.eval_do_concat_batches, padding_index=-100)
+                                             for _ in range(4))
+    main_input = getattr(run.unwrapped, "main_input_name", "input_ids")
+    keep = not cfg.batch_eval_metrics or prediction  # Trainer keeps predict()'s predictions in batch mode too
+    batch_size, seen, metrics = cfg.per_device_eval_batch_size, 0, None
     for batch in loader:
         seen += find_batch_size(batch) or 0
         has_labels = bool(run.label_names) and all(batch.get(k) is not None for k in run.label_names)
@@ -58,9 +77,12 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
                 loss, outputs = None, model(**batch)
                 logits = _predictions(run, outputs, ignore, has_loss=False)
         if loss is not None:
-            losses.add(acc.gather_for_metrics(loss.repeat(batch_size)))
+            loss = acc.gather_for_metrics(loss.repeat(batch_size))
+            losses.add(loss)
         if loss_only:
             continue
+        if "inputs" in cfg.include_for_metrics and batch.get(main_input) is not None and keep:
+            inputs_all.add(acc.gather_for_metrics(acc.pad_across_processes(batch[main_input], dim=1, pad_index=-100)))
         logits = nested_detach(logits)
         logits = logits[0] if isinstance(logits, tuple) and len(logits) == 1 else logits
         if labels is not None:
@@ -68,15 +90,24 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
         logits = acc.pad_across_processes(logits, dim=1, pad_index=-100)
         if run.preprocess_logits_for_metrics is not None:
             logits = run.preprocess_logits_for_metrics(logits, labels)
-        preds.add(acc.gather_for_metrics(logits))
-        if labels is not None:
-            labels_all.add(acc.gather_for_metrics(labels))
+        logits = acc.gather_for_metrics(logits)
+        labels = acc.gather_for_metrics(labels) if labels is not None else None
+        if keep:
+            preds.add(logits)
+            if labels is not None:
+                labels_all.add(labels)
+        if cfg.batch_eval_metrics and run.compute_metrics is not None and labels is not None:
+            metrics = run.compute_metrics(EvalPrediction(logits, labels, **_included(cfg, loss, batch)),
+                                          compute_result=acc.gradient_state.end_of_dataloader)
     all_losses, all_preds, all_labels = losses.get_arrays(), preds.get_arrays(), labels_all.get_arrays()
+    all_inputs = inputs_all.get_arrays()
     num_samples = len(loader.dataset) if hasattr(loader.dataset, "__len__") else seen
-    metrics = {}
-    if run.compute_metrics is not None and all_preds is not None and all_labels is not None:
-        metrics = run.compute_metrics(EvalPrediction(predictions=all_preds, label_ids=all_labels))
+    if run.compute_metrics is not None and all_preds is not None and all_labels is not None \
+            and not cfg.batch_eval_metrics:
+        metrics = run.compute_metrics(EvalPrediction(all_preds, all_labels, **_included(cfg, all_losses, all_inputs)))
     metrics = denumpify_detensorize(metrics or {})
+    if isinstance(all_losses, list) and all_losses:  # eval_do_concat_batches false: one array a batch
+        all_losses = np.concatenate(all_losses)
     if isinstance(all_losses, np.ndarray):
         finite = np.isfinite(all_losses)
         if cfg.logging_nan_inf_filter and finite.any():
@@ -87,6 +118,12 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     metrics.update(speed_metrics(prefix, start, num_samples=num_samples,
                                  num_steps=math.ceil(num_samples / total_batch)))
     return PredictionOutput(predictions=all_preds, label_ids=all_labels, metrics=metrics)
+
+
+def _included(cfg, losses, inputs) -> dict:
+    """include_for_metrics: what EvalPrediction carries besides the predictions and the labels."""
+    return {"losses": losses if "loss" in cfg.include_for_metrics else None,
+            "inputs": inputs if "inputs" in cfg.include_for_metrics else None}
 
 
 def _predictions(run, outputs, ignore, has_loss=True):
@@ -119,6 +156,7 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
     if dataset is None:
         raise LoopError(f"{what} needs a dataset")
     acc = start(config)
+    check_metrics_function(config, compute_metrics)
     model = place_model(config, model, acc)
     run = Run(config, model, acc, compute_metrics=compute_metrics,
               preprocess_logits_for_metrics=preprocess_logits_for_metrics, compute_loss_func=compute_loss_func)
@@ -146,4 +184,4 @@ def predict(config, model, test_dataset, data_collator=None, compute_metrics=Non
     order with no sample counted twice; metrics are `test_`-prefixed (test_loss if the data has labels)."""
     run, loader = _inference_run(config, model, test_dataset, data_collator, processing_class, compute_metrics,
                                  preprocess_logits_for_metrics, compute_loss_func, "predict")
-    return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only)
+    return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only, prediction=True)

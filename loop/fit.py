@@ -26,7 +26,7 @@ from .callbacks import Callback, fire
 from .config import TrainConfig
 from .data import default_collator, eval_loader, has_length, prepare_dataset, train_loader
 from .errors import LoopError
-from .evaluation import evaluate_metrics
+from .evaluation import check_metrics_function, evaluate_metrics
 from .graph_step import use_graph_step
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, noisy_embeddings,
@@ -67,7 +67,7 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
     """
     callbacks, resume_path = check_inputs(
         config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers, optimizer_cls_and_kwargs,
-        compute_loss_func, optimizer_step, resume_from_checkpoint)
+        compute_loss_func, optimizer_step, resume_from_checkpoint, compute_metrics)
     with ddp_overlap_setting(config):
         run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
                     processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
@@ -80,9 +80,10 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
 
 # ====================================================================================== 1. check inputs
 def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers,
-                 optimizer_cls_and_kwargs, compute_loss_func, optimizer_step, resume_from_checkpoint):
+                 optimizer_cls_and_kwargs, compute_loss_func, optimizer_step, resume_from_checkpoint, compute_metrics):
     """Refuse bad input with one line before anything is touched. Returns (callbacks, checkpoint to resume or None)."""
     require_config(config)
+    check_metrics_function(config, compute_metrics)
     if model is None and model_init is None:
         raise LoopError("train needs a model, or a model_init that returns one")
     if model is not None and model_init is not None:

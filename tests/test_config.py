@@ -31,7 +31,7 @@ def test_round_trip_through_training_arguments():
     assert back == cfg
 
 
-@pytest.mark.parametrize("name,value", [("eval_do_concat_batches", False), ("fsdp", "full_shard"),
+@pytest.mark.parametrize("name,value", [("save_on_each_node", True), ("fsdp", "full_shard"),
                                         ("push_to_hub", True), ("auto_find_batch_size", True)])
 def test_unsupported_training_arguments_are_refused_by_name(name, value):
     kwargs = {name: value}

@@ -281,6 +281,82 @@ def test_evaluate_and_predict_match_trainer(tmp_path):
     assert got.predictions.shape == (23, 3)
 
 
+def with_inputs_and_losses(p):  # include_for_metrics ["inputs", "loss"]: EvalPrediction carries both
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean()), "rows": len(p.inputs),
+            "input_sum": int(p.inputs.sum()), "loss_sum": float(p.losses.sum())}
+
+
+def over_batches(p):  # eval_do_concat_batches false: one array a batch
+    right = sum(int((b.argmax(-1) == y).sum()) for b, y in zip(p.predictions, p.label_ids))
+    return {"accuracy": right / sum(len(y) for y in p.label_ids), "batches": len(p.predictions)}
+
+
+class BatchAccuracy:
+    """batch_eval_metrics: called once a batch with tensors; sums, and returns the summary on the last batch."""
+
+    def __init__(self):
+        self.right = self.rows = self.calls = 0
+        self.loss = 0.0
+
+    def __call__(self, p, compute_result):
+        self.calls += 1
+        self.right += int((p.predictions.argmax(-1) == p.label_ids).sum())
+        self.rows += len(p.label_ids)
+        self.loss += float(p.losses.sum())
+        if compute_result:
+            out = {"accuracy": self.right / self.rows, "batches": self.calls, "loss_sum": self.loss}
+            self.__init__()
+            return out
+
+
+@pytest.mark.parametrize("name,metrics,kw,expect", [
+    ("inputs_and_losses", with_inputs_and_losses, dict(include_for_metrics=["inputs", "loss"]), {"eval_rows": 23}),
+    ("not_concatenated", over_batches, dict(eval_do_concat_batches=False), {"eval_batches": 6}),
+    ("batch_metrics", BatchAccuracy(), dict(batch_eval_metrics=True, include_for_metrics=["loss"]),
+     {"eval_batches": 6}),
+])
+def test_metrics_options_match_trainer_in_training_evaluate_and_predict(tmp_path, name, metrics, kw, expect):
+    """include_for_metrics, eval_do_concat_batches and batch_eval_metrics: the same log (evaluations during training
+    included), evaluate() and predict() as Trainer's."""
+    model, train, data = tiny_bert_classifier(dropout=0.1), ClsData(30), ClsData(23, seed=2)
+    args = _args(tmp_path, per_device_eval_batch_size=4, max_steps=4, eval_strategy="steps", eval_steps=2, **kw)
+    trainer = Trainer(model=clone(model), args=args, train_dataset=train, eval_dataset=data, compute_metrics=metrics)
+    trainer.train()
+    history = list(trainer.state.log_history)  # before evaluate() adds its record
+    expected_eval, expected = trainer.evaluate(data), trainer.predict(data)
+    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
+    result = loop.train(config, clone(model), train, eval_dataset=data, compute_metrics=metrics)
+    trained = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop-eval"))
+    weights = trainer.model  # evaluate/predict the same trained weights on both sides
+    got_eval = loop.evaluate(trained, clone(weights), data, compute_metrics=metrics)
+    got = loop.predict(trained, clone(weights), data, compute_metrics=metrics)
+
+    def same(m):  # Trainer adds its model-preparation timing and its state's epoch
+        return {k: v for k, v in comparable(m).items() if k != "epoch" and not k.endswith("_preparation_time")}
+
+    evals = [r for r in result.log_history if "eval_loss" in r]
+    assert [same(r) for r in evals] == [same(r) for r in history if "eval_loss" in r]
+    assert len(evals) == 2 and all(r[k] == v for r in evals for k, v in expect.items())
+    assert same(got_eval) == same(expected_eval)
+    assert same(got.metrics) == same(expected.metrics) and got.metrics["test_accuracy"] > 0
+    predictions = np.concatenate(got.predictions) if isinstance(got.predictions, list) else got.predictions
+    np.testing.assert_array_equal(predictions, np.concatenate(expected.predictions)
+                                  if isinstance(expected.predictions, list) else expected.predictions)
+    assert predictions.shape == (23, 3)
+
+
+def test_batch_eval_metrics_needs_compute_result(tmp_path):
+    config = loop.TrainConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to="none",
+                              batch_eval_metrics=True, eval_strategy="steps", eval_steps=1)
+    with pytest.raises(loop.LoopError, match="compute_result"):
+        loop.train(config, tiny_bert_classifier(), ClsData(8), eval_dataset=ClsData(4), compute_metrics=accuracy)
+    with pytest.raises(loop.LoopError, match="compute_result"):
+        loop.evaluate(config, tiny_bert_classifier(), ClsData(4), compute_metrics=accuracy)
+    with pytest.raises(loop.LoopError, match="include_for_metrics: 'logits' is not an option"):
+        loop.TrainConfig(include_for_metrics=["logits"])
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_predict_logits_only_model_with_compute_loss_func(tmp_path):
     """With compute_loss_func the whole output is the prediction (Trainer would slice a bare tensor's first row)."""
     model, data = SimpleClassifier(), ClsData(9)
