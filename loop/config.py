@@ -121,6 +121,9 @@ class TrainConfig:
     eval_on_start: bool = _f(False, "Evaluate once before training.")
     prediction_loss_only: bool = _f(False, "Evaluation returns the loss only (no predictions for metrics).")
     eval_accumulation_steps: typing.Optional[int] = _f(None, "Move predictions to the CPU every N eval batches.")
+    bf16_full_eval: bool = _f(False, "evaluate()/predict() outside a training run cast the model to bf16 first (in "
+                              "place, as Trainer does); evaluations during training are unchanged.")
+    fp16_full_eval: bool = _f(False, "As bf16_full_eval, in fp16.")
     include_for_metrics: list = _f([], "Also hand compute_metrics the model inputs ('inputs') and/or the per-sample "
                                    "losses ('loss'), as EvalPrediction.inputs / .losses.")
     batch_eval_metrics: bool = _f(False, "Call compute_metrics(eval_pred, compute_result) once a batch instead of on the "
@@ -261,6 +264,8 @@ class TrainConfig:
             bad(f"neftune_noise_alpha must be >= 0 (unset disables NEFTune), got {self.neftune_noise_alpha}")
         if self.fp16 and self.bf16:
             bad("fp16 and bf16 are both set: choose one mixed-precision mode")
+        if self.fp16_full_eval and self.bf16_full_eval:
+            bad("fp16_full_eval and bf16_full_eval are both set: choose one evaluation dtype")
         for tracker in self.report_to:
             if tracker not in TRACKERS and tracker != "all":
                 bad(f"report_to={tracker!r} is not a known tracker{closest(tracker, TRACKERS)}; use one of {', '.join(TRACKERS)} or none")
@@ -452,8 +457,6 @@ class TrainConfig:
 # non-default value in from_training_arguments raises; they have no TrainConfig field, so the CLI refuses them too.
 REFUSED = {
     "optim_target_modules": "GaLore/APOLLO-style optimizers are not implemented",
-    "bf16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
-    "fp16_full_eval": "full-precision-cast evaluation is not implemented; evaluation runs under the training precision",
     "use_liger_kernel": "Liger kernels are not integrated; `fused_linear_cross_entropy` is the loop's own fused loss (no extra dependency)",
     "liger_kernel_config": "Liger kernels are not integrated",
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",

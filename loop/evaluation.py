@@ -157,6 +157,9 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
         raise LoopError(f"{what} needs a dataset")
     acc = start(config)
     check_metrics_function(config, compute_metrics)
+    full = torch.float16 if config.fp16_full_eval else torch.bfloat16 if config.bf16_full_eval else None
+    if full is not None:  # Trainer's full-precision-cast evaluation: the model itself (in place), outside training only
+        model = model.to(dtype=full)
     model = place_model(config, model, acc)
     run = Run(config, model, acc, compute_metrics=compute_metrics,
               preprocess_logits_for_metrics=preprocess_logits_for_metrics, compute_loss_func=compute_loss_func)

@@ -262,6 +262,11 @@ def accuracy(p):
     return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
 
 
+def same(metrics):
+    """Metrics as compared with Trainer's: Trainer adds its model-preparation timing and its state's epoch."""
+    return {k: v for k, v in comparable(metrics).items() if k != "epoch" and not k.endswith("_preparation_time")}
+
+
 def test_evaluate_and_predict_match_trainer(tmp_path):
     model, data = tiny_bert_classifier(dropout=0.1), ClsData(23, seed=2)
     args = _args(tmp_path, label_names=None, per_device_eval_batch_size=4)
@@ -271,9 +276,6 @@ def test_evaluate_and_predict_match_trainer(tmp_path):
     config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
     got_eval = loop.evaluate(config, clone(model), data, compute_metrics=accuracy)
     got = loop.predict(config, clone(model), data, compute_metrics=accuracy)
-    def same(m):  # Trainer adds its model-preparation timing and the (0) epoch of its state
-        return {k: v for k, v in comparable(m).items() if k != "epoch" and not k.endswith("_preparation_time")}
-
     assert same(got_eval) == same(expected_eval) and "eval_accuracy" in got_eval
     assert same(got.metrics) == same(expected.metrics) and "test_loss" in got.metrics
     np.testing.assert_array_equal(got.predictions, expected.predictions)
@@ -331,9 +333,6 @@ def test_metrics_options_match_trainer_in_training_evaluate_and_predict(tmp_path
     got_eval = loop.evaluate(trained, clone(weights), data, compute_metrics=metrics)
     got = loop.predict(trained, clone(weights), data, compute_metrics=metrics)
 
-    def same(m):  # Trainer adds its model-preparation timing and its state's epoch
-        return {k: v for k, v in comparable(m).items() if k != "epoch" and not k.endswith("_preparation_time")}
-
     evals = [r for r in result.log_history if "eval_loss" in r]
     assert [same(r) for r in evals] == [same(r) for r in history if "eval_loss" in r]
     assert len(evals) == 2 and all(r[k] == v for r in evals for k, v in expect.items())
@@ -343,6 +342,22 @@ def test_metrics_options_match_trainer_in_training_evaluate_and_predict(tmp_path
     np.testing.assert_array_equal(predictions, np.concatenate(expected.predictions)
                                   if isinstance(expected.predictions, list) else expected.predictions)
     assert predictions.shape == (23, 3)
+
+
+@pytest.mark.parametrize("cast", ["bf16_full_eval", "fp16_full_eval"])
+def test_full_eval_casts_the_model_as_trainer_does(tmp_path, cast):
+    """evaluate()/predict() outside training with bf16/fp16_full_eval: the model cast in place, Trainer's numbers."""
+    model, data = tiny_bert_classifier(dropout=0.1), ClsData(23, seed=2)
+    args = _args(tmp_path, per_device_eval_batch_size=4, **{cast: True})
+    expected = Trainer(model=clone(model), args=args, compute_metrics=accuracy).evaluate(data)
+    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
+    cast_model, plain = clone(model), clone(model)
+    got = loop.evaluate(config, cast_model, data, compute_metrics=accuracy)
+    fp32 = loop.evaluate(loop.TrainConfig(output_dir=str(tmp_path / "fp32"), use_cpu=True, report_to="none",
+                                          per_device_eval_batch_size=4), plain, data, compute_metrics=accuracy)
+    assert same(got) == same(expected)
+    assert got["eval_loss"] != fp32["eval_loss"]
+    assert next(cast_model.parameters()).dtype == (torch.bfloat16 if cast == "bf16_full_eval" else torch.float16)
 
 
 def test_batch_eval_metrics_needs_compute_result(tmp_path):
