@@ -5,6 +5,7 @@ from .config import TrainConfig
 from .errors import LoopError
 from .evaluation import evaluate, predict
 from .fit import TrainResult, train
+from .preempt import Preempted
 
-__all__ = ["TrainConfig", "train", "evaluate", "predict", "TrainResult", "Callback", "EarlyStopping", "LoopError"]
+__all__ = ["TrainConfig", "train", "evaluate", "predict", "TrainResult", "Callback", "EarlyStopping", "LoopError", "Preempted"]
 __version__ = "0.1.0"

@@ -154,8 +154,10 @@ def main(argv=None) -> int:
 
         return cmd_compare(rest)
     except LoopError as e:
+        from .preempt import Preempted
+
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 143 if isinstance(e, Preempted) else 2  # 128 + SIGTERM: a scheduler requeues on it
     except KeyboardInterrupt:
         print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
         return 130

@@ -139,6 +139,8 @@ class TrainConfig:
     load_best_model_at_end: bool = _f(False, "Load the best checkpoint's weights at the end.")
     ignore_data_skip: bool = _f(False, "On resume, start the epoch's data from the beginning instead of the saved position.")
     restore_callback_states_from_checkpoint: bool = _f(False, "Restore stateful callbacks from the checkpoint.")
+    enable_jit_checkpoint: bool = _f(False, "On SIGTERM (preemption), save a complete checkpoint at the next step "
+                                     "boundary and stop (exit status 143, no final model); resume with 'latest'.")
     resume_from_checkpoint: typing.Optional[str] = _f(None, "Checkpoint to resume from: a path, 'latest' or 'true'.")
     # ---------------------------------------------------------------- distributed (DDP knobs; topology comes from `accelerate launch`)
     ddp_find_unused_parameters: typing.Optional[bool] = _f(None, "DDP find_unused_parameters.")
@@ -467,7 +469,6 @@ REFUSED = {
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "eval_use_gather_object": "predictions are gathered as tensors",
     "save_on_each_node": "checkpoints are written by the main process to a shared output_dir",
-    "enable_jit_checkpoint": "checkpoints are atomic; resume from the newest complete one instead",
     "push_to_hub": "push the saved output_dir with huggingface_hub yourself",
     "hub_token": "Hub upload is not implemented", "hub_private_repo": "Hub upload is not implemented",
     "hub_model_id": "Hub upload is not implemented", "hub_strategy": "Hub upload is not implemented",
@@ -494,6 +495,8 @@ NOTES = {
     "activation_checkpointing_kwargs": "mapped to gradient_checkpointing_kwargs",
     "restore_callback_states_from_checkpoint": "the loop always restores callback state (state_dict) for exact resume",
     "log_level": "applied to the transformers logger of the main process",
+    "enable_jit_checkpoint": "saves and stops at the next step boundary; raises `loop.Preempted` (CLI exit 143) "
+                             "instead of returning",
     "skip_memory_metrics": "the loop's telemetry reports peak device memory instead of Trainer's memory tracker",
     "logging_nan_inf_filter": "applied on device, without a host sync",
     "train_sampling_strategy": "random, sequential, group_by_length (not batch_rebalance)",

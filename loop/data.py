@@ -79,10 +79,18 @@ def prepare_dataset(dataset, collator, model, config, label_names, what: str):
     return dataset, _DropColumns(collator, keep)
 
 
-def _seed_worker(worker_id, num_workers, rank):
-    from transformers import set_seed
+def _init_worker(worker_id, num_workers=None, rank=None, ignore_sigterm=False):
+    """A loader worker's start: Trainer's per-rank seeding (training loaders), and under enable_jit_checkpoint no death
+    by SIGTERM (Slurm or `pkill -f` signal every process of the job: the main process must live to save the
+    checkpoint, and it ends its workers itself)."""
+    if ignore_sigterm:
+        import signal
 
-    set_seed(torch.initial_seed() % 2**32 + num_workers * rank)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if num_workers is not None:
+        from transformers import set_seed
+
+        set_seed(torch.initial_seed() % 2**32 + num_workers * rank)
 
 
 def _loader_kwargs(config, collator, batch_size):
@@ -90,6 +98,8 @@ def _loader_kwargs(config, collator, batch_size):
               pin_memory=config.dataloader_pin_memory, persistent_workers=config.dataloader_persistent_workers,
               multiprocessing_context=config.dataloader_multiprocessing_context,
               prefetch_factor=config.dataloader_prefetch_factor)
+    if config.enable_jit_checkpoint:
+        kw["worker_init_fn"] = partial(_init_worker, ignore_sigterm=True)
     if "in_order" in inspect.signature(DataLoader.__init__).parameters:
         kw["in_order"] = config.dataloader_in_order
     return kw
@@ -114,8 +124,8 @@ def train_loader(config, dataset, collator, accelerator, model_input_name="input
         else:
             sampler = RandomSampler(dataset)
         kw.update(sampler=sampler, drop_last=config.dataloader_drop_last,
-                  worker_init_fn=partial(_seed_worker, num_workers=config.dataloader_num_workers,
-                                         rank=accelerator.process_index))
+                  worker_init_fn=partial(_init_worker, num_workers=config.dataloader_num_workers,
+                                         rank=accelerator.process_index, ignore_sigterm=config.enable_jit_checkpoint))
     loader = accelerator.prepare(DataLoader(dataset, **kw))
     loader.device_table = table
     return loader

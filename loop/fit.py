@@ -29,6 +29,7 @@ from .errors import LoopError
 from .evaluation import check_metrics_function, evaluate_metrics
 from .graph_step import use_graph_step
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
+from .preempt import Preempted, preemption
 from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, noisy_embeddings,
                   place_model, plain, require_config, start, topology, use_fused_loss, use_varlen_attention)
 from .telemetry import Telemetry
@@ -72,7 +73,7 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
         run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
                     processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
                     optimizer_cls_and_kwargs, optimizer_step)
-        with noisy_embeddings(run):
+        with noisy_embeddings(run), preemption(run):
             saved_rng = resume(run, resume_path)
             train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
         return finish(run, processing_class)
@@ -291,6 +292,8 @@ def train_epochs(run, resumed: bool, saved_rng):
             log_eval_save(run, *_due(run))
             if run.stop:
                 break
+            if run.preemption is not None and run.preemption.voted():  # a host-side vote of the ranks, every step
+                stop_preempted(run)
         if step < 0:
             warnings.warn(f"epoch {epoch} gave no batch; stopping at step {state.global_step}")
             run.stop = True
@@ -389,8 +392,22 @@ def log_eval_save(run, should_log, should_eval, should_save):
             # this checkpoint holds the best weights so far; recorded before saving so the saved state knows
             state.best_checkpoint = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
         path = ckpt.save(run)
+        run.saved_step = state.global_step
         ckpt.rotate(config.output_dir, config.save_total_limit, keep=(state.best_checkpoint,))
         run.stop = fire(run.callbacks, "on_save", run, path) or run.stop
+
+
+def stop_preempted(run):
+    """SIGTERM under enable_jit_checkpoint: a complete checkpoint of this step (unless this step just wrote one), then
+    Preempted. No final model: the run is not finished."""
+    state = run.state
+    if run.saved_step != state.global_step:
+        log_eval_save(run, should_log=False, should_eval=False, should_save=True)  # the log resumes where it stopped
+    path = os.path.join(run.config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
+    run.records.out.note({"event": "preempted", "step": state.global_step, "checkpoint": path})
+    run.records.out.close()
+    raise Preempted(f"SIGTERM: stopped at step {state.global_step} of {run.plan.max_steps} and saved {path}; continue "
+                    "with --resume_from_checkpoint latest")
 
 
 def _started(loader):

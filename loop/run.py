@@ -47,6 +47,7 @@ class Run:
         # the training loop's own bookkeeping (fit.py)
         self.plan = self.loader = self.evaluator = self.records = None
         self.grad_norm, self.stop, self.start_time, self.start_step = None, False, None, 0
+        self.preemption, self.saved_step = None, None  # enable_jit_checkpoint (preempt.py); the step last saved
         # Trainer's rule: a model takes num_items_in_batch if it says so, or if its forward has **kwargs
         if hasattr(model, "accepts_loss_kwargs"):
             self.accepts_loss_kwargs = bool(model.accepts_loss_kwargs)

@@ -1,7 +1,8 @@
 """Run by test_resume.py: train the tiny GPT-2 in a subprocess, optionally SIGKILL itself at a chosen moment.
 
 argv: OUT [key=value ...]; special keys: kill_after_step=N, kill_in_microbatch=N (the Nth forward call),
-kill_in_save=N (while writing the checkpoint of step N), resume=latest.
+kill_in_save=N (while writing the checkpoint of step N), term_after_step=N (SIGTERM instead of SIGKILL, with
+enable_jit_checkpoint=true; term_rank=R: on that rank only), resume=latest. A preempted run exits 143, as the CLI.
 """
 
 import json
@@ -20,6 +21,8 @@ opts = dict(a.split("=", 1) for a in sys.argv[2:])
 kill_after_step = int(opts.pop("kill_after_step", 0))
 kill_in_microbatch = int(opts.pop("kill_in_microbatch", 0))
 kill_in_save = int(opts.pop("kill_in_save", 0))
+term_after_step = int(opts.pop("term_after_step", 0))
+term_rank = opts.pop("term_rank", None)
 resume = opts.pop("resume", None)
 n_train = int(opts.pop("n_train", 40))
 base = dict(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=14,
@@ -33,6 +36,8 @@ class Killer(loop.Callback):
     def on_step_end(self, run):
         if run.state.global_step == kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if run.state.global_step == term_after_step and term_rank in (None, os.environ.get("RANK", "0")):
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 model = tiny_gpt2(dropout=0.1)
@@ -56,11 +61,16 @@ if kill_in_save:
 
     loop.checkpoint.save_weights = dying_save
 
-result = loop.train(config, model, LMData(n_train, ragged=True), eval_dataset=LMData(10, seed=1),
-                    callbacks=[Killer()], resume_from_checkpoint=resume)
+from loop.cli import leave_process_group  # noqa: E402
+
+try:
+    result = loop.train(config, model, LMData(n_train, ragged=True), eval_dataset=LMData(10, seed=1),
+                        callbacks=[Killer()], resume_from_checkpoint=resume)
+except loop.Preempted as e:
+    print(f"error: {e}", file=sys.stderr)
+    leave_process_group(143)
+    sys.exit(143)
 if int(os.environ.get("RANK", "0")) == 0:  # also run under torchrun by test_distributed.py
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result.log_history, f)
-from loop.cli import leave_process_group  # noqa: E402
-
 leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

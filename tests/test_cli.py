@@ -64,6 +64,40 @@ def test_bad_options_give_one_clear_line(tmp_path, args, needles):
     assert not os.path.exists(tmp_path / "model.safetensors")
 
 
+def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path):
+    """enable_jit_checkpoint through the CLI as a scheduler does it: SIGTERM to every process of the job, the loader's
+    workers included (they must not die first and take the run with them), mid-run. Exit 143, one line, a complete
+    checkpoint and no final model; resuming it ends with the uninterrupted run's log."""
+    import signal
+    import time
+
+    job = ["train", "--max_steps", "80", "--logging_steps", "5", "--save_steps", "1000", "--disable_tqdm", "true",
+           "--dataloader_num_workers", "2", "--enable_jit_checkpoint", "true"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "loop", *job, "--output_dir", str(out)], cwd=ROOT, env=ENV,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if sum('"loss"' in line for line in lines) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: SIGTERM: stopped at step ") and "Traceback" not in err
+    assert [n for n in os.listdir(out) if n.startswith("checkpoint-")] and not (out / "model.safetensors").exists()
+    resumed = run(*job, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    reference = run(*job, "--output_dir", str(tmp_path / "ref"))
+    assert resumed.returncode == 0 and reference.returncode == 0, resumed.stderr[-2000:] + reference.stderr[-2000:]
+
+    def losses(folder):
+        return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, open(folder / "metrics.jsonl"))
+                if "loss" in r}
+
+    assert losses(out) == losses(tmp_path / "ref") and len(losses(out)) == 16
+
+
 def test_missing_data_file_and_column(tmp_path):
     proc = run("train", "--config", "tasks/configs/default.yaml", "--text_source", "none", "--train_file",
                str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "o"))

@@ -119,6 +119,26 @@ def test_two_processes_killed_mid_step_resume_exactly(tmp_path):
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "run" / "checkpoint-6"))
 
 
+def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resume_is_exact(tmp_path):
+    """enable_jit_checkpoint under 2 processes: SIGTERM reaches rank 1 only, after step 8. The ranks' vote stops both
+    after step 8 with one complete checkpoint-8 (saved by both, as every checkpoint), no final model; resuming gives
+    the uninterrupted 2-process run's log."""
+    from test_resume import same_history
+
+    worker = os.path.join(HERE, "resume_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    _run(_torchrun(worker, str(tmp_path / "ref"), "enable_jit_checkpoint=true", port=29545), env)
+    stopped = subprocess.run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "term_after_step=8",
+                                       "term_rank=1", port=29548), capture_output=True, text=True, timeout=600, env=env)
+    assert stopped.returncode != 0 and "SIGTERM: stopped at step 8 of 14" in stopped.stderr, stopped.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "model.safetensors")
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == [
+        "checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE"} <= set(os.listdir(tmp_path / "run" / "checkpoint-8"))
+    _run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "resume=latest", port=29550), env)
+    same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
+
+
 def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
     """2 processes, file-backed text: the main process tokenises, the other rank reads its datasets cache."""
     import glob

@@ -80,6 +80,40 @@ def test_sigkill_then_resume_reproduces_uninterrupted_log(tmp_path, reference, n
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
+@pytest.mark.parametrize("step", [8, 9])  # 9 saves anyway (save_steps 3): that checkpoint serves, no second save
+def test_sigterm_saves_a_checkpoint_and_stops_then_resume_is_exact(tmp_path, reference, step):
+    """enable_jit_checkpoint: SIGTERM after step N leaves a complete checkpoint-N, exit status 143, one line, no final
+    model; resuming it gives the uninterrupted run's log. The field changes no number of an uninterrupted run.
+    (tests/test_cli.py signals a whole job, loader workers included.)"""
+    args = ["enable_jit_checkpoint=true"]
+    expected = reference(args)
+    same_history(reference([]), expected)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), str(tmp_path), *args,
+                           f"term_after_step={step}"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: SIGTERM: stopped at step {step} of 14 and saved {tmp_path / f'checkpoint-{step}'}; continue with "
+        "--resume_from_checkpoint latest")
+    assert ckpt.list_checkpoints(str(tmp_path))[-1] == (step, str(tmp_path / f"checkpoint-{step}"))
+    assert not os.path.exists(tmp_path / "model.safetensors"), "a preempted run must not look finished"
+    assert [line["step"] for line in metrics_lines(tmp_path) if line.get("event") == "preempted"] == [step]
+    same_history(expected, worker(tmp_path, *args, "resume=latest"))
+
+
+def test_sigterm_handler_is_put_back_after_training(tmp_path):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        loop.train(_train(tmp_path, max_steps=2, enable_jit_checkpoint=True), tiny_gpt2(), LMData(16))
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_partial_and_junk_checkpoints_are_skipped_with_a_warning(tmp_path, reference):
     worker(tmp_path, "kill_after_step=8", expect_kill=True)
     (tmp_path / "checkpoint-99").mkdir()  # junk: no marker
