@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "sgd", "adafactor", "adagrad",
 INTERVALS = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 SAMPLING = ("random", "sequential", "group_by_length")
+LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical", "detail")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -110,8 +111,11 @@ class TrainConfig:
     report_to: typing.Union[list, str] = _f("none", "Trackers to hand records to (accelerate trackers), or none.")
     run_name: typing.Optional[str] = _f(None, "Run name for trackers.")
     project: str = _f("huggingface", "Project name for trackers.")
-    log_level: str = _f("passive", "Logger level of the main process (passive keeps the library default).",
-                        choices=("passive", "debug", "info", "warning", "error", "critical", "detail"))
+    log_level: str = _f("passive", "transformers' log level in the process that logs (passive keeps the library's).",
+                        choices=LOG_LEVELS)
+    log_level_replica: str = _f("warning", "transformers' log level in the other processes.", choices=LOG_LEVELS)
+    log_on_each_node: bool = _f(True, "The first process of every node takes log_level (false: rank 0 only); records "
+                                "are written by rank 0 either way.")
     skip_memory_metrics: bool = _f(True, "Trainer's memory tracker; the loop reports peak memory in telemetry instead.",
                                    note="the loop's telemetry reports peak device memory in every record")
     # ---------------------------------------------------------------- evaluation
@@ -462,8 +466,6 @@ REFUSED = {
     "use_liger_kernel": "Liger kernels are not integrated; `fused_linear_cross_entropy` is the loop's own fused loss (no extra dependency)",
     "liger_kernel_config": "Liger kernels are not integrated",
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "log_on_each_node": "the loop logs on the main process only",
-    "log_level_replica": "replicas keep the library default log level",
     "trackio_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
@@ -494,7 +496,8 @@ NOTES = {
     "activation_checkpointing": "mapped to gradient_checkpointing",
     "activation_checkpointing_kwargs": "mapped to gradient_checkpointing_kwargs",
     "restore_callback_states_from_checkpoint": "the loop always restores callback state (state_dict) for exact resume",
-    "log_level": "applied to the transformers logger of the main process",
+    "log_level": "applied to transformers' logger, as Trainer's get_process_log_level",
+    "log_on_each_node": "decides which processes take log_level; metrics.jsonl and trackers are written by rank 0",
     "enable_jit_checkpoint": "saves and stops at the next step boundary; raises `loop.Preempted` (CLI exit 143) "
                              "instead of returning",
     "skip_memory_metrics": "the loop's telemetry reports peak device memory instead of Trainer's memory tracker",

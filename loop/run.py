@@ -193,11 +193,19 @@ def start(config):
         raise LoopError(f"this process was launched as one of {launched} but accelerate's state says "
                         f"{acc.num_processes}: something set it up before loop.train (an accelerate PartialState or "
                         "Accelerator made without cpu=True on a CPU run?); make it with the run's settings, or not at all")
-    if config.log_level != "passive" and acc.is_main_process:
+    apply_log_level(config, acc)
+    return acc
+
+
+def apply_log_level(config: TrainConfig, acc):
+    """Trainer's get_process_log_level: the process that logs (rank 0, or each node's first with log_on_each_node)
+    sets transformers' verbosity to log_level, the others to log_level_replica; passive leaves it as it is."""
+    logs = acc.is_local_main_process if config.log_on_each_node else acc.is_main_process
+    level = config.log_level if logs else config.log_level_replica
+    if level != "passive":
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity(hf_logging.get_log_levels_dict()[config.log_level])
-    return acc
+        hf_logging.set_verbosity(hf_logging.get_log_levels_dict()[level])
 
 
 def call_model_init(model_init):

@@ -61,6 +61,33 @@ def test_invalid_values_fail_at_construction(kwargs, match):
         TrainConfig(**kwargs)
 
 
+@pytest.mark.parametrize("rank0,local0,each_node,expect", [
+    (True, True, True, "INFO"),       # rank 0 logs
+    (False, True, True, "INFO"),      # the first process of node 1 logs too (log_on_each_node, Trainer's default)
+    (False, True, False, "ERROR"),    # ... but not with log_on_each_node false
+    (False, False, True, "ERROR"),    # any other process is a replica
+])
+def test_log_levels_follow_trainers_process_rule(rank0, local0, each_node, expect):
+    import logging
+    from types import SimpleNamespace
+
+    from transformers.utils import logging as hf_logging
+
+    from loop.run import apply_log_level
+
+    before = hf_logging.get_verbosity()
+    try:
+        config = TrainConfig(log_level="info", log_level_replica="error", log_on_each_node=each_node)
+        apply_log_level(config, SimpleNamespace(is_main_process=rank0, is_local_main_process=local0))
+        assert hf_logging.get_verbosity() == getattr(logging, expect)
+        hf_logging.set_verbosity(logging.CRITICAL)
+        apply_log_level(TrainConfig(log_level="passive", log_level_replica="passive"),
+                        SimpleNamespace(is_main_process=rank0, is_local_main_process=local0))
+        assert hf_logging.get_verbosity() == logging.CRITICAL  # passive leaves it alone
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def test_coverage_table_lists_every_field():
     rows = coverage()
     names = {r[0] for r in rows}
