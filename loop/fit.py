@@ -73,10 +73,11 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
         run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
                     processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
                     optimizer_cls_and_kwargs, optimizer_step)
-        with noisy_embeddings(run), preemption(run):
-            saved_rng = resume(run, resume_path)
-            train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
-        return finish(run, processing_class)
+        with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
+            with noisy_embeddings(run):
+                saved_rng = resume(run, resume_path)
+                train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
+            return finish(run, processing_class)
 
 
 # ====================================================================================== 1. check inputs

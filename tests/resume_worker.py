@@ -2,7 +2,8 @@
 
 argv: OUT [key=value ...]; special keys: kill_after_step=N, kill_in_microbatch=N (the Nth forward call),
 kill_in_save=N (while writing the checkpoint of step N), term_after_step=N (SIGTERM instead of SIGKILL, with
-enable_jit_checkpoint=true; term_rank=R: on that rank only), resume=latest. A preempted run exits 143, as the CLI.
+enable_jit_checkpoint=true; term_rank=R: on that rank only), term_in_final_save=1 (SIGTERM while the final model
+is written), resume=latest. A preempted run exits 143, as the CLI.
 """
 
 import json
@@ -23,6 +24,7 @@ kill_in_microbatch = int(opts.pop("kill_in_microbatch", 0))
 kill_in_save = int(opts.pop("kill_in_save", 0))
 term_after_step = int(opts.pop("term_after_step", 0))
 term_rank = opts.pop("term_rank", None)
+term_in_final_save = opts.pop("term_in_final_save", None)
 resume = opts.pop("resume", None)
 n_train = int(opts.pop("n_train", 40))
 base = dict(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=14,
@@ -60,6 +62,17 @@ if kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
 
     loop.checkpoint.save_weights = dying_save
+
+if term_in_final_save:
+    import loop.fit
+
+    real_write = loop.fit._write_model
+
+    def write_under_sigterm(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_write(*args)
+
+    loop.fit._write_model = write_under_sigterm
 
 from loop.cli import leave_process_group  # noqa: E402
 

@@ -100,6 +100,14 @@ def test_sigterm_saves_a_checkpoint_and_stops_then_resume_is_exact(tmp_path, ref
     same_history(expected, worker(tmp_path, *args, "resume=latest"))
 
 
+def test_sigterm_after_the_last_step_lets_the_run_finish(tmp_path, reference):
+    """A SIGTERM while the final model is written: nothing is left to checkpoint, so the run completes (exit 0, the
+    final model, the uninterrupted log) instead of dying half-saved."""
+    args = ["enable_jit_checkpoint=true"]
+    same_history(reference(args), worker(tmp_path, *args, "term_in_final_save=1"))
+    assert os.path.exists(tmp_path / "model.safetensors")
+
+
 def test_sigterm_handler_is_put_back_after_training(tmp_path):
     import signal
 
