@@ -18,6 +18,7 @@ import signal
 import threading
 
 import torch
+import torch.distributed as dist
 
 from .errors import LoopError
 
@@ -28,8 +29,6 @@ class Preempted(LoopError):
 
 class Preemption:
     def __init__(self, accelerator):
-        import torch.distributed as dist
-
         self.requested = False
         # gloo: the vote stays on the host whatever backend the gradients use
         self.group = dist.new_group(backend="gloo") if accelerator.num_processes > 1 else None
@@ -42,8 +41,6 @@ class Preemption:
         """Whether any rank got SIGTERM: every rank calls this at every step boundary (a host-side collective)."""
         if self.group is None:
             return self.requested
-        import torch.distributed as dist
-
         flag = torch.tensor([int(self.requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())  # a CPU tensor: no device sync
@@ -51,8 +48,6 @@ class Preemption:
     def close(self):
         signal.signal(signal.SIGTERM, self.previous)
         if self.group is not None:
-            import torch.distributed as dist
-
             dist.destroy_process_group(self.group)
 
 
