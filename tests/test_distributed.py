@@ -10,10 +10,11 @@ import sys
 import pytest
 
 HERE = os.path.dirname(__file__)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}  # every launch: one thread a rank
 
 
-def _run(cmd, env=None):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -29,10 +30,9 @@ def test_two_processes_match_one_with_double_batch(tmp_path, port, both, two_pro
     graphs as in one process, where dynamo's DDP optimizer (the default) splits the model at the buckets; torch's
     process-wide setting is put back after the run."""
     worker = os.path.join(HERE, "ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    _run([sys.executable, worker, str(tmp_path / "one"), "4", *both], env)
+    _run([sys.executable, worker, str(tmp_path / "one"), "4", *both])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), worker,
-          str(tmp_path / "two"), "2", *both, *two_process_options], env)
+          str(tmp_path / "two"), "2", *both, *two_process_options])
     if "ddp_compile_overlap=false" in two_process_options:
         one, two = (json.load(open(tmp_path / d / "compiled.json")) for d in ("one", "two"))
         assert two["optimize_ddp"] is False and two["aot_graphs"] == one["aot_graphs"], (one, two)
@@ -61,10 +61,9 @@ def test_two_processes_compute_loss_func_matches_trainer_and_predict_counts_each
     from helpers import ClsData, SimpleClassifier, cross_entropy_over_items
     from test_parity import assert_same
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     for side in ("trainer", "loop"):
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-              os.path.join(HERE, "custom_worker.py"), str(tmp_path), side], env)
+              os.path.join(HERE, "custom_worker.py"), str(tmp_path), side])
     trainer, got = json.load(open(tmp_path / "trainer.json")), json.load(open(tmp_path / "loop.json"))
     assert trainer["world_size"] == got["world_size"] == 2
     assert len([r for r in got["log"] if "loss" in r]) == 5
@@ -87,10 +86,9 @@ def test_two_nodes_on_one_host_match_one_node_with_two_processes(tmp_path):
     """Multi-node without a second machine: node ranks 0 and 1 (one process each, gloo, main process 127.0.0.1) log
     the same losses as one node of 2 processes."""
     worker = os.path.join(HERE, "ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    _run(_torchrun(worker, str(tmp_path / "one"), "2", port=29535), env)
+    _run(_torchrun(worker, str(tmp_path / "one"), "2", port=29535))
     nodes = [subprocess.Popen(_torchrun(worker, str(tmp_path / "two"), "2", port=29536, nnodes=2, node_rank=r, nproc=1),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for p in nodes:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -107,14 +105,13 @@ def test_two_processes_killed_mid_step_resume_exactly(tmp_path):
     from test_resume import same_history
 
     worker = os.path.join(HERE, "resume_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    _run(_torchrun(worker, str(tmp_path / "ref"), port=29537), env)
+    _run(_torchrun(worker, str(tmp_path / "ref"), port=29537))
     killed = subprocess.run(_torchrun(worker, str(tmp_path / "run"), "kill_after_step=8", port=29538),
-                            capture_output=True, text=True, timeout=600, env=env)
+                            capture_output=True, text=True, timeout=600, env=ENV)
     assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "model.safetensors")
     assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == ["checkpoint-3",
                                                                                              "checkpoint-6"]
-    _run(_torchrun(worker, str(tmp_path / "run"), "resume=latest", port=29539), env)
+    _run(_torchrun(worker, str(tmp_path / "run"), "resume=latest", port=29539))
     same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "run" / "checkpoint-6"))
 
@@ -126,16 +123,16 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resume_is_exact(tmp
     from test_resume import same_history
 
     worker = os.path.join(HERE, "resume_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    _run(_torchrun(worker, str(tmp_path / "ref"), "enable_jit_checkpoint=true", port=29545), env)
+    _run(_torchrun(worker, str(tmp_path / "ref"), "enable_jit_checkpoint=true", port=29545))
     stopped = subprocess.run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "term_after_step=8",
-                                       "term_rank=1", port=29548), capture_output=True, text=True, timeout=600, env=env)
+                                       "term_rank=1", port=29548), capture_output=True, text=True, timeout=600,
+                             env=ENV)
     assert stopped.returncode != 0 and "SIGTERM: stopped at step 8 of 14" in stopped.stderr, stopped.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run" / "model.safetensors")
     assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == [
         "checkpoint-3", "checkpoint-6", "checkpoint-8"]
     assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE"} <= set(os.listdir(tmp_path / "run" / "checkpoint-8"))
-    _run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "resume=latest", port=29550), env)
+    _run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "resume=latest", port=29550))
     same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
 
 
@@ -147,7 +144,7 @@ def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")))
     (tmp_path / "train.txt").write_text("\n".join(open(f).read() for f in files))
     (tmp_path / "val.txt").write_text(open(files[0]).read())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE),
+    env = {**ENV,
            "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(_torchrun("-m", "loop", "train", "--text_source", "none", "--train_file",
                                     str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "val.txt"),
@@ -168,18 +165,16 @@ def test_a_single_process_state_made_before_the_loop_is_refused(tmp_path):
                       "import loop; from helpers import LMData, tiny_gpt2\n"
                       "loop.train(loop.TrainConfig(output_dir=%r, use_cpu=True, max_steps=1), tiny_gpt2(), LMData(8))\n"
                       % str(tmp_path / "out"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    proc = subprocess.run(_torchrun(str(script), port=29541), capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(_torchrun(str(script), port=29541), capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode != 0 and "launched as one of 2 but accelerate's state says 1" in proc.stderr
 
 
 def test_loop_compare_under_a_two_process_launch(tmp_path):
     """`loop compare` under torchrun: both sides data-parallel in one process each rank, the same per-step numbers."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.run(_torchrun("-m", "loop", "compare", "--max_steps", "6", "--logging_steps", "1", "--eval_steps",
                                     "3", "--save_strategy", "no", "--eval_on_start", "false", "--max_docs", "60",
                                     "--use_cpu", "true", "--disable_tqdm", "--output_dir", str(tmp_path), port=29542),
-                          capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(HERE))
+                          capture_output=True, text=True, timeout=600, env=ENV, cwd=os.path.dirname(HERE))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.load(open(tmp_path / "compare.json"))
     assert report["parity"] and report["world_size"] == 2 and report["identical_initial_weights"]
@@ -190,11 +185,10 @@ def test_loop_compare_under_a_two_process_launch(tmp_path):
 def test_loop_bench_under_a_two_process_launch(tmp_path):
     """`loop bench` under torchrun: each side's processes form their own group; rank 0 reports rates for both
     processes together, and on CPU in fp32 the two sides end on the same loss."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.run(_torchrun("-m", "loop", "bench", "--workload", "tiny-gpt2", "--sides", "trainer,loop",
                                     "--steps", "6", "--logging_steps", "2", "--use_cpu", "true", "--output_dir",
                                     str(tmp_path), port=29543),
-                          capture_output=True, text=True, timeout=900, env=env, cwd=os.path.dirname(HERE))
+                          capture_output=True, text=True, timeout=900, env=ENV, cwd=os.path.dirname(HERE))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "bench.json"))
     trainer, ours = report["sides"]
@@ -212,9 +206,8 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
 def test_ema_over_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
     """FSDP2 on 2 CPU processes: each rank keeps the EMA of its own shards, gathered it equals the unsharded EMA,
     it round-trips through the per-rank checkpoint files, and swapping it in and out is exact."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.run(_torchrun(os.path.join(HERE, "fsdp_ema_worker.py"), str(tmp_path), port=29547),
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2
     assert sorted(os.listdir(tmp_path)) == ["ema_shards_0.safetensors", "ema_shards_1.safetensors"]
@@ -224,8 +217,7 @@ def test_fused_loss_over_fsdp2_shards_equals_the_unsharded_fused_loss(tmp_path):
     """FSDP2 on 2 CPU processes: GPT-2 (tied head) trained with the fused linear cross-entropy gives, bit for bit, the
     losses and weights of the same model unsharded; evaluation still returns real logits. And `loop compare`'s hash
     of the initial weights works on the DTensor shards."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.run(_torchrun(os.path.join(HERE, "fsdp_fused_worker.py"), port=29549),
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2

@@ -17,9 +17,13 @@ HERE = os.path.dirname(__file__)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
 
 
-def worker(out, *args, expect_kill=False):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), str(out), *args],
+def run_worker(out, *args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), str(out), *args],
                           capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def worker(out, *args, expect_kill=False):
+    proc = run_worker(out, *args)
     if expect_kill:
         assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
     else:
@@ -88,8 +92,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_then_resume_is_exact(tmp_path, ref
     args = ["enable_jit_checkpoint=true"]
     expected = reference(args)
     same_history(reference([]), expected)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), str(tmp_path), *args,
-                           f"term_after_step={step}"], capture_output=True, text=True, timeout=300, env=ENV)
+    proc = run_worker(tmp_path, *args, f"term_after_step={step}")
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: SIGTERM: stopped at step {step} of 14 and saved {tmp_path / f'checkpoint-{step}'}; continue with "
