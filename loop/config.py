@@ -116,6 +116,9 @@ class TrainConfig:
     log_level_replica: str = _f("warning", "transformers' log level in the other processes.", choices=LOG_LEVELS)
     log_on_each_node: bool = _f(True, "The first process of every node takes log_level (false: rank 0 only); records "
                                 "are written by rank 0 either way.")
+    debug: str = _f("", "Debug features, space-separated: underflow_overflow (transformers' DebugUnderflowOverflow on "
+                    "every module during training: the first inf/nan in a forward prints the last frames' absolute "
+                    "min/max and stops the run; one host sync per module).")
     skip_memory_metrics: bool = _f(True, "Trainer's memory tracker; the loop reports peak memory in telemetry instead.",
                                    note="the loop's telemetry reports peak device memory in every record")
     # ---------------------------------------------------------------- evaluation
@@ -268,6 +271,12 @@ class TrainConfig:
             bad(f"include_for_metrics: {', '.join(map(repr, unknown))} is not an option; list inputs and/or loss")
         if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
             bad(f"neftune_noise_alpha must be >= 0 (unset disables NEFTune), got {self.neftune_noise_alpha}")
+        for option in self.debug.split():
+            if option == "tpu_metrics_debug":
+                bad("debug tpu_metrics_debug prints TPU metrics and the loop does not run on TPUs; drop it")
+            if option != "underflow_overflow":
+                bad(f"debug={option!r} is not a debug option{closest(option, ('underflow_overflow',))}; "
+                    "the loop has one: underflow_overflow")
         if self.fp16 and self.bf16:
             bad("fp16 and bf16 are both set: choose one mixed-precision mode")
         if self.fp16_full_eval and self.bf16_full_eval:
@@ -439,6 +448,8 @@ class TrainConfig:
             values["gradient_checkpointing"] = True
             values["gradient_checkpointing_kwargs"] = getattr(args, "activation_checkpointing_kwargs", None)
         values["report_to"] = list(args.report_to) if args.report_to else "none"
+        if isinstance(getattr(args, "debug", None), list):  # TrainingArguments parses "a b" into [DebugOption, ...]
+            values["debug"] = " ".join(getattr(o, "value", o) for o in args.debug)
         if values.get("disable_tqdm") is None:
             values["disable_tqdm"] = False
         values.update({"telemetry": False, **loop_fields})
@@ -481,7 +492,6 @@ REFUSED = {
     "fsdp": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
     "fsdp_config": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
     "deepspeed": "use `accelerate launch --config_file launch_configs/deepspeed_zero2.yaml` (or zero3)",
-    "debug": "underflow/overflow debugging is not implemented",
 }
 
 # Mirrored TrainingArguments fields whose behaviour has something worth knowing.
@@ -505,6 +515,7 @@ NOTES = {
     "train_sampling_strategy": "random, sequential, group_by_length (not batch_rebalance)",
     "optim": "adamw_torch_fused, adamw_torch, sgd, adafactor, adagrad, rmsprop",
     "eval_accumulation_steps": "accepted; predictions are moved to the CPU per batch anyway",
+    "debug": "underflow_overflow (transformers' own hook, removed when training ends); not tpu_metrics_debug",
     "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
 }
 INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing", "activation_checkpointing_kwargs"}

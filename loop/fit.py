@@ -31,7 +31,7 @@ from .graph_step import use_graph_step
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .preempt import Preempted, preemption
 from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, noisy_embeddings,
-                  place_model, plain, require_config, start, topology, use_fused_loss, use_varlen_attention)
+                  overflow_debugging, place_model, plain, require_config, start, topology, use_fused_loss, use_varlen_attention)
 from .telemetry import Telemetry
 
 
@@ -74,7 +74,7 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
                     processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
                     optimizer_cls_and_kwargs, optimizer_step)
         with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
-            with noisy_embeddings(run):
+            with noisy_embeddings(run), overflow_debugging(run):
                 saved_rng = resume(run, resume_path)
                 train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
             return finish(run, processing_class)

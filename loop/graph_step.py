@@ -72,6 +72,9 @@ def why_not(run, custom_step: bool) -> str | None:
                 "or set cuda_graph_step false")
     if conflict := compile_records_graphs(config):
         return conflict
+    if "underflow_overflow" in config.debug.split():
+        return ("debug underflow_overflow checks every module's output on the host, which a CUDA graph cannot "
+                "record; set cuda_graph_step false (or drop debug)")
     if config.gradient_checkpointing:
         return ("gradient_checkpointing re-runs forwards with saved RNG states, which a CUDA graph cannot record; "
                 "set cuda_graph_step false")

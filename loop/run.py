@@ -328,6 +328,42 @@ def noisy_embeddings(run):
         deactivate_neftune(run.unwrapped, handle)
 
 
+@contextlib.contextmanager
+def overflow_debugging(run):
+    """debug underflow_overflow: transformers' DebugUnderflowOverflow on every module for the length of training, as
+    Trainer attaches it (after NEFTune's hook, so it sees the noised embeddings). At the first inf/nan in a forward it
+    prints the last frames (each module's input/output absolute min and max) and raises; that becomes one line naming
+    the step. Its hooks are removed when training ends, also when it fails, so later forwards are not checked.
+    Each module's check is a host-device sync: a debugging mode, not a training one."""
+    if "underflow_overflow" not in run.config.debug.split():
+        yield
+        return
+    from transformers.debug_utils import DebugUnderflowOverflow
+
+    class Debug(DebugUnderflowOverflow):
+        def analyse_variable(self, var, ctx):
+            if torch.is_tensor(var) and var.dtype == torch.bool:  # transformers' abs() fails on a boolean mask
+                var = var.to(torch.uint8)  # (GPT-2's block mask for packed rows, the default job's): read it as 0/1
+            if torch.is_tensor(var) and var.numel() == 0:  # min() of nothing fails too
+                return self.expand_frame(f"{'empty tensor':>17} {ctx}")
+            return super().analyse_variable(var, ctx)
+
+    debug = Debug(run.unwrapped)
+    try:
+        yield
+    except ValueError as e:
+        if not str(e).startswith("DebugUnderflowOverflow"):
+            raise
+        raise LoopError(f"debug underflow_overflow: inf/nan in a forward of step {run.state.global_step + 1} (batch "
+                        f"number {debug.batch_number}; the frames above show where it appeared); the run stopped "
+                        "there, nothing was saved from that step") from None
+    finally:
+        for module in run.unwrapped.modules():  # the class keeps no handles: find its bound hook by its owner
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is debug:
+                    del module._forward_hooks[key]
+
+
 def ddp_overlap_setting(config: TrainConfig):
     """ddp_compile_overlap, for the length of one train() call: torch's setting is process-wide (read when the compiled
     model first runs under DDP, and at any recompilation), so it is put back afterwards, as the user had it."""

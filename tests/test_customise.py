@@ -4,6 +4,8 @@ compute_loss_func on a logits-only model, optimizers=(SGD over parameter groups,
 model_init, per-group learning rates from config, and three Trainer subclasses ported to plain arguments.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import loop
-from helpers import (ClsData, SimpleClassifier, clone, comparable, cross_entropy_over_items, tiny_bert_classifier)
+from helpers import (ClsData, LMData, SimpleClassifier, clone, comparable, cross_entropy_over_items, tiny_bert_classifier,
+                     tiny_gpt2)
 from test_parity import assert_same
 
 BASE = dict(per_device_train_batch_size=4, per_device_eval_batch_size=5, learning_rate=1e-2, logging_steps=1,
@@ -383,6 +386,52 @@ def test_predict_logits_only_model_with_compute_loss_func(tmp_path):
     np.testing.assert_array_equal(out.label_ids, data.y.numpy())
     # three equal batches: the loss is the mean cross-entropy over all nine samples
     assert out.metrics["test_loss"] == pytest.approx(float(nn.functional.cross_entropy(expected, data.y)), rel=1e-6)
+
+
+def _report(stdout: str) -> str:
+    """DebugUnderflowOverflow's printout, without Trainer's own log lines (dicts printed to stdout)."""
+    return "".join(line for line in stdout.splitlines(True) if not line.startswith("{'"))
+
+
+def test_debug_underflow_overflow_stops_at_trainers_batch_with_trainers_report(tmp_path, capsys):
+    """debug underflow_overflow: a run blown up by its learning rate stops at the same forward as Trainer's, having
+    printed the same frames; a healthy run logs Trainer's numbers, and the hooks are gone when training ends."""
+    model, data = tiny_gpt2(), LMData(64)
+    args = _args(tmp_path, learning_rate=1e30, max_grad_norm=0, max_steps=8, gradient_accumulation_steps=2,
+                 debug="underflow_overflow")
+    with pytest.raises(ValueError, match="DebugUnderflowOverflow: inf/nan detected"):
+        Trainer(model=clone(model), args=args, train_dataset=data).train()
+    expected = _report(capsys.readouterr().out)
+    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"), save_steps=1,
+                                                      save_strategy="steps")
+    assert config.debug == "underflow_overflow"
+    diverged = clone(model)
+    with pytest.raises(loop.LoopError, match=r"inf/nan in a forward of step 2 \(batch number 2;"):
+        loop.train(config, diverged, data)
+    got = capsys.readouterr().out
+    assert "Detected inf/nan during batch_number=2" in got and got == expected
+    assert not any(m._forward_hooks for m in diverged.modules())
+    assert sorted(p.name for p in (tmp_path / "loop").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+    assert not (tmp_path / "loop" / "model.safetensors").exists()
+
+    healthy = _args(tmp_path, name="healthy", max_steps=4, gradient_accumulation_steps=2, debug="underflow_overflow")
+    trainer = Trainer(model=clone(model), args=healthy, train_dataset=data)
+    trainer.train()
+    trained = clone(model)
+    assert_same(trainer.state.log_history, _loop(tmp_path, healthy, trained, data))
+    assert not any(m._forward_hooks for m in trained.modules())
+    # packed rows (position_ids restarting): GPT-2 hands its blocks a boolean block mask, on which transformers'
+    # class fails (abs() of a bool tensor); the loop reads it as 0/1, and the hooks do not change a number
+    packed = [{**row, "position_ids": torch.arange(16) % 8} for row in LMData(16, seed=3)]
+    plain = loop.TrainConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, max_steps=3, logging_steps=1,
+                             per_device_train_batch_size=4, save_strategy="no", telemetry=False)
+    checked = dataclasses.replace(plain, output_dir=str(tmp_path / "checked"), debug="underflow_overflow")
+    assert_same(loop.train(plain, clone(model), packed).log_history, loop.train(checked, clone(model), packed).log_history)
+    assert "bool" not in capsys.readouterr().err
+    with pytest.raises(loop.LoopError, match="does not run on TPUs"):
+        loop.TrainConfig(debug="tpu_metrics_debug")
+    with pytest.raises(loop.LoopError, match="did you mean `underflow_overflow`"):
+        loop.TrainConfig(debug="underflow_overfow")
 
 
 # ---------------------------------------------------------------------------------------------- a replaceable step
