@@ -33,6 +33,7 @@ import torch
 from .errors import LoopError
 
 MARKER = "COMPLETE"
+LATEST_EVERYWHERE = "latest (the newest checkpoint whole on every node)"  # resume value, resolved collectively
 PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -154,12 +155,90 @@ def resolve_resume(value, output_dir: str):
     return path
 
 
+STALE = (".tmp-checkpoint-", ".old-checkpoint-", ".node-probe-", ".write-probe-")  # what a killed save or start leaves
+
+
 def clean_stale(output_dir: str):
     """Remove temporary folders left by a save that was killed."""
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
-            if name.startswith(".tmp-checkpoint-") or name.startswith(".old-checkpoint-") or name == ".tmp-final":
+            if name.startswith(STALE) or name == ".tmp-final":
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def writes(acc, config) -> bool:
+    """Whether this process writes checkpoints and the final model: rank 0 into the one shared output_dir, or with
+    save_on_each_node each node's first process into its own (nodes without a shared filesystem; Trainer's rule)."""
+    return acc.is_local_main_process if config.save_on_each_node else acc.is_main_process
+
+
+def check_output_dir(config, acc):
+    """Before anything is built: the processes that write (ckpt.writes) can create output_dir and write in it, and with
+    save_on_each_node it is not one folder shared by the nodes. Refused in one line on every rank at once.
+    Collective: every rank calls it."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    def everyone(problem):  # the same verdict on every rank, so that none is left waiting in a collective
+        problems = [p for p in (gather_object([problem]) if acc.num_processes > 1 else [problem]) if p]
+        if problems:
+            raise LoopError(problems[0])
+
+    problem = None
+    if writes(acc, config):
+        try:
+            os.makedirs(config.output_dir, exist_ok=True)
+            probe = os.path.join(config.output_dir, f".write-probe-{acc.process_index}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            problem = (f"output_dir {config.output_dir} cannot be written ({e.strerror or e}); choose a folder you can "
+                       "write to with --output_dir")
+    everyone(problem)
+    if not config.save_on_each_node:
+        return
+    if _sharded(acc):
+        raise LoopError("save_on_each_node under FSDP/DeepSpeed: their sharded checkpoints are one set written by every "
+                        "rank with one index, which needs an output_dir all nodes share; unset save_on_each_node")
+    if acc.num_processes == 1:
+        return
+    # each node's writer leaves a probe named for this run; seeing another node's probe means the folder is shared
+    prefix = f".node-probe-{broadcast_object_list([os.urandom(4).hex()])[0]}-"
+    probe = os.path.join(config.output_dir, f"{prefix}{acc.process_index}")
+    if acc.is_local_main_process:
+        open(probe, "w").close()
+    acc.wait_for_everyone()
+    sees_another = acc.is_local_main_process and any(
+        n.startswith(prefix) and n != os.path.basename(probe) for n in os.listdir(config.output_dir))
+    shared = any(gather_object([sees_another]))
+    acc.wait_for_everyone()
+    if acc.is_local_main_process:
+        os.remove(probe)
+    if shared:
+        raise LoopError(f"save_on_each_node: {config.output_dir} is shared between nodes (one node sees another's "
+                        "files), so every node would write the same checkpoints over each other; unset "
+                        "save_on_each_node (rank 0 then writes for all)")
+
+
+def newest_whole_everywhere(acc, output_dir: str) -> str:
+    """resume_from_checkpoint latest with save_on_each_node: every node resumes from its own copy, so all must take
+    the same step, the newest one whose copy is whole (sizes and checksums) on every node. One gather of each rank's
+    whole steps, then one vote per candidate. Collective: every rank calls it."""
+    from accelerate.utils import gather_object
+
+    whole = [step for step, _ in list_checkpoints(output_dir, warn=True)]
+    common = set.intersection(*(set(steps) for steps in gather_object([whole])))
+    for step in sorted(common, reverse=True):
+        path = os.path.join(output_dir, f"{PREFIX}{step}")
+        problem = damage(path, checksums=True)
+        if problem:
+            warnings.warn(f"skipping {path}: {problem}")
+        if all(gather_object([problem is None])):
+            if step != whole[-1]:
+                warnings.warn(f"resuming from {path}, the newest checkpoint whole on every node (this node also has "
+                              f"{', '.join(f'{PREFIX}{s}' for s in whole if s > step)})")
+            return path
+    raise LoopError(f"resume_from_checkpoint latest with save_on_each_node: no checkpoint in {output_dir} is whole on "
+                    "every node; train without --resume_from_checkpoint, or copy one node's checkpoint to the others")
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -189,18 +268,19 @@ def save(run) -> str:
     final = os.path.join(cfg.output_dir, f"{PREFIX}{state.global_step}")
     tmp = os.path.join(cfg.output_dir, f".tmp-{PREFIX}{state.global_step}")
     run.telemetry.flush()  # flos and token counts into the state before it is written (collective)
+    writer = writes(acc, cfg)
     try:
-        if acc.is_main_process:
+        if writer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
         if _sharded(acc) and not cfg.save_only_model:
             acc.save_state(tmp)  # sharded model and optimizer; the scheduler is the loop's own (not prepared)
-            if acc.is_main_process:
+            if writer:
                 torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         else:
             weights = acc.get_state_dict(run.model)  # unwrapped: no module./_orig_mod. prefixes
-            if acc.is_main_process:
+            if writer:
                 save_weights(weights, os.path.join(tmp, "model.safetensors"))
                 if not cfg.save_only_model:
                     torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -211,13 +291,13 @@ def save(run) -> str:
             # per rank: RNG now and at the epoch's start, and this rank's loss accumulator since the last log
             torch.save({**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()},
                        os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))
-        if run.ema is not None and (run.ema.sharded or acc.is_main_process):
+        if run.ema is not None and (run.ema.sharded or writer):
             from safetensors.torch import save_file
 
             # whole EMA from the main process; under FSDP2 each rank's own shards
             save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()},
                       os.path.join(tmp, ema_file_name(run.ema, acc.process_index)))
-        if acc.is_main_process:
+        if writer:
             state.callback_states = {type(cb).__name__: cb.state_dict() for cb in run.callbacks
                                      if hasattr(cb, "state_dict")}
             with open(os.path.join(tmp, "loop_state.json"), "w") as f:
@@ -225,7 +305,7 @@ def save(run) -> str:
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if writer:
             files = manifest(tmp)  # every file with its size and checksum: resume verifies them
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"step": state.global_step, "files": files}, f, indent=1)
@@ -242,7 +322,7 @@ def save(run) -> str:
             _fsync_dir(cfg.output_dir)
         acc.wait_for_everyone()
     except OSError as e:
-        if acc.is_main_process:
+        if writer:
             shutil.rmtree(tmp, ignore_errors=True)
         raise LoopError(f"saving checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are intact - "
                         "free disk space or change output_dir, then resume with --resume_from_checkpoint latest") from None

@@ -29,6 +29,7 @@ INTERVALS = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 SAMPLING = ("random", "sequential", "group_by_length")
 LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical", "detail")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
@@ -94,7 +95,8 @@ class TrainConfig:
     dataloader_pin_memory: bool = _f(True, "Pin host memory for faster copies to the GPU.")
     dataloader_persistent_workers: bool = _f(False, "Keep eval/train workers alive between epochs.")
     dataloader_prefetch_factor: typing.Optional[int] = _f(None, "Batches prefetched per worker.")
-    dataloader_multiprocessing_context: typing.Optional[str] = _f(None, "Multiprocessing start method for workers.")
+    dataloader_multiprocessing_context: typing.Optional[str] = _f(None, "Multiprocessing start method for workers.",
+                                                                  choices=("fork", "spawn", "forkserver"))
     dataloader_in_order: bool = _f(True, "Workers return batches in order.")
     remove_unused_columns: bool = _f(True, "Drop dataset columns the model's forward does not accept.")
     label_names: typing.Optional[list] = _f(None, "Input keys holding the labels (default: inferred from the model).")
@@ -143,6 +145,10 @@ class TrainConfig:
     save_steps: float = _f(500, "Save every N steps (a value < 1 is a ratio of the total steps).")
     save_total_limit: typing.Optional[int] = _f(None, "Keep at most N checkpoints (never deleting the best or the newest).")
     save_only_model: bool = _f(False, "Checkpoints hold only the weights (no resume).")
+    save_on_each_node: bool = _f(False, "Several nodes without a shared filesystem: each node's first process writes "
+                                 "checkpoints and the final model into its own output_dir (one shared folder is "
+                                 "refused); resume 'latest' takes the newest checkpoint whole on every node. Not "
+                                 "with FSDP/DeepSpeed.")
     load_best_model_at_end: bool = _f(False, "Load the best checkpoint's weights at the end.")
     ignore_data_skip: bool = _f(False, "On resume, start the epoch's data from the beginning instead of the saved position.")
     restore_callback_states_from_checkpoint: bool = _f(False, "Restore stateful callbacks from the checkpoint.")
@@ -245,7 +251,7 @@ class TrainConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 bad(f"{f.name}={value!r} is not supported{closest(str(value), choices)}; choose one of: {', '.join(choices)}")
         if self.attention_backends is not None:
             unknown = [n for n in self.attention_backends.split(",") if n not in ("flash", "efficient", "cudnn", "math")]
@@ -277,6 +283,23 @@ class TrainConfig:
             if option != "underflow_overflow":
                 bad(f"debug={option!r} is not a debug option{closest(option, ('underflow_overflow',))}; "
                     "the loop has one: underflow_overflow")
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2 ** 32:
+                bad(f"{name} must be in [0, 2**32 - 1] (numpy's range), got {getattr(self, name)}")
+        if self.optim in OPTIMIZERS:
+            from .optim import optim_args
+
+            optim_args(self.optim, self.optim_args)  # malformed, not a number, or a key the optimizer does not take
+        if self.torch_compile_backend is not None:
+            from accelerate.utils import DynamoBackend
+
+            backends = [b.value.lower() for b in DynamoBackend if b.value != "NO"]
+            if self.torch_compile_backend.lower() not in backends:
+                bad(f"torch_compile_backend={self.torch_compile_backend!r} is not a backend"
+                    f"{closest(self.torch_compile_backend.lower(), backends)}; choose one of: {', '.join(backends)}")
+        if self.torch_compile_mode is not None and self.torch_compile_mode not in COMPILE_MODES:
+            bad(f"torch_compile_mode={self.torch_compile_mode!r} is not a mode{closest(self.torch_compile_mode, COMPILE_MODES)}"
+                f"; choose one of: {', '.join(COMPILE_MODES)}")
         if self.fp16 and self.bf16:
             bad("fp16 and bf16 are both set: choose one mixed-precision mode")
         if self.fp16_full_eval and self.bf16_full_eval:
@@ -481,7 +504,6 @@ REFUSED = {
     "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "eval_use_gather_object": "predictions are gathered as tensors",
-    "save_on_each_node": "checkpoints are written by the main process to a shared output_dir",
     "push_to_hub": "push the saved output_dir with huggingface_hub yourself",
     "hub_token": "Hub upload is not implemented", "hub_private_repo": "Hub upload is not implemented",
     "hub_model_id": "Hub upload is not implemented", "hub_strategy": "Hub upload is not implemented",
@@ -516,6 +538,8 @@ NOTES = {
     "optim": "adamw_torch_fused, adamw_torch, sgd, adafactor, adagrad, rmsprop",
     "eval_accumulation_steps": "accepted; predictions are moved to the CPU per batch anyway",
     "debug": "underflow_overflow (transformers' own hook, removed when training ends); not tpu_metrics_debug",
+    "save_on_each_node": "a folder shared between nodes is refused; resume 'latest' agrees on a step whole on every "
+                         "node; not with FSDP/DeepSpeed",
     "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
 }
 INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing", "activation_checkpointing_kwargs"}

@@ -130,6 +130,8 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
         if not isinstance(cb, Callback):
             raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
+    if config.save_on_each_node and (resume is True or str(resume).lower() in ("true", "latest")):
+        return callbacks, ckpt.LATEST_EVERYWHERE  # each node holds its own copies: the ranks agree once they can talk
     return callbacks, ckpt.resolve_resume(resume, config.output_dir)
 
 
@@ -139,6 +141,7 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
           optimizer_step) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
+    ckpt.check_output_dir(config, acc)
     if config.report_to:
         acc.init_trackers(config.run_name or config.project, config=_flat(config.to_dict()))
     if model_init is not None:
@@ -234,6 +237,8 @@ def resume(run, resume_path):
     """Load the checkpoint's state, weights, optimizer, scheduler, EMA and callbacks. Returns the saved RNG (or None)."""
     acc, config = run.accelerator, run.config
     saved_rng = None
+    if resume_path == ckpt.LATEST_EVERYWHERE:
+        resume_path = ckpt.newest_whole_everywhere(acc, config.output_dir)
     if resume_path is not None:
         saved = ckpt.read_state(resume_path)
         geometry = run.state.geometry
@@ -252,7 +257,7 @@ def resume(run, resume_path):
             state.batches_in_epoch = 0
     run.start_step = run.state.global_step
     run.records = _Records(run, run.plan.max_steps, run.start_step)
-    if acc.is_main_process:
+    if ckpt.writes(acc, config):
         ckpt.clean_stale(config.output_dir)
     if resume_path is not None:
         run.records.out.note({"event": "resumed", "from": resume_path, "step": run.state.global_step})
@@ -394,7 +399,8 @@ def log_eval_save(run, should_log, should_eval, should_save):
             state.best_checkpoint = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
         path = ckpt.save(run)
         run.saved_step = state.global_step
-        ckpt.rotate(config.output_dir, config.save_total_limit, keep=(state.best_checkpoint,))
+        if ckpt.writes(run.accelerator, config):
+            ckpt.rotate(config.output_dir, config.save_total_limit, keep=(state.best_checkpoint,))
         run.stop = fire(run.callbacks, "on_save", run, path) or run.stop
 
 
@@ -503,7 +509,7 @@ def finish(run, processing_class=None) -> TrainResult:
     records.log(metrics)
     if cfg.load_best_model_at_end and state.best_checkpoint and os.path.isdir(state.best_checkpoint):
         ckpt.load_weights(run.unwrapped, state.best_checkpoint)
-    if cfg.save_total_limit == 1 and state.best_checkpoint and acc.is_main_process:
+    if cfg.save_total_limit == 1 and state.best_checkpoint and ckpt.writes(acc, cfg):
         # Trainer's rule: with a limit of 1 the newest was kept only while training could go on; keep the best
         for _, path in ckpt.list_checkpoints(cfg.output_dir):
             if os.path.abspath(path) != os.path.abspath(state.best_checkpoint):
@@ -532,7 +538,7 @@ def save_model(run, processing_class=None):
         run.ema.swap(run.unwrapped)
         ema_weights = _stripped(acc.get_state_dict(run.model), clone=True)  # the swap back reuses the storage
         run.ema.swap(run.unwrapped)
-    if acc.is_main_process:
+    if ckpt.writes(acc, cfg):
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
@@ -567,8 +573,18 @@ def _replace(src, dst):
 
 
 def _write_model(model, weights, folder, acc):
+    """Called by the process that writes (ckpt.writes): with save_on_each_node, each node's first process."""
     os.makedirs(folder, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        # newer transformers' save_pretrained writes only on global rank 0 once torch.distributed is up (so Trainer's
+        # save_on_each_node leaves the other nodes without a final model); here the loop has chosen this process
+        patch = hasattr(model, "should_save_on_this_rank") and "should_save_on_this_rank" not in vars(model)
+        if patch:
+            model.should_save_on_this_rank = lambda is_main_process: True
+        try:
+            model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        finally:
+            if patch:
+                del model.should_save_on_this_rank
     else:
         ckpt.save_weights(weights, os.path.join(folder, "model.safetensors"))

@@ -25,13 +25,38 @@ def decay_parameter_names(module: nn.Module) -> list[str]:
     return names
 
 
-def _optim_args(text):
+# optim_args each optimizer takes, as Trainer reads them: (numbers, booleans). Trainer ignores any other key (and
+# every key for AdamW and Adafactor); the loop refuses it, so that a typo does not train with the default.
+OPTIM_ARGS = {"sgd": (("momentum", "dampening", "weight_decay"), ("nesterov",)),
+              "adagrad": (("lr_decay", "weight_decay", "eps"), ()),
+              "rmsprop": (("momentum", "alpha", "eps", "weight_decay"), ("centered",))}
+
+
+def optim_args(optim: str, text) -> dict:
+    """`optim_args` 'k=v,k=v' as the optimizer's typed keyword arguments, or one line naming what is wrong."""
     if not text:
         return {}
     try:
-        return dict(kv.split("=") for kv in text.replace(" ", "").split(","))
+        extra = dict(kv.split("=") for kv in text.replace(" ", "").split(","))
     except ValueError:
         raise LoopError(f"optim_args={text!r} is malformed; write it as 'key=value,key=value'") from None
+    numbers, flags = OPTIM_ARGS.get(optim, ((), ()))
+    if unused := [k for k in extra if k not in numbers + flags]:
+        takes = (f"it takes {', '.join(numbers + flags)}" if numbers else
+                 "it takes none: set adam_beta1, adam_beta2, adam_epsilon, weight_decay" if optim.startswith("adamw")
+                 else "it takes none")
+        raise LoopError(f"optim_args {', '.join(unused)}: optim {optim} does not use {'it' if len(unused) == 1 else 'them'}"
+                        f" (Trainer would ignore {'it' if len(unused) == 1 else 'them'}); {takes}")
+    kwargs = {}
+    for key, value in extra.items():
+        if key in flags:
+            kwargs[key] = value.lower() in ("true", "1", "yes")
+            continue
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise LoopError(f"optim_args {key}={value!r} is not a number; write e.g. {key}=0.9") from None
+    return kwargs
 
 
 def parameter_groups(config, model: nn.Module) -> tuple[list[dict], list[str]]:
@@ -74,7 +99,6 @@ def build_optimizer(config, model: nn.Module, optimizer_cls_and_kwargs=None) -> 
         cls, kwargs = optimizer_cls_and_kwargs
         return cls(groups, **dict(kwargs))
     kwargs = {"lr": config.learning_rate}
-    extra = _optim_args(config.optim_args)
     name = config.optim
     if name in ("adamw_torch", "adamw_torch_fused"):
         kwargs.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
@@ -85,15 +109,7 @@ def build_optimizer(config, model: nn.Module, optimizer_cls_and_kwargs=None) -> 
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, scale_parameter=False, relative_step=False, **kwargs)
-    float_keys = {"sgd": ("momentum", "dampening", "weight_decay"), "adagrad": ("lr_decay", "weight_decay", "eps"),
-                  "rmsprop": ("momentum", "alpha", "eps", "weight_decay")}[name]
-    bool_keys = {"sgd": ("nesterov",), "adagrad": (), "rmsprop": ("centered",)}[name]
-    for key in float_keys:
-        if key in extra:
-            kwargs[key] = float(extra[key])
-    for key in bool_keys:
-        if key in extra:
-            kwargs[key] = extra[key].lower() in ("true", "1", "yes")
+    kwargs.update(optim_args(name, config.optim_args))
     cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[name]
     return cls(groups, **kwargs)
 
@@ -101,10 +117,16 @@ def build_optimizer(config, model: nn.Module, optimizer_cls_and_kwargs=None) -> 
 def build_scheduler(config, optimizer, total_steps: int):
     from transformers import get_scheduler
 
+    warmup = config.warmup_for(total_steps)
     try:
-        return get_scheduler(config.lr_scheduler_type, optimizer=optimizer,
-                             num_warmup_steps=config.warmup_for(total_steps), num_training_steps=total_steps,
-                             scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total_steps, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+        # a schedule's kwargs are first used where its shape starts (e.g. num_cycles after the warmup): try the
+        # schedule there and at the end now, rather than fail mid-run
+        for lr_lambda in getattr(scheduler, "lr_lambdas", []):
+            for step in {0, warmup, warmup + 1, total_steps // 2, total_steps}:
+                lr_lambda(step)
+        return scheduler
     except (TypeError, ValueError) as e:
         raise LoopError(f"lr_scheduler_type={config.lr_scheduler_type!r} with lr_scheduler_kwargs="
                         f"{config.lr_scheduler_kwargs!r} failed: {e}") from None

@@ -122,6 +122,13 @@ def make_accelerator(config):
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
+    if config.report_to and "all" not in config.report_to:
+        from accelerate.tracking import get_available_trackers
+
+        installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        if missing := [t for t in config.report_to if t not in installed]:  # accelerate would only warn and go on
+            raise LoopError(f"report_to {', '.join(missing)}: not installed; pip install {' '.join(missing)}, or drop "
+                            f"{'it' if len(missing) == 1 else 'them'} from report_to")
     ddp = {"find_unused_parameters": config.ddp_find_unused_parameters
            if config.ddp_find_unused_parameters is not None else not config.gradient_checkpointing}
     for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):

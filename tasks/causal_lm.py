@@ -20,7 +20,8 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import DataSource, check_columns, from_pretrained, load_raw, main_process_first, subsample
+from .common import (DataSource, check_columns, check_text_source, from_pretrained, load_raw, main_process_first,
+                     subsample)
 
 IGNORE = -100
 
@@ -133,6 +134,7 @@ def build(task: Task, config) -> dict:
     import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_text_source(task)
     # ----------------------------------------------------------------- tokenizer
     tok_name = task.tokenizer_name or task.model_name_or_path
     if tok_name in (None, "bytes"):
@@ -170,8 +172,6 @@ def build(task: Task, config) -> dict:
             "train": datasets.Dataset.from_dict({"text": [d for i, d in enumerate(docs) if i % step != step - 1]}),
             "validation": datasets.Dataset.from_dict({"text": [d for i, d in enumerate(docs) if i % step == step - 1]}),
         })
-    elif task.text_source is not None:
-        raise LoopError(f"text_source={task.text_source!r} is unknown; use 'stdlib' or give --train_file/--dataset_name")
     else:
         with main_process_first(config):
             raw = load_raw(task, "causal_lm")

@@ -23,6 +23,17 @@ class DataSource:
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
+def check_text_source(task):
+    """text_source and data files (or a Hub dataset) both answer "what is trained on": refuse both rather than
+    silently train on one of them (the default job sets text_source stdlib)."""
+    if task.text_source not in (None, "stdlib"):
+        raise LoopError(f"text_source={task.text_source!r} is unknown; use 'stdlib' or give --train_file/--dataset_name")
+    named = [f"--{k} {getattr(task, k)}" for k in ("train_file", "validation_file", "dataset_name") if getattr(task, k)]
+    if task.text_source == "stdlib" and named:
+        raise LoopError(f"text_source stdlib (the job's built-in text) and {', '.join(named)} both name the data; add "
+                        f"--text_source none to train on yours, or drop {named[0].split()[0]}")
+
+
 def load_raw(task, what: str):
     """A DatasetDict with 'train' (and 'validation' if given) from local files or a Hub dataset."""
     import datasets

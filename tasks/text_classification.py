@@ -9,7 +9,8 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import DataSource, check_columns, from_pretrained, load_raw, main_process_first, subsample
+from .common import (DataSource, check_columns, check_text_source, from_pretrained, load_raw, main_process_first,
+                     subsample)
 
 
 @dataclass
@@ -89,8 +90,7 @@ def build(task: Task, config) -> dict:
     if not task.model_name_or_path and task.model_config is None:
         raise LoopError("text_classification needs --model_name_or_path (a Hub id or a local model folder), or "
                         "--model_config to train one from scratch")
-    if task.text_source not in (None, "stdlib"):
-        raise LoopError(f"text_source={task.text_source!r} is unknown; use 'stdlib' or give --train_file/--dataset_name")
+    check_text_source(task)
     with main_process_first(config):
         raw = stdlib_lines(task.max_docs) if task.text_source == "stdlib" else load_raw(task, "text_classification")
     if task.validation_split != "validation" and task.validation_split in raw:

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 from transformers import TrainingArguments
 
 import loop
@@ -33,7 +34,7 @@ def test_round_trip_through_training_arguments():
     assert back == cfg
 
 
-@pytest.mark.parametrize("name,value", [("save_on_each_node", True), ("fsdp", "full_shard"),
+@pytest.mark.parametrize("name,value", [("eval_use_gather_object", True), ("fsdp", "full_shard"),
                                         ("push_to_hub", True), ("auto_find_batch_size", True)])
 def test_unsupported_training_arguments_are_refused_by_name(name, value):
     kwargs = {name: value}
@@ -57,10 +58,61 @@ def test_unsupported_training_arguments_are_refused_by_name(name, value):
     (dict(per_device_train_batch_size="four"), "not a valid int"),
     (dict(save_strategy="best"), "needs evaluation"),
     (dict(report_to="tensorbord"), "did you mean `tensorboard`"),
+    (dict(seed=-1), "seed must be in"),
+    (dict(data_seed=2 ** 32), "data_seed must be in"),
+    (dict(optim="sgd", optim_args="momentum=abc"), "momentum='abc' is not a number"),
+    (dict(optim="sgd", optim_args="momentum=0.9,nestrov=true"), "nestrov: optim sgd does not use it .Trainer would "
+                                                                 "ignore it.; it takes momentum, dampening"),
+    (dict(optim_args="beta1=0.95"), "optim adamw_torch_fused does not use it .* set adam_beta1"),
+    (dict(optim="sgd", optim_args="momentum"), "malformed"),
+    (dict(torch_compile_backend="inducto"), "is not a backend .did you mean `inductor`"),
+    (dict(torch_compile_mode="fast"), "is not a mode"),
+    (dict(dataloader_multiprocessing_context="bogus"), "choose one of: fork, spawn, forkserver"),
 ])
 def test_invalid_values_fail_at_construction(kwargs, match):
     with pytest.raises(loop.LoopError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_valid_optim_args_reach_the_optimizer():
+    from loop.optim import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(TrainConfig(optim="sgd", optim_args="momentum=0.9, nesterov=true"), model)
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"] is True
+    opt = build_optimizer(TrainConfig(optim="rmsprop", optim_args="alpha=0.5,centered=1"), model)
+    assert opt.defaults["alpha"] == 0.5 and opt.defaults["centered"] is True
+
+
+def test_schedule_kwargs_are_tried_where_the_schedule_first_uses_them():
+    """cosine_with_restarts reads num_cycles only after the warmup: a bad value is refused when the scheduler is
+    built, not many steps into the run."""
+    from loop.optim import build_scheduler
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    bad = TrainConfig(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": "x"}, warmup_steps=5)
+    with pytest.raises(loop.LoopError, match="num_cycles.*could not convert string to float"):
+        build_scheduler(bad, opt, 100)
+    good = TrainConfig(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2}, warmup_steps=5)
+    assert build_scheduler(good, opt, 100).get_last_lr() == [0.0]
+
+
+def test_a_tracker_that_is_not_installed_and_an_output_dir_that_cannot_be_written_are_refused(tmp_path, monkeypatch):
+    """accelerate only warns about a tracker it cannot find and trains without it; the loop refuses, as Trainer does.
+    An output_dir that cannot be made fails before training, not at the first record."""
+    import accelerate.tracking
+
+    from helpers import LMData, tiny_gpt2
+
+    (tmp_path / "a_file").write_text("")
+    config = TrainConfig(output_dir=str(tmp_path / "a_file" / "out"), use_cpu=True, max_steps=1)
+    with pytest.raises(loop.LoopError, match="cannot be written .Not a directory.; choose a folder"):
+        loop.train(config, tiny_gpt2(), LMData(8))
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    config = TrainConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=1, report_to="tensorboard")
+    with pytest.raises(loop.LoopError, match="report_to tensorboard: not installed; pip install tensorboard"):
+        loop.train(config, tiny_gpt2(), LMData(8))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("rank0,local0,each_node,expect", [

@@ -221,3 +221,50 @@ def test_fused_loss_over_fsdp2_shards_equals_the_unsharded_fused_loss(tmp_path):
                           capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2
+
+
+
+def test_save_on_each_node_two_nodes_without_a_shared_folder_resume_from_a_step_whole_on_both(tmp_path):
+    """save_on_each_node, two "nodes" on one host, each in its own working directory with the relative output_dir
+    `out` (no shared folder). Each node's writer saves whole checkpoints there holding its own ranks' RNG; killed
+    after step 8 and with node 1's checkpoint-6 corrupted (same size, one byte flipped), resume 'latest' agrees on
+    checkpoint-3 on both nodes and logs the uninterrupted 2-process run's numbers; both nodes write the same final
+    model. One folder shared by both nodes is refused before anything is written."""
+    from test_resume import same_history
+
+    worker = os.path.join(HERE, "resume_worker.py")
+
+    def two_nodes(port, *args, shared=False):
+        """[(exit status, stderr)] of node ranks 0 and 1, and their working directories."""
+        dirs = [tmp_path / ("shared" if shared else f"node{r}") for r in (0, 1)]
+        for d in dirs:
+            d.mkdir(exist_ok=True)
+        nodes = [subprocess.Popen(_torchrun(worker, "out", "save_on_each_node=true", *args, port=port, nnodes=2,
+                                            node_rank=r, nproc=1), cwd=dirs[r], env=ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        return [(p.wait(timeout=600), p.communicate()[1]) for p in nodes], [d / "out" for d in dirs]
+
+    _run(_torchrun(worker, str(tmp_path / "ref"), port=29551))
+    ran, (out0, out1) = two_nodes(29552, "kill_after_step=8")
+    assert all(code != 0 for code, _ in ran)
+    for rank, out in enumerate((out0, out1)):
+        assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
+        files = set(os.listdir(out / "checkpoint-6"))
+        assert {"model.safetensors", "optimizer.pt", "COMPLETE", f"rng_state_{rank}.pth"} <= files
+        assert f"rng_state_{1 - rank}.pth" not in files and not (out / "model.safetensors").exists()
+    assert (out0 / "metrics.jsonl").exists() and not (out1 / "metrics.jsonl").exists()  # records: rank 0 only
+    weights = out1 / "checkpoint-6" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    ran, _ = two_nodes(29553, "resume=latest")
+    assert all(code == 0 for code, _ in ran), ran[0][1][-3000:] + ran[1][1][-3000:]
+    assert "resuming from out/checkpoint-3, the newest checkpoint whole on every node" in ran[0][1]
+    assert "does not match its checksum" in ran[1][1]
+    same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(out0 / "result.json")))
+    assert (out0 / "model.safetensors").read_bytes() == (out1 / "model.safetensors").read_bytes()
+
+    ran, (shared, _) = two_nodes(29554, shared=True)
+    assert all(code != 0 and "is shared between nodes" in err for code, err in ran), ran
+    assert not any(n.startswith(("checkpoint-", ".node-probe")) for n in os.listdir(shared))

@@ -370,7 +370,7 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
         p = torch.nn.Parameter(torch.zeros(2))
         opt = optimizer or torch.optim.AdamW([p], fused=False)
         config = SimpleNamespace(mixed_precision=precision, torch_compile_mode=None, gradient_checkpointing=False,
-                                 **{"dataloader_pin_memory": True, **cfg})
+                                 **{"dataloader_pin_memory": True, "debug": "", **cfg})
         return SimpleNamespace(config=config, optimizer=opt, loader=SimpleNamespace(device_table=object()),
                                accelerator=SimpleNamespace(device=torch.device(device), num_processes=procs,
                                                            distributed_type=SimpleNamespace(name=topology)))
@@ -381,7 +381,8 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
     assert gs.why_not(unpinned, custom_step=False) is None  # asked for: allowed (unverified on a GPU) ...
     for run, says in ((fake(), "not a custom optimizer_step"), (fake(procs=2), "runs on one process"),
                       (fake(topology="DEEPSPEED"), "not DeepSpeed's engine"),
-                      (fake(precision="fp16"), "fp16's loss scaler"), 
+                      (fake(precision="fp16"), "fp16's loss scaler"),
+                      (fake(debug="underflow_overflow"), "debug underflow_overflow checks every module's output"),
                       (SimpleNamespace(**{**vars(fake()), "loader": SimpleNamespace(device_table=None)}),
                        "with pinned host batches"),
                       (fake(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)),
@@ -389,8 +390,9 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
         assert says in gs.why_not(run, custom_step=says.startswith("not a custom"))
     # ... but `fast` takes it only where it was verified: batches cut from the device table (compiled or eager)
     monkeypatch.setattr(gs, "GraphStep", lambda run: "graphed")  # no CUDA stream to make on a CPU
-    for table, compiled, taken in ((object(), True, True), (None, True, False), (object(), False, True)):
-        run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled)
+    for table, compiled, debug, taken in ((object(), True, "", True), (None, True, "", False), (object(), False, "", True),
+                                         (object(), True, "underflow_overflow", False)):
+        run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled, debug=debug)
         run.loader.device_table = table
         assert gs.use_graph_step(run, custom_step=False) is taken
 

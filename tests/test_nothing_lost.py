@@ -110,8 +110,8 @@ def test_final_save_where_only_the_main_process_receives_the_gathered_weights(tm
         acc = SimpleNamespace(is_main_process=main, wait_for_everyone=lambda: None,
                               get_state_dict=lambda m: {f"module.{k}": v for k, v in m.state_dict().items()} if main
                               else None)
-        return SimpleNamespace(accelerator=acc, config=SimpleNamespace(output_dir=str(tmp_path)), model=model,
-                               unwrapped=model, ema=ema)
+        return SimpleNamespace(accelerator=acc, config=SimpleNamespace(output_dir=str(tmp_path), save_on_each_node=False),
+                               model=model, unwrapped=model, ema=ema)
 
     save_model(fake_run(main=False))  # another rank: no error, nothing written, the weights left as they were
     assert not os.path.exists(tmp_path / "model.safetensors") and not os.path.exists(tmp_path / "ema")

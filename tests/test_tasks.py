@@ -144,3 +144,15 @@ def test_accuracy_f1():
                                                        label_ids=torch.tensor([0, 1, 0, 0]).numpy()))
     assert m["accuracy"] == 0.75
     assert abs(m["f1"] - (0.8 + 2 / 3) / 2) < 1e-9
+
+
+def test_built_in_text_and_data_files_together_are_refused(tmp_path):
+    """The default job sets text_source stdlib; a --train_file given with it used to be ignored without a word."""
+    import pytest
+
+    (tmp_path / "t.txt").write_text("hello\n")
+    config = loop.TrainConfig(output_dir=str(tmp_path / "o"), use_cpu=True)
+    for module in (causal_lm, text_classification):
+        task = module.Task(text_source="stdlib", train_file=str(tmp_path / "t.txt"), model_name_or_path="x")
+        with pytest.raises(loop.LoopError, match="both name the data; add --text_source none to train on yours"):
+            module.build(task, config)
