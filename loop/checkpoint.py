@@ -19,6 +19,7 @@ looks whole. Under FSDP/DeepSpeed the sharded model/optimizer state goes through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,7 +34,6 @@ import torch
 from .errors import LoopError
 
 MARKER = "COMPLETE"
-LATEST_EVERYWHERE = "latest (the newest checkpoint whole on every node)"  # resume value, resolved collectively
 PREFIX = "checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -132,12 +132,29 @@ def list_checkpoints(output_dir: str, warn: bool = False) -> list[tuple[int, str
     return sorted(found)
 
 
-def resolve_resume(value, output_dir: str):
+def _none(value) -> bool:
+    return value in (None, False, "", "none", "false", "False")
+
+
+def _latest(value) -> bool:
+    return value is True or str(value).lower() in ("true", "latest")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnEveryNode:
+    """A resume value under save_on_each_node: each node holds its own copies, so it is resolved once the ranks can
+    talk (resolve_on_every_node), with one verdict for all; a node alone could not tell the others it cannot."""
+    value: object
+
+
+def resolve_resume(value, output_dir: str, save_on_each_node: bool = False):
     """PATH | True | 'latest' | None -> a checkpoint path or None; a clear error if there is none.
     'latest' takes the newest checkpoint whose every file matches its manifest's size and checksum."""
-    if value in (None, False, "", "none", "false", "False"):
+    if _none(value):
         return None
-    if value is True or str(value).lower() in ("true", "latest"):
+    if save_on_each_node:
+        return OnEveryNode(value)
+    if _latest(value):
         for _, path in reversed(list_checkpoints(output_dir, warn=True)):
             problem = damage(path, checksums=True)
             if problem is None:
@@ -217,6 +234,22 @@ def check_output_dir(config, acc):
         raise LoopError(f"save_on_each_node: {config.output_dir} is shared between nodes (one node sees another's "
                         "files), so every node would write the same checkpoints over each other; unset "
                         "save_on_each_node (rank 0 then writes for all)")
+
+
+def resolve_on_every_node(acc, value: OnEveryNode, output_dir: str) -> str:
+    """resolve_resume under save_on_each_node, collectively: a path must be whole on every node; 'latest' is the
+    newest checkpoint whole on every node. Collective: every rank calls it."""
+    from accelerate.utils import gather_object
+
+    if _latest(value.value):
+        return newest_whole_everywhere(acc, output_dir)
+    path = str(value.value)
+    problem = "it does not exist" if not os.path.isdir(path) else damage(path, checksums=True)
+    problems = gather_object([problem]) if acc.num_processes > 1 else [problem]
+    if bad := [(rank, p) for rank, p in enumerate(problems) if p]:
+        raise LoopError(f"resume_from_checkpoint: {path} cannot be resumed on every node: on process {bad[0][0]} "
+                        f"{bad[0][1]}; pass another checkpoint, or 'latest' to take the newest whole on every node")
+    return path
 
 
 def newest_whole_everywhere(acc, output_dir: str) -> str:

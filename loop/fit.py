@@ -130,9 +130,7 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
         if not isinstance(cb, Callback):
             raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
-    if config.save_on_each_node and (resume is True or str(resume).lower() in ("true", "latest")):
-        return callbacks, ckpt.LATEST_EVERYWHERE  # each node holds its own copies: the ranks agree once they can talk
-    return callbacks, ckpt.resolve_resume(resume, config.output_dir)
+    return callbacks, ckpt.resolve_resume(resume, config.output_dir, config.save_on_each_node)
 
 
 # ====================================================================================== 2. build
@@ -237,8 +235,8 @@ def resume(run, resume_path):
     """Load the checkpoint's state, weights, optimizer, scheduler, EMA and callbacks. Returns the saved RNG (or None)."""
     acc, config = run.accelerator, run.config
     saved_rng = None
-    if resume_path == ckpt.LATEST_EVERYWHERE:
-        resume_path = ckpt.newest_whole_everywhere(acc, config.output_dir)
+    if isinstance(resume_path, ckpt.OnEveryNode):  # save_on_each_node: one verdict for all nodes
+        resume_path = ckpt.resolve_on_every_node(acc, resume_path, config.output_dir)
     if resume_path is not None:
         saved = ckpt.read_state(resume_path)
         geometry = run.state.geometry

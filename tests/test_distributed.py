@@ -227,8 +227,8 @@ def test_fused_loss_over_fsdp2_shards_equals_the_unsharded_fused_loss(tmp_path):
 def test_save_on_each_node_two_nodes_without_a_shared_folder_resume_from_a_step_whole_on_both(tmp_path):
     """save_on_each_node, two "nodes" on one host, each in its own working directory with the relative output_dir
     `out` (no shared folder). Each node's writer saves whole checkpoints there holding its own ranks' RNG; killed
-    after step 8 and with node 1's checkpoint-6 corrupted (same size, one byte flipped), resume 'latest' agrees on
-    checkpoint-3 on both nodes and logs the uninterrupted 2-process run's numbers; both nodes write the same final
+    after step 8 and with node 1's checkpoint-6 corrupted (same size, one byte flipped), a resume naming checkpoint-6
+    is refused on both nodes, and resume 'latest' agrees on checkpoint-3 on both nodes and logs the uninterrupted 2-process run's numbers; both nodes write the same final
     model. One folder shared by both nodes is refused before anything is written."""
     from test_resume import same_history
 
@@ -258,6 +258,9 @@ def test_save_on_each_node_two_nodes_without_a_shared_folder_resume_from_a_step_
     data[-3] ^= 0xFF
     weights.write_bytes(bytes(data))
 
+    ran, _ = two_nodes(29555, "resume=out/checkpoint-6")  # named: whole on node 0 only, so refused on both
+    assert all(code != 0 and "out/checkpoint-6 cannot be resumed on every node: on process 1 "
+               "model.safetensors does not match its checksum" in err for code, err in ran), ran
     ran, _ = two_nodes(29553, "resume=latest")
     assert all(code == 0 for code, _ in ran), ran[0][1][-3000:] + ran[1][1][-3000:]
     assert "resuming from out/checkpoint-3, the newest checkpoint whole on every node" in ran[0][1]
