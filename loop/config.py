@@ -29,6 +29,7 @@ INTERVALS = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 SAMPLING = ("random", "sequential", "group_by_length")
 LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical", "detail")
+DDP_BACKENDS = ("nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl")  # TrainingArguments' choices
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -161,6 +162,8 @@ class TrainConfig:
     ddp_broadcast_buffers: typing.Optional[bool] = _f(None, "DDP broadcast_buffers.")
     ddp_static_graph: typing.Optional[bool] = _f(None, "DDP static_graph.")
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
+    ddp_backend: typing.Optional[str] = _f(None, "Process-group backend (None: accelerate's choice, nccl on CUDA GPUs "
+                                           "and gloo on CPUs).", choices=DDP_BACKENDS)
 
     # ================================================================ loop group: what Trainer lacks
     ema_decay: float = _f(0.0, "EMA of the weights with this decay (0 disables).", group="loop")
@@ -510,7 +513,6 @@ REFUSED = {
     "hub_always_push": "Hub upload is not implemented", "hub_revision": "Hub upload is not implemented",
     "accelerator_config": "configure accelerate with `accelerate launch --config_file launch_configs/...`",
     "parallelism_config": "tensor/context parallelism is not implemented; use a launch config for DDP/FSDP/DeepSpeed",
-    "ddp_backend": "choose the backend in the accelerate launch config",
     "fsdp": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
     "fsdp_config": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
     "deepspeed": "use `accelerate launch --config_file launch_configs/deepspeed_zero2.yaml` (or zero3)",
@@ -540,6 +542,7 @@ NOTES = {
     "debug": "underflow_overflow (transformers' own hook, removed when training ends); not tpu_metrics_debug",
     "save_on_each_node": "a folder shared between nodes is refused; resume 'latest' agrees on a step whole on every "
                          "node; not with FSDP/DeepSpeed",
+    "ddp_backend": "handed to accelerate's process group; nccl on a CPU run, or a backend this torch lacks, is refused",
     "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
 }
 INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing", "activation_checkpointing_kwargs"}

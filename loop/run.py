@@ -129,6 +129,12 @@ def make_accelerator(config):
         if missing := [t for t in config.report_to if t not in installed]:  # accelerate would only warn and go on
             raise LoopError(f"report_to {', '.join(missing)}: not installed; pip install {' '.join(missing)}, or drop "
                             f"{'it' if len(missing) == 1 else 'them'} from report_to")
+    backend = config.ddp_backend
+    if backend == "nccl" and (config.use_cpu or not torch.cuda.is_available()):
+        raise LoopError("ddp_backend nccl needs CUDA GPUs and this run is on the CPU; use gloo, or unset ddp_backend")
+    if backend in ("nccl", "gloo", "mpi") and not torch.distributed.is_backend_available(backend):
+        raise LoopError(f"ddp_backend {backend} is not available in this torch build; use "
+                        f"{'nccl' if torch.cuda.is_available() else 'gloo'}, or unset ddp_backend")
     ddp = {"find_unused_parameters": config.ddp_find_unused_parameters
            if config.ddp_find_unused_parameters is not None else not config.gradient_checkpointing}
     for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
@@ -160,7 +166,7 @@ def make_accelerator(config):
                                                   even_batches=True, split_batches=False,
                                                   non_blocking=config.dataloader_pin_memory),
         kwargs_handlers=[DistributedDataParallelKwargs(**ddp),
-                         InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+                         InitProcessGroupKwargs(backend=config.ddp_backend, timeout=timedelta(seconds=config.ddp_timeout))],
         log_with=config.report_to or None, project_dir=config.output_dir, **kwargs)
 
 

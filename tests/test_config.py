@@ -74,6 +74,23 @@ def test_invalid_values_fail_at_construction(kwargs, match):
         TrainConfig(**kwargs)
 
 
+def test_ddp_backend_reaches_the_process_group_settings_and_impossible_ones_are_refused(tmp_path):
+    import torch.distributed
+
+    from loop.run import make_accelerator
+
+    acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), use_cpu=True, ddp_backend="gloo"))
+    assert acc.init_handler.backend == "gloo"
+    assert make_accelerator(TrainConfig(output_dir=str(tmp_path), use_cpu=True)).init_handler.backend is None
+    with pytest.raises(loop.LoopError, match="ddp_backend nccl needs CUDA GPUs and this run is on the CPU; use gloo"):
+        make_accelerator(TrainConfig(output_dir=str(tmp_path), use_cpu=True, ddp_backend="nccl"))
+    if not torch.distributed.is_backend_available("mpi"):
+        with pytest.raises(loop.LoopError, match="ddp_backend mpi is not available in this torch build"):
+            make_accelerator(TrainConfig(output_dir=str(tmp_path), use_cpu=True, ddp_backend="mpi"))
+    with pytest.raises(loop.LoopError, match="did you mean `nccl`"):
+        TrainConfig(ddp_backend="ncl")
+
+
 def test_valid_optim_args_reach_the_optimizer():
     from loop.optim import build_optimizer
 

@@ -19,7 +19,7 @@ def _run(cmd):
 
 
 @pytest.mark.parametrize("port,both,two_process_options", [
-    (29533, [], []),
+    (29533, [], ["ddp_backend=gloo"]),  # Trainer's field, handed to accelerate's process group
     (29546, [], ["fused_linear_cross_entropy=true", "dataset_on_device=true", "ddp_find_unused_parameters=false"]),
     (29544, ["vocab=12000", "torch_compile=true"], ["ddp_compile_overlap=false", "ddp_bucket_cap_mb=1"]),
 ], ids=["default", "fast-parts", "compiled-no-overlap"])
