@@ -286,6 +286,11 @@ class TrainConfig:
             if option != "underflow_overflow":
                 bad(f"debug={option!r} is not a debug option{closest(option, ('underflow_overflow',))}; "
                     "the loop has one: underflow_overflow")
+        if nan := [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
+                   and math.isnan(getattr(self, f.name))]:
+            bad(f"{nan[0]} is nan; give it a number")
+        if self.torch_empty_cache_steps is not None and self.torch_empty_cache_steps < 1:
+            bad(f"torch_empty_cache_steps must be >= 1 (or unset), got {self.torch_empty_cache_steps}")
         for name in ("seed", "data_seed"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2 ** 32:
                 bad(f"{name} must be in [0, 2**32 - 1] (numpy's range), got {getattr(self, name)}")
@@ -318,6 +323,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value > 1 and value != int(value):
                 bad(f"{name}={value}: use an integer number of steps, or a ratio below 1")
+        if self.eval_strategy == "steps" and self.eval_steps <= 0:
+            bad("eval_strategy='steps' needs eval_steps > 0")
         if self.save_strategy == "steps" and self.save_steps <= 0:
             bad("save_strategy='steps' needs save_steps > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -631,13 +638,14 @@ def coerce(name, value, hint):
             return str(value)
         if hint in (dict, list) or typing.get_origin(hint) in (dict, list):
             target = typing.get_origin(hint) or hint
+            parsed = value
             if isinstance(value, str):
                 import json
 
-                value = json.loads(value) if value.strip()[:1] in "[{" else (value.split(",") if target is list else None)
-            if not isinstance(value, target):
+                parsed = json.loads(value) if value.strip()[:1] in "[{" else (value.split(",") if target is list else None)
+            if not isinstance(parsed, target):
                 raise ValueError
-            return value
+            return parsed
     except (ValueError, TypeError):
         pass
     else:

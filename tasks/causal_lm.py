@@ -135,6 +135,12 @@ def build(task: Task, config) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_text_source(task)
+    if task.block_size < 2:  # a row needs an input and a target; 0 made packing loop forever
+        raise LoopError(f"block_size must be >= 2 tokens, got {task.block_size}")
+    if not 0 < task.validation_split_percentage < 100:
+        raise LoopError(f"validation_split_percentage must be between 1 and 99, got {task.validation_split_percentage}")
+    if task.max_docs is not None and task.max_docs < 1:
+        raise LoopError(f"max_docs must be >= 1 (or unset for all), got {task.max_docs}")
     # ----------------------------------------------------------------- tokenizer
     tok_name = task.tokenizer_name or task.model_name_or_path
     if tok_name in (None, "bytes"):
@@ -163,6 +169,10 @@ def build(task: Task, config) -> dict:
         except (ValueError, TypeError) as e:
             raise LoopError(f"model_type={task.model_type!r} with model_config {overrides}: {e}") from None
         model = AutoModelForCausalLM.from_config(model_config)
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if positions and task.block_size > positions:  # else an index error deep in the first forward
+        raise LoopError(f"block_size {task.block_size} is longer than the model's {positions} positions; use "
+                        f"--block_size {positions} or less")
     # ----------------------------------------------------------------- data
     if task.text_source == "stdlib":
         docs = stdlib_documents(task.max_docs)

@@ -91,6 +91,10 @@ def build(task: Task, config) -> dict:
         raise LoopError("text_classification needs --model_name_or_path (a Hub id or a local model folder), or "
                         "--model_config to train one from scratch")
     check_text_source(task)
+    if task.max_length < 2:
+        raise LoopError(f"max_length must be >= 2 tokens, got {task.max_length}")
+    if task.pad_to_multiple_of is not None and task.pad_to_multiple_of < 1:
+        raise LoopError(f"pad_to_multiple_of must be >= 1 (or unset), got {task.pad_to_multiple_of}")
     with main_process_first(config):
         raw = stdlib_lines(task.max_docs) if task.text_source == "stdlib" else load_raw(task, "text_classification")
     if task.validation_split != "validation" and task.validation_split in raw:
@@ -105,6 +109,13 @@ def build(task: Task, config) -> dict:
     if any(not isinstance(x, (int, np.integer)) for x in labels):
         raise LoopError(f"column {task.label_column!r} must hold integer class ids (got e.g. {labels[0]!r})")
     num_labels = task.num_labels or int(max(labels)) + 1
+    seen = labels + sorted(set(raw["validation"][task.label_column]))
+    lowest, highest = int(min(seen)), int(max(seen))
+    if lowest < 0 or highest >= num_labels:  # else an index error inside the loss at the first such batch
+        fix = ("fix the labels (an unlabelled test split holds -1; evaluate on a labelled split)" if lowest < 0 else
+               f"set --num_labels {highest + 1}, or fix the labels")
+        raise LoopError(f"column {task.label_column!r} holds class ids from {lowest} to {highest}, but they must be "
+                        f"0..num_labels-1 (num_labels {num_labels}): {fix}")
     if task.tokenizer_name == "bytes" or (task.tokenizer_name is None and not task.model_name_or_path):
         tokenizer, collator = ByteTokenizer(task.max_length), pad_collator(task.pad_to_multiple_of)
     else:
@@ -132,6 +143,12 @@ def build(task: Task, config) -> dict:
         out = {split: raw[split].map(tokenize, batched=True, num_proc=task.preprocessing_num_workers,
                                      remove_columns=raw[split].column_names, desc=f"tokenizing {split}")
                for split in ("train", "validation")}
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(max(map(len, ds["input_ids"])) for ds in out.values())
+    if positions and longest > positions:  # else an index error deep in the first forward that meets such a row
+        raise LoopError(f"the longest tokenized row has {longest} tokens, more than the model's {positions} positions; "
+                        f"use --max_length {positions} or less")
+    with main_process_first(config):
         if config.train_sampling_strategy == "group_by_length":
             out = {k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
                    for k, v in out.items()}

@@ -68,6 +68,11 @@ def test_unsupported_training_arguments_are_refused_by_name(name, value):
     (dict(torch_compile_backend="inducto"), "is not a backend .did you mean `inductor`"),
     (dict(torch_compile_mode="fast"), "is not a mode"),
     (dict(dataloader_multiprocessing_context="bogus"), "choose one of: fork, spawn, forkserver"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm is nan"),
+    (dict(learning_rate="nan"), "learning_rate is nan"),
+    (dict(torch_empty_cache_steps=0), "torch_empty_cache_steps must be >= 1"),
+    (dict(eval_strategy="steps", eval_steps=-3), "needs eval_steps > 0"),
+    (dict(lr_scheduler_kwargs="notjson"), "lr_scheduler_kwargs='notjson' is not a valid dict"),
 ])
 def test_invalid_values_fail_at_construction(kwargs, match):
     with pytest.raises(loop.LoopError, match=match):

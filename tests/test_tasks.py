@@ -156,3 +156,41 @@ def test_built_in_text_and_data_files_together_are_refused(tmp_path):
         task = module.Task(text_source="stdlib", train_file=str(tmp_path / "t.txt"), model_name_or_path="x")
         with pytest.raises(loop.LoopError, match="both name the data; add --text_source none to train on yours"):
             module.build(task, config)
+
+
+def _labelled(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    return str(path)
+
+
+def test_task_options_that_would_hang_or_fail_deep_are_refused_in_one_line(tmp_path):
+    """block_size 0 made packing loop forever; rows longer than the model's positions, or class ids outside
+    0..num_labels-1 (an unlabelled test split holds -1), failed with an index error inside the first forward."""
+    import pytest
+
+    config = loop.TrainConfig(output_dir=str(tmp_path / "o"), use_cpu=True)
+    small = {"n_positions": 64, "n_layer": 1, "n_embd": 16, "n_head": 2}
+    train = _labelled(tmp_path, "train.tsv", [("good", 1), ("bad", 0), ("fine", 2)])
+    unlabelled = _labelled(tmp_path, "test.tsv", [("what", -1), ("so", 1)])
+    long = _labelled(tmp_path, "long.tsv", [("word " * 40, 0), ("x", 1)])
+    cases = [
+        (causal_lm, dict(text_source="stdlib", block_size=0), "block_size must be >= 2 tokens, got 0"),
+        (causal_lm, dict(text_source="stdlib", validation_split_percentage=100), "between 1 and 99, got 100"),
+        (causal_lm, dict(text_source="stdlib", block_size=128, model_config=small),
+         "block_size 128 is longer than the model's 64 positions; use --block_size 64"),
+        (text_classification, dict(train_file=train, validation_file=train, model_config={}, max_length=1),
+         "max_length must be >= 2"),
+        (text_classification, dict(train_file=train, validation_file=train, model_config={}, num_labels=2),
+         "class ids from 0 to 2, but they must be 0..num_labels-1 .num_labels 2.: set --num_labels 3"),
+        (text_classification, dict(train_file=train, validation_file=unlabelled, model_config={}),
+         "class ids from -1 to 2.*an unlabelled test split holds -1"),
+        (text_classification, dict(train_file=long, validation_file=long, tokenizer_name="bytes",
+                                   model_config={"max_position_embeddings": 64, "num_hidden_layers": 1,
+                                                 "hidden_size": 16, "num_attention_heads": 2,
+                                                 "intermediate_size": 32, "vocab_size": 300}),
+         "the longest tokenized row has 128 tokens, more than the model's 64 positions; use --max_length 64"),
+    ]
+    for module, fields, match in cases:
+        with pytest.raises(loop.LoopError, match=match):
+            module.build(module.Task(**fields), config)
