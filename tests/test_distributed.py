@@ -21,7 +21,7 @@ def _run(cmd):
 @pytest.mark.parametrize("port,both,two_process_options", [
     (29533, [], ["ddp_backend=gloo"]),  # Trainer's field, handed to accelerate's process group
     (29546, [], ["fused_linear_cross_entropy=true", "dataset_on_device=true", "ddp_find_unused_parameters=false"]),
-    (29544, ["vocab=12000", "torch_compile=true"], ["ddp_compile_overlap=false", "ddp_bucket_cap_mb=1"]),
+    (29544, ["vocab=12000", "torch_compile_backend=aot_eager"], ["ddp_compile_overlap=false", "ddp_bucket_cap_mb=1"]),
 ], ids=["default", "fast-parts", "compiled-no-overlap"])
 def test_two_processes_match_one_with_double_batch(tmp_path, port, both, two_process_options):
     """DDP equivalence; with the fused loss, the training set on the device (each rank cuts its own share of the
