@@ -195,11 +195,6 @@ def check_output_dir(config, acc):
     Collective: every rank calls it."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    def everyone(problem):  # the same verdict on every rank, so that none is left waiting in a collective
-        problems = [p for p in (gather_object([problem]) if acc.num_processes > 1 else [problem]) if p]
-        if problems:
-            raise LoopError(problems[0])
-
     problem = None
     if writes(acc, config):
         try:
@@ -210,7 +205,10 @@ def check_output_dir(config, acc):
         except OSError as e:
             problem = (f"output_dir {config.output_dir} cannot be written ({e.strerror or e}); choose a folder you can "
                        "write to with --output_dir")
-    everyone(problem)
+    if acc.num_processes > 1:  # the same verdict on every rank, so that none is left waiting in a collective
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem:
+        raise LoopError(problem)
     if not config.save_on_each_node:
         return
     if _sharded(acc):

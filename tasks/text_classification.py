@@ -84,6 +84,17 @@ def accuracy_f1(eval_pred):
     return {"accuracy": float((preds == labels).mean()), "f1": float(np.mean(f1s))}
 
 
+def usable_positions(model):
+    """How many tokens a row may have: max_position_embeddings, less what RoBERTa-style models reserve (their position
+    ids start after the padding index: 514 embeddings hold 512 tokens)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    for name, module in model.named_modules():
+        if positions and name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
+                and module.padding_idx is not None:
+            return module.num_embeddings - module.padding_idx - 1
+    return positions
+
+
 def build(task: Task, config) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -143,7 +154,7 @@ def build(task: Task, config) -> dict:
         out = {split: raw[split].map(tokenize, batched=True, num_proc=task.preprocessing_num_workers,
                                      remove_columns=raw[split].column_names, desc=f"tokenizing {split}")
                for split in ("train", "validation")}
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = usable_positions(model)
     longest = max(max(map(len, ds["input_ids"])) for ds in out.values())
     if positions and longest > positions:  # else an index error deep in the first forward that meets such a row
         raise LoopError(f"the longest tokenized row has {longest} tokens, more than the model's {positions} positions; "

@@ -190,6 +190,13 @@ def test_task_options_that_would_hang_or_fail_deep_are_refused_in_one_line(tmp_p
                                                  "hidden_size": 16, "num_attention_heads": 2,
                                                  "intermediate_size": 32, "vocab_size": 300}),
          "the longest tokenized row has 128 tokens, more than the model's 64 positions; use --max_length 64"),
+        # RoBERTa's position ids start after its padding index: of 66 embeddings, 64 hold tokens
+        (text_classification, dict(train_file=long, validation_file=long, tokenizer_name="bytes", max_length=65,
+                                   model_type="roberta",
+                                   model_config={"max_position_embeddings": 66, "num_hidden_layers": 1,
+                                                 "hidden_size": 16, "num_attention_heads": 2,
+                                                 "intermediate_size": 32, "vocab_size": 300}),
+         "the longest tokenized row has 65 tokens, more than the model's 64 positions"),
     ]
     for module, fields, match in cases:
         with pytest.raises(loop.LoopError, match=match):
