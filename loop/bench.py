@@ -68,6 +68,7 @@ def flops_per_token(shape: dict, seq_len: int) -> float:
 
 
 def cmd_bench(argv) -> int:
+    from .checkpoint import unwritable
     from .compare import _run_side, take_option
     from .job import build_job
     from .telemetry import PEAK_TFLOPS
@@ -99,10 +100,11 @@ def cmd_bench(argv) -> int:
     for name in names:
         if name not in SIDES:
             raise LoopError(f"unknown side {name!r}{closest(name, SIDES)}; sides are {', '.join(SIDES)}")
-    os.makedirs(config.output_dir, exist_ok=True)
     # Under `accelerate launch`/torchrun every rank runs this; each rank's child for a side joins the other ranks'
     # children in one process group (the parent never joins one), and rank 0 writes the report.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0 and (problem := unwritable(config.output_dir)):
+        raise LoopError(problem)  # before any side runs, not when the report is written
     rows = []
     for i, name in enumerate(names):
         path = os.path.join(config.output_dir, f".bench-{i}-rank{rank}.json")

@@ -183,6 +183,18 @@ def clean_stale(output_dir: str):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
+def unwritable(folder: str):
+    """Why `folder` cannot be made or written in (one phrase with the fix), or None. A probe file, removed at once."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        return f"output_dir {folder} cannot be written ({e.strerror or e}); choose a folder you can write to with --output_dir"
+    return None
+
+
 def writes(acc, config) -> bool:
     """Whether this process writes checkpoints and the final model: rank 0 into the one shared output_dir, or with
     save_on_each_node each node's first process into its own (nodes without a shared filesystem; Trainer's rule)."""
@@ -195,16 +207,7 @@ def check_output_dir(config, acc):
     Collective: every rank calls it."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    problem = None
-    if writes(acc, config):
-        try:
-            os.makedirs(config.output_dir, exist_ok=True)
-            probe = os.path.join(config.output_dir, f".write-probe-{acc.process_index}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            problem = (f"output_dir {config.output_dir} cannot be written ({e.strerror or e}); choose a folder you can "
-                       "write to with --output_dir")
+    problem = unwritable(config.output_dir) if writes(acc, config) else None
     if acc.num_processes > 1:  # the same verdict on every rank, so that none is left waiting in a collective
         problem = next((p for p in gather_object([problem]) if p), None)
     if problem:

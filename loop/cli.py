@@ -88,6 +88,8 @@ def cmd_evaluate(argv):
         values.pop("model_name_or_path")
     config, module, task = job_from_values(values)
     config.eval_strategy = "no"
+    if _is_main() and (problem := ckpt.unwritable(config.output_dir)):
+        raise LoopError(problem)  # before the evaluation, not after it
     built = build_task(module, task, config)
     if built.get("eval_dataset") is None:
         raise LoopError(f"task {module.__name__} built no eval_dataset; give it held-out data (e.g. --validation_file)")
@@ -105,12 +107,11 @@ def cmd_evaluate(argv):
                                 preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"),
                                 compute_loss_func=built.get("compute_loss_func"), metric_key_prefix=prefix))
     if _is_main():
-        os.makedirs(config.output_dir, exist_ok=True)
+        for k, v in results.items():  # printed first: a file that cannot be written loses nothing
+            print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
         out = os.path.join(config.output_dir, "eval_results.json")
         with open(out, "w") as f:
             json.dump({"model": os.path.abspath(folder), **results}, f, indent=1)
-        for k, v in results.items():
-            print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
         print(f"written to {out}")
     return 0
 

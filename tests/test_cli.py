@@ -64,6 +64,19 @@ def test_bad_options_give_one_clear_line(tmp_path, args, needles):
     assert not os.path.exists(tmp_path / "model.safetensors")
 
 
+def test_an_output_dir_that_cannot_be_written_stops_each_command_before_its_work(tmp_path):
+    """Not at the first record, nor after the whole evaluation or comparison when the report is written."""
+    (tmp_path / "a_file").write_text("")
+    bad = str(tmp_path / "a_file" / "out")
+    for args in (["train", "--max_steps", "1"], ["evaluate", "--model_name_or_path", str(tmp_path / "none")],
+                 ["compare", "--max_steps", "1"], ["bench", "--workload", "tiny-gpt2", "--sides", "loop", "--steps", "2"]):
+        if args[0] == "evaluate":  # any folder with weights will do: evaluate refuses before it loads them
+            (tmp_path / "none").mkdir(exist_ok=True)
+            (tmp_path / "none" / "model.safetensors").write_bytes(b"")
+        assert_one_line_error(run(*args, "--use_cpu", "true", "--output_dir", bad),
+                              f"output_dir {bad} cannot be written (Not a directory)")
+
+
 def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path):
     """enable_jit_checkpoint through the CLI as a scheduler does it: SIGTERM to every process of the job, the loader's
     workers included (they must not die first and take the run with them), mid-run. Exit 143, one line, a complete
