@@ -141,35 +141,75 @@ def _latest(value) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class OnEveryNode:
-    """A resume value under save_on_each_node: each node holds its own copies, so it is resolved once the ranks can
-    talk (resolve_on_every_node), with one verdict for all; a node alone could not tell the others it cannot."""
+class Pending:
+    """A resume value checked cheaply before the run is built (precheck_resume). Its checksums, which read every byte,
+    are read once the ranks can talk (verify_resume): by one process per filesystem, with one verdict for all."""
     value: object
 
 
-def resolve_resume(value, output_dir: str, save_on_each_node: bool = False):
-    """PATH | True | 'latest' | None -> a checkpoint path or None; a clear error if there is none.
-    'latest' takes the newest checkpoint whose every file matches its manifest's size and checksum."""
+def precheck_resume(value, output_dir: str, save_on_each_node: bool = False):
+    """PATH | True | 'latest' | None -> Pending or None, or one clear line if there is nothing to resume (sizes are
+    compared with the manifests here, checksums later). With save_on_each_node nothing is checked yet: one node alone
+    could not tell the others that it cannot resume."""
     if _none(value):
         return None
-    if save_on_each_node:
-        return OnEveryNode(value)
-    if _latest(value):
-        for _, path in reversed(list_checkpoints(output_dir, warn=True)):
-            problem = damage(path, checksums=True)
-            if problem is None:
-                return path
+    if not save_on_each_node:
+        if _latest(value) and not list_checkpoints(output_dir):
+            _choose(value, output_dir)  # raises the no-checkpoint line (with the warnings naming what was skipped)
+        if not _latest(value) and (problem := _path_problem(str(value), checksums=False)):
+            raise LoopError(_cannot(str(value), problem))
+    return Pending(value)
+
+
+def verify_resume(acc, pending: Pending, output_dir: str, save_on_each_node: bool) -> str:
+    """The checkpoint every rank resumes from. Only rank 0 reads the checksums (every rank reading them would read the
+    checkpoint once per GPU), or with save_on_each_node each node's first process its own copies; the verdict is
+    gathered, so every rank resumes from the same step or stops with the same line. Collective: every rank calls it."""
+    from accelerate.utils import gather_object
+
+    checker = acc.is_local_main_process if save_on_each_node else acc.is_main_process
+    return _choose(pending.value, output_dir, checker,
+                   lambda x: gather_object([x]) if acc.num_processes > 1 else [x], save_on_each_node)
+
+
+def resolve_resume(value, output_dir: str):
+    """PATH | True | 'latest' | None -> a checkpoint path or None, in one process; a clear error if there is none.
+    'latest' takes the newest checkpoint whose every file matches its manifest's size and checksum."""
+    return None if _none(value) else _choose(value, output_dir)
+
+
+def _choose(value, output_dir: str, checker: bool = True, everyone=lambda x: [x], each_node: bool = False) -> str:
+    """Resolve `value` where `checker` processes read the files and `everyone(x)` lists every process's x."""
+    if not _latest(value):
+        path = str(value)
+        problems = everyone(_path_problem(path, checksums=True) if checker else None)
+        if bad := [(rank, p) for rank, p in enumerate(problems) if p]:
+            raise LoopError(_cannot(path, bad[0][1], f" on every node: on process {bad[0][0]}" if each_node else ":"))
+        return path
+    whole = [step for step, _ in list_checkpoints(output_dir, warn=True)] if checker else None
+    common = set.intersection(*(set(steps) for steps in everyone(whole) if steps is not None))
+    for step in sorted(common, reverse=True):
+        path = os.path.join(output_dir, f"{PREFIX}{step}")
+        problem = damage(path, checksums=True) if checker else None
+        if problem:
             warnings.warn(f"skipping {path}: {problem}; trying the previous checkpoint")
-        raise LoopError(f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}; "
-                        "train without --resume_from_checkpoint or point it at a checkpoint folder")
-    path = str(value)
-    if not os.path.isdir(path):
-        raise LoopError(f"resume_from_checkpoint: {path} does not exist; pass a checkpoint-<step> folder or 'latest'")
-    problem = damage(path, checksums=True)
-    if problem:
-        raise LoopError(f"resume_from_checkpoint: {path} cannot be resumed: {problem}; pass another checkpoint or "
-                        "'latest' to take the newest whole one")
-    return path
+        if not any(everyone(problem)):
+            if checker and each_node and step != whole[-1]:
+                warnings.warn(f"resuming from {path}, the newest checkpoint whole on every node (this node also has "
+                              f"{', '.join(f'{PREFIX}{s}' for s in whole if s > step)})")
+            return path
+    raise LoopError(f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}"
+                    f"{' is whole on every node' if each_node else ''}; train without --resume_from_checkpoint or "
+                    "point it at a checkpoint folder")
+
+
+def _path_problem(path: str, checksums: bool):
+    return "it does not exist" if not os.path.isdir(path) else damage(path, checksums=checksums)
+
+
+def _cannot(path: str, problem: str, where: str = ":") -> str:
+    return (f"resume_from_checkpoint: {path} cannot be resumed{where} {problem}; pass another checkpoint, or 'latest' "
+            "to take the newest whole one")
 
 
 STALE = (".tmp-checkpoint-", ".old-checkpoint-", ".node-probe-", ".write-probe-")  # what a killed save or start leaves
@@ -235,44 +275,6 @@ def check_output_dir(config, acc):
         raise LoopError(f"save_on_each_node: {config.output_dir} is shared between nodes (one node sees another's "
                         "files), so every node would write the same checkpoints over each other; unset "
                         "save_on_each_node (rank 0 then writes for all)")
-
-
-def resolve_on_every_node(acc, value: OnEveryNode, output_dir: str) -> str:
-    """resolve_resume under save_on_each_node, collectively: a path must be whole on every node; 'latest' is the
-    newest checkpoint whole on every node. Collective: every rank calls it."""
-    from accelerate.utils import gather_object
-
-    if _latest(value.value):
-        return newest_whole_everywhere(acc, output_dir)
-    path = str(value.value)
-    problem = "it does not exist" if not os.path.isdir(path) else damage(path, checksums=True)
-    problems = gather_object([problem]) if acc.num_processes > 1 else [problem]
-    if bad := [(rank, p) for rank, p in enumerate(problems) if p]:
-        raise LoopError(f"resume_from_checkpoint: {path} cannot be resumed on every node: on process {bad[0][0]} "
-                        f"{bad[0][1]}; pass another checkpoint, or 'latest' to take the newest whole on every node")
-    return path
-
-
-def newest_whole_everywhere(acc, output_dir: str) -> str:
-    """resume_from_checkpoint latest with save_on_each_node: every node resumes from its own copy, so all must take
-    the same step, the newest one whose copy is whole (sizes and checksums) on every node. One gather of each rank's
-    whole steps, then one vote per candidate. Collective: every rank calls it."""
-    from accelerate.utils import gather_object
-
-    whole = [step for step, _ in list_checkpoints(output_dir, warn=True)]
-    common = set.intersection(*(set(steps) for steps in gather_object([whole])))
-    for step in sorted(common, reverse=True):
-        path = os.path.join(output_dir, f"{PREFIX}{step}")
-        problem = damage(path, checksums=True)
-        if problem:
-            warnings.warn(f"skipping {path}: {problem}")
-        if all(gather_object([problem is None])):
-            if step != whole[-1]:
-                warnings.warn(f"resuming from {path}, the newest checkpoint whole on every node (this node also has "
-                              f"{', '.join(f'{PREFIX}{s}' for s in whole if s > step)})")
-            return path
-    raise LoopError(f"resume_from_checkpoint latest with save_on_each_node: no checkpoint in {output_dir} is whole on "
-                    "every node; train without --resume_from_checkpoint, or copy one node's checkpoint to the others")
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -130,7 +130,7 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
         if not isinstance(cb, Callback):
             raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
-    return callbacks, ckpt.resolve_resume(resume, config.output_dir, config.save_on_each_node)
+    return callbacks, ckpt.precheck_resume(resume, config.output_dir, config.save_on_each_node)
 
 
 # ====================================================================================== 2. build
@@ -235,8 +235,8 @@ def resume(run, resume_path):
     """Load the checkpoint's state, weights, optimizer, scheduler, EMA and callbacks. Returns the saved RNG (or None)."""
     acc, config = run.accelerator, run.config
     saved_rng = None
-    if isinstance(resume_path, ckpt.OnEveryNode):  # save_on_each_node: one verdict for all nodes
-        resume_path = ckpt.resolve_on_every_node(acc, resume_path, config.output_dir)
+    if resume_path is not None:  # checksums read once per filesystem, one verdict for all ranks
+        resume_path = ckpt.verify_resume(acc, resume_path, config.output_dir, config.save_on_each_node)
     if resume_path is not None:
         saved = ckpt.read_state(resume_path)
         geometry = run.state.geometry

@@ -142,3 +142,36 @@ def test_save_final_model_false_trains_and_checkpoints_the_same_but_writes_no_fi
     assert not os.path.exists(tmp_path / "skipped" / "ema")
     assert sorted(n for n in os.listdir(tmp_path / "skipped") if n.startswith("checkpoint-")) == \
         ["checkpoint-3", "checkpoint-6"]
+
+
+def test_one_process_reads_the_checksums_and_every_rank_takes_its_verdict(tmp_path, monkeypatch):
+    """Resuming under several processes on one filesystem: rank 0 alone reads the checkpoint's every byte (each rank
+    reading it would read it once per GPU); the other ranks take the step it found, and a damaged checkpoint it
+    refuses stops them all with its line. Seen here from rank 1 of 2, rank 0's answers given by a fake gather."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from loop import checkpoint as ckpt
+
+    for step in (3, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "loop_state.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(bytes(range(256)))
+        (folder / "COMPLETE").write_text(json.dumps({"step": step, "files": ckpt.manifest(str(folder))}))
+    reads = []
+    real_damage = ckpt.damage
+    monkeypatch.setattr(ckpt, "damage", lambda path, checksums=False: reads.append(path) if checksums else
+                        real_damage(path))
+    rank1 = SimpleNamespace(is_main_process=False, is_local_main_process=False, num_processes=2)
+    rank0_says = iter([[3, 6], "model.safetensors does not match its checksum (corrupted)", None])  # 6 is damaged
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [next(rank0_says), mine[0]])
+    pending = ckpt.precheck_resume("latest", str(tmp_path))
+    assert ckpt.verify_resume(rank1, pending, str(tmp_path), save_on_each_node=False) == str(tmp_path / "checkpoint-3")
+    assert reads == []  # rank 1 read no checksum
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: ["it does not match", mine[0]])
+    with pytest.raises(loop.LoopError, match="checkpoint-6 cannot be resumed: it does not match"):
+        ckpt.verify_resume(rank1, ckpt.precheck_resume(str(tmp_path / "checkpoint-6"), str(tmp_path)), str(tmp_path),
+                           save_on_each_node=False)
+    assert reads == []
