@@ -80,7 +80,7 @@ class TrainConfig:
     gradient_checkpointing_kwargs: typing.Optional[dict] = _f(None, "Arguments for torch.utils.checkpoint.")
     torch_compile: bool = _f(False, "Compile the model with torch.compile through the Accelerator.")
     torch_compile_backend: typing.Optional[str] = _f(None, "torch.compile backend (default inductor).")
-    torch_compile_mode: typing.Optional[str] = _f(None, "torch.compile mode.")
+    torch_compile_mode: typing.Optional[str] = _f(None, "torch.compile mode.", choices=COMPILE_MODES)
     torch_empty_cache_steps: typing.Optional[int] = _f(None, "Empty the device cache every N steps.")
     use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     use_cache: bool = _f(False, "Value written to model.config.use_cache during training (Trainer's).")
@@ -307,9 +307,6 @@ class TrainConfig:
             if self.torch_compile_backend.lower() not in backends:
                 bad(f"torch_compile_backend={self.torch_compile_backend!r} is not a backend"
                     f"{closest(self.torch_compile_backend.lower(), backends)}; choose one of: {', '.join(backends)}")
-        if self.torch_compile_mode is not None and self.torch_compile_mode not in COMPILE_MODES:
-            bad(f"torch_compile_mode={self.torch_compile_mode!r} is not a mode{closest(self.torch_compile_mode, COMPILE_MODES)}"
-                f"; choose one of: {', '.join(COMPILE_MODES)}")
         if self.fp16 and self.bf16:
             bad("fp16 and bf16 are both set: choose one mixed-precision mode")
         if self.fp16_full_eval and self.bf16_full_eval:

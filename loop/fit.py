@@ -235,9 +235,9 @@ def resume(run, resume_path):
     """Load the checkpoint's state, weights, optimizer, scheduler, EMA and callbacks. Returns the saved RNG (or None)."""
     acc, config = run.accelerator, run.config
     saved_rng = None
-    if resume_path is not None:  # checksums read once per filesystem, one verdict for all ranks
-        resume_path = ckpt.verify_resume(acc, resume_path, config.output_dir, config.save_on_each_node)
     if resume_path is not None:
+        # checksums read once per filesystem, one verdict for all ranks
+        resume_path = ckpt.verify_resume(acc, resume_path, config.output_dir, config.save_on_each_node)
         saved = ckpt.read_state(resume_path)
         geometry = run.state.geometry
         changed = {k: (saved.geometry.get(k), v) for k, v in geometry.items() if saved.geometry.get(k) != v}

@@ -21,7 +21,7 @@ import torch
 from loop.errors import LoopError
 
 from .common import (DataSource, check_columns, check_text_source, from_pretrained, load_raw, main_process_first,
-                     subsample)
+                     subsample, usable_positions)
 
 IGNORE = -100
 
@@ -169,7 +169,7 @@ def build(task: Task, config) -> dict:
         except (ValueError, TypeError) as e:
             raise LoopError(f"model_type={task.model_type!r} with model_config {overrides}: {e}") from None
         model = AutoModelForCausalLM.from_config(model_config)
-    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    positions = usable_positions(model)
     if positions and task.block_size > positions:  # else an index error deep in the first forward
         raise LoopError(f"block_size {task.block_size} is longer than the model's {positions} positions; use "
                         f"--block_size {positions} or less")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from loop.errors import LoopError
 
 
@@ -32,6 +34,17 @@ def check_text_source(task):
     if task.text_source == "stdlib" and named:
         raise LoopError(f"text_source stdlib (the job's built-in text) and {', '.join(named)} both name the data; add "
                         f"--text_source none to train on yours, or drop {named[0].split()[0]}")
+
+
+def usable_positions(model):
+    """How many tokens a row may have (None if the config does not say): n_positions or max_position_embeddings, less
+    what RoBERTa-style models reserve (their position ids start after the padding index: 514 embeddings hold 512)."""
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    for name, module in model.named_modules():
+        if positions and name.endswith("position_embeddings") and isinstance(module, nn.Embedding) \
+                and module.padding_idx is not None:
+            return module.num_embeddings - module.padding_idx - 1
+    return positions
 
 
 def load_raw(task, what: str):

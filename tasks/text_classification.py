@@ -10,7 +10,7 @@ import torch
 from loop.errors import LoopError
 
 from .common import (DataSource, check_columns, check_text_source, from_pretrained, load_raw, main_process_first,
-                     subsample)
+                     subsample, usable_positions)
 
 
 @dataclass
@@ -84,17 +84,6 @@ def accuracy_f1(eval_pred):
     return {"accuracy": float((preds == labels).mean()), "f1": float(np.mean(f1s))}
 
 
-def usable_positions(model):
-    """How many tokens a row may have: max_position_embeddings, less what RoBERTa-style models reserve (their position
-    ids start after the padding index: 514 embeddings hold 512 tokens)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    for name, module in model.named_modules():
-        if positions and name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
-                and module.padding_idx is not None:
-            return module.num_embeddings - module.padding_idx - 1
-    return positions
-
-
 def build(task: Task, config) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -154,15 +143,14 @@ def build(task: Task, config) -> dict:
         out = {split: raw[split].map(tokenize, batched=True, num_proc=task.preprocessing_num_workers,
                                      remove_columns=raw[split].column_names, desc=f"tokenizing {split}")
                for split in ("train", "validation")}
+        if config.train_sampling_strategy == "group_by_length":
+            out = {k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+                   for k, v in out.items()}
     positions = usable_positions(model)
     longest = max(max(map(len, ds["input_ids"])) for ds in out.values())
     if positions and longest > positions:  # else an index error deep in the first forward that meets such a row
         raise LoopError(f"the longest tokenized row has {longest} tokens, more than the model's {positions} positions; "
                         f"use --max_length {positions} or less")
-    with main_process_first(config):
-        if config.train_sampling_strategy == "group_by_length":
-            out = {k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
-                   for k, v in out.items()}
     return dict(model=model, train_dataset=subsample(out["train"], task.max_train_samples),
                 eval_dataset=subsample(out["validation"], task.max_eval_samples),
                 data_collator=collator, processing_class=None if isinstance(tokenizer, ByteTokenizer) else tokenizer,

@@ -66,7 +66,7 @@ def test_unsupported_training_arguments_are_refused_by_name(name, value):
     (dict(optim_args="beta1=0.95"), "optim adamw_torch_fused does not use it .* set adam_beta1"),
     (dict(optim="sgd", optim_args="momentum"), "malformed"),
     (dict(torch_compile_backend="inducto"), "is not a backend .did you mean `inductor`"),
-    (dict(torch_compile_mode="fast"), "is not a mode"),
+    (dict(torch_compile_mode="fast"), "torch_compile_mode='fast' is not supported; choose one of: default"),
     (dict(dataloader_multiprocessing_context="bogus"), "choose one of: fork, spawn, forkserver"),
     (dict(max_grad_norm=float("nan")), "max_grad_norm is nan"),
     (dict(learning_rate="nan"), "learning_rate is nan"),
