@@ -103,7 +103,7 @@ def cmd_bench(argv) -> int:
     # Under `accelerate launch`/torchrun every rank runs this; each rank's child for a side joins the other ranks'
     # children in one process group (the parent never joins one), and rank 0 writes the report.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if rank == 0 and (problem := unwritable(config.output_dir)):
+    if problem := unwritable(config.output_dir):  # every rank, so that none waits for one that stopped
         raise LoopError(problem)  # before any side runs, not when the report is written
     rows = []
     for i, name in enumerate(names):

@@ -88,7 +88,7 @@ def cmd_evaluate(argv):
         values.pop("model_name_or_path")
     config, module, task = job_from_values(values)
     config.eval_strategy = "no"
-    if _is_main() and (problem := ckpt.unwritable(config.output_dir)):
+    if problem := ckpt.unwritable(config.output_dir):  # every rank, so that none waits for one that stopped
         raise LoopError(problem)  # before the evaluation, not after it
     built = build_task(module, task, config)
     if built.get("eval_dataset") is None:

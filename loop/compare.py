@@ -254,7 +254,7 @@ def cmd_compare(argv) -> int:
     argv = [a for a in argv if a != "--in_process"]
     config, module, task = build_job(argv)
     out = config.output_dir
-    if side is None and int(os.environ.get("RANK", "0")) == 0 and (problem := unwritable(out)):
+    if side is None and (problem := unwritable(out)):  # every rank, so that none waits for one that stopped
         raise LoopError(problem)  # before any side runs, not when the report is written
     total = config.max_steps if config.max_steps > 0 else None
     skip = max(1, min(20, (total or 100) // 10))  # steps excluded from the steady-state rate
