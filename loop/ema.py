@@ -13,6 +13,8 @@ keeps the EMA of its own shards (no full copy per GPU), lerps them locally, save
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .run import reshard
@@ -56,6 +58,16 @@ class EMA:
             tmp = p.detach().clone()
             p.copy_(e)
             e.copy_(tmp)
+
+    @contextlib.contextmanager
+    def swapped(self, model):
+        """The EMA weights in the model for the length of the block, the trained ones back after it, also when the
+        block raises (a compute_metrics that fails during the EMA evaluation must not leave the EMA in the model)."""
+        self.swap(model)
+        try:
+            yield
+        finally:
+            self.swap(model)
 
     def state_dict(self):
         """Whole tensors (not sharded), or under FSDP2 this rank's shards: what one file per rank holds."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import LoopError
+from .model_changes import ModelChanges
 from .step import forward_loss, window_item_count
 
 
@@ -149,7 +150,7 @@ def evaluate_metrics(run, loader, prefix: str = "eval") -> dict:
 
 # ---------------------------------------------------------------------------------------------- stand-alone
 def _inference_run(config, model, dataset, data_collator, processing_class, compute_metrics,
-                   preprocess_logits_for_metrics, compute_loss_func, what):
+                   preprocess_logits_for_metrics, compute_loss_func, what, changes):
     from .data import default_collator, eval_loader, prepare_dataset
     from .run import Run, attention_context, place_model, start
 
@@ -157,6 +158,7 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
         raise LoopError(f"{what} needs a dataset")
     acc = start(config)
     check_metrics_function(config, compute_metrics)
+    changes.track(model)
     full = torch.float16 if config.fp16_full_eval else torch.bfloat16 if config.bf16_full_eval else None
     if full is not None:  # Trainer's full-precision-cast evaluation: the model itself (in place), outside training only
         model = model.to(dtype=full)
@@ -176,15 +178,17 @@ def evaluate(config, model, eval_dataset, data_collator=None, compute_metrics=No
              preprocess_logits_for_metrics=None, compute_loss_func=None, metric_key_prefix: str = "eval") -> dict:
     """Trainer.evaluate for `model` outside a training run: `eval_`-prefixed metrics (loss, compute_metrics' values,
     runtime and rates), over every sample once whatever the number of processes."""
-    run, loader = _inference_run(config, model, eval_dataset, data_collator, processing_class, compute_metrics,
-                                 preprocess_logits_for_metrics, compute_loss_func, "evaluate")
-    return evaluation_loop(run, loader, metric_key_prefix).metrics
+    with ModelChanges() as changes:  # the wrappers and settings the run puts on the model come off after it
+        run, loader = _inference_run(config, model, eval_dataset, data_collator, processing_class, compute_metrics,
+                                     preprocess_logits_for_metrics, compute_loss_func, "evaluate", changes)
+        return evaluation_loop(run, loader, metric_key_prefix).metrics
 
 
 def predict(config, model, test_dataset, data_collator=None, compute_metrics=None, processing_class=None,
             preprocess_logits_for_metrics=None, compute_loss_func=None, metric_key_prefix: str = "test"):
     """Trainer.predict: PredictionOutput(predictions, label_ids, metrics), gathered from every process in dataset
     order with no sample counted twice; metrics are `test_`-prefixed (test_loss if the data has labels)."""
-    run, loader = _inference_run(config, model, test_dataset, data_collator, processing_class, compute_metrics,
-                                 preprocess_logits_for_metrics, compute_loss_func, "predict")
-    return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only, prediction=True)
+    with ModelChanges() as changes:
+        run, loader = _inference_run(config, model, test_dataset, data_collator, processing_class, compute_metrics,
+                                     preprocess_logits_for_metrics, compute_loss_func, "predict", changes)
+        return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only, prediction=True)

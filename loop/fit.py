@@ -28,6 +28,7 @@ from .data import default_collator, eval_loader, has_length, prepare_dataset, tr
 from .errors import LoopError
 from .evaluation import check_metrics_function, evaluate_metrics
 from .graph_step import use_graph_step
+from .model_changes import ModelChanges
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .preempt import Preempted, preemption
 from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, noisy_embeddings,
@@ -69,10 +70,12 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
     callbacks, resume_path = check_inputs(
         config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers, optimizer_cls_and_kwargs,
         compute_loss_func, optimizer_step, resume_from_checkpoint, compute_metrics)
-    with ddp_overlap_setting(config):
+    # everything the run changes on the model (fused head, attention implementation, hooks, wrappers, settings) is
+    # put back when it returns or raises: the caller's model is theirs (model_changes.py)
+    with ddp_overlap_setting(config), ModelChanges() as changes:
         run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
                     processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
-                    optimizer_cls_and_kwargs, optimizer_step)
+                    optimizer_cls_and_kwargs, optimizer_step, changes)
         with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
             with noisy_embeddings(run), overflow_debugging(run):
                 saved_rng = resume(run, resume_path)
@@ -136,7 +139,7 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
 # ====================================================================================== 2. build
 def build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
           processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers, optimizer_cls_and_kwargs,
-          optimizer_step) -> Run:
+          optimizer_step, changes=None) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
     ckpt.check_output_dir(config, acc)
@@ -144,6 +147,8 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
         acc.init_trackers(config.run_name or config.project, config=_flat(config.to_dict()))
     if model_init is not None:
         model = call_model_init(model_init)  # after the seed, as Trainer.train() does
+    if changes is not None:  # train()'s record of the model as handed over, put back when the run ends
+        changes.track(model)
     model = place_model(config, model, acc)
     run = Run(config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func,
               optimizer_step)
@@ -362,9 +367,8 @@ def run_eval(run, on_start=False):
     run.records.log(metrics)
     stop_now = fire(run.callbacks, "on_evaluate", run, metrics)
     if run.ema is not None:
-        run.ema.swap(run.unwrapped)  # EMA weights in; swapped back right after
-        ema_metrics = evaluate_metrics(run, run.evaluator, prefix="eval_ema")
-        run.ema.swap(run.unwrapped)
+        with run.ema.swapped(run.unwrapped):  # EMA weights in, the trained ones back after (also on failure)
+            ema_metrics = evaluate_metrics(run, run.evaluator, prefix="eval_ema")
         run.records.log(ema_metrics)
         metrics = {**metrics, **ema_metrics}
     if is_plateau(run.scheduler) and not on_start:
@@ -533,9 +537,8 @@ def save_model(run, processing_class=None):
     weights = _stripped(acc.get_state_dict(run.model))
     ema_weights = None
     if run.ema is not None:
-        run.ema.swap(run.unwrapped)
-        ema_weights = _stripped(acc.get_state_dict(run.model), clone=True)  # the swap back reuses the storage
-        run.ema.swap(run.unwrapped)
+        with run.ema.swapped(run.unwrapped):
+            ema_weights = _stripped(acc.get_state_dict(run.model), clone=True)  # the swap back reuses the storage
     if ckpt.writes(acc, cfg):
         import shutil
 

@@ -82,6 +82,24 @@ class RegData(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
+class PackedLM(torch.utils.data.Dataset):
+    """Packed rows as tasks.causal_lm.pack builds them: documents of 1 to 23 tokens, positions restarting at 0."""
+
+    def __init__(self, n_docs, block=16, seed=0, vocab=64):
+        from tasks.causal_lm import pack
+
+        g = torch.Generator().manual_seed(seed)
+        docs = [torch.randint(0, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(n_docs)]
+        self.rows = pack(docs, block, pad_id=0)
+
+    def __len__(self):
+        return len(self.rows["input_ids"])
+
+    def __getitem__(self, i):
+        return {k: torch.tensor(v[i]) for k, v in self.rows.items()}
+
+
 def clone(model):
     return copy.deepcopy(model)
 

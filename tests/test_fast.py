@@ -11,7 +11,7 @@ import loop.step
 from loop import TrainConfig
 from loop.errors import LoopError
 from loop.fused_loss import linear_cross_entropy
-from tests.helpers import LMData, ClsData, clone, cross_entropy_over_items, tiny_bert_classifier, tiny_gpt2
+from tests.helpers import LMData, ClsData, PackedLM, clone, cross_entropy_over_items, tiny_bert_classifier, tiny_gpt2
 
 
 @pytest.mark.parametrize("num_items", [None, 250.0])
@@ -418,24 +418,6 @@ def test_graph_step_feeds_the_schedule_to_the_recorded_optimizer_through_its_lr_
     assert [float(t) for t in step.lrs] == [1 / 4, 0.5 / 4]
 
 
-class PackedLM(torch.utils.data.Dataset):
-    """Packed rows as tasks.causal_lm.pack builds them: documents of 1 to 23 tokens, positions restarting at 0."""
-
-    def __init__(self, n_docs, block=16, seed=0, vocab=64):
-        from tasks.causal_lm import pack
-
-        g = torch.Generator().manual_seed(seed)
-        docs = [torch.randint(0, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
-                for _ in range(n_docs)]
-        self.rows = pack(docs, block, pad_id=0)
-
-    def __len__(self):
-        return len(self.rows["input_ids"])
-
-    def __getitem__(self, i):
-        return {k: torch.tensor(v[i]) for k, v in self.rows.items()}
-
-
 def test_varlen_attention_is_the_block_diagonal_attention_of_packed_rows():
     """The layout around the flash kernel (flattening, document boundaries, the fixed-size cu_seqlens, the scale),
     run on CPU through the same maths per document: loss, logits and every gradient equal transformers' SDPA path with
@@ -496,8 +478,8 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
         train("cpu", varlen_attention=True, bf16=True)
     assert not (tmp_path / "cpu" / "model.safetensors").exists()
     # by default the model's attention is left as it is, and `fast` leaves it so where the kernel cannot run (a CPU)
-    plain, model = train("plain")
-    assert model.config._attn_implementation != va.NAME
+    plain, plain_model = train("plain")
+    assert plain_model.config._attn_implementation != va.NAME
     from loop.run import use_varlen_attention
 
     gpt = tiny_gpt2()
@@ -508,11 +490,16 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
     assert gpt.config._attn_implementation != va.NAME
     # where it applies (the CUDA checks waived, the per-document maths on CPU): the same run, step for step
     monkeypatch.setattr(va, "why_not", lambda *a: None)
+    seen = []
+    monkeypatch.setattr(loop.fit, "log_loss", lambda run, real=loop.fit.log_loss: (seen.append(
+        (run.unwrapped.config._attn_implementation, run.unwrapped.transformer.h[0].attn._loop_varlen_segments)),
+        real(run))[1])
     varlen, model = train("varlen", varlen_attention=True)
-    assert model.config._attn_implementation == va.NAME
     rows = torch.stack([r["position_ids"] for r in PackedLM(60)])
-    assert model.transformer.h[0].attn._loop_varlen_segments == va.segment_bound(
-        va.count_documents([{"position_ids": rows}]), 4)
+    assert set(seen) == {(va.NAME, va.segment_bound(va.count_documents([{"position_ids": rows}]), 4))}
+    # and the caller's model has its own attention back afterwards
+    assert model.config._attn_implementation == plain_model.config._attn_implementation != va.NAME
+    assert not hasattr(model.transformer.h[0].attn, "_loop_varlen_segments")
     assert_same_numbers(plain, varlen)
     assert va.NAME not in (tmp_path / "varlen" / "config.json").read_text()  # the saved model loads anywhere
     monkeypatch.undo()
