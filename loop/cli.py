@@ -30,7 +30,7 @@ def _help(argv=()) -> str:
             if f.metadata["group"] == group:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 lines.append(f"  --{f.name} (default {default!r}): {f.metadata['help']}")
-    import tasks
+    from . import tasks
 
     argv = [a for a in argv if a not in ("-h", "--help")]
     named = {"config", "task"} & set(parse_overrides(argv))

@@ -14,7 +14,7 @@ import typing
 from .config import REFUSED, TrainConfig, coerce
 from .errors import LoopError, closest
 
-DEFAULT_JOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "configs", "default.yaml")
+DEFAULT_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks", "configs", "default.yaml")
 DEFAULT_TASK = "causal_lm"
 
 
@@ -52,7 +52,7 @@ def load_yaml(path: str) -> dict:
 
 
 def task_module(name: str):
-    import tasks
+    from . import tasks
 
     return tasks.get(name)
 

@@ -21,7 +21,7 @@ def get(name: str):
 
     name = str(name)
     if name in TASKS:
-        return importlib.import_module(f"tasks.{name}")
+        return importlib.import_module(f"{__name__}.{name}")  # loop.tasks.<name>
     if name.endswith(".py"):
         if not os.path.isfile(name):
             raise LoopError(f"task file {name} does not exist; check the path, or name a module (my_lab.my_task)")

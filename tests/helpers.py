@@ -86,7 +86,7 @@ class PackedLM(torch.utils.data.Dataset):
     """Packed rows as tasks.causal_lm.pack builds them: documents of 1 to 23 tokens, positions restarting at 0."""
 
     def __init__(self, n_docs, block=16, seed=0, vocab=64):
-        from tasks.causal_lm import pack
+        from loop.tasks.causal_lm import pack
 
         g = torch.Generator().manual_seed(seed)
         docs = [torch.randint(0, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()

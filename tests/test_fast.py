@@ -172,7 +172,7 @@ class RaggedText(torch.utils.data.Dataset):
 
 
 def _train_cls(tmp_path, name, resume=None, data=None, collator=None, dropout=0.1, **overrides):
-    from tasks.text_classification import pad_collator
+    from loop.tasks.text_classification import pad_collator
 
     cfg = dict(output_dir=str(tmp_path / name), num_train_epochs=2, per_device_train_batch_size=5,
                gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="steps",
@@ -204,7 +204,7 @@ def test_dataset_on_device_gives_the_default_loaders_batches_and_numbers_and_res
 
 
 def test_dataset_on_device_refuses_what_it_cannot_serve_and_fast_skips_it(tmp_path):
-    from tasks.text_classification import pad_collator
+    from loop.tasks.text_classification import pad_collator
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -262,7 +262,7 @@ def test_fast_records_the_eager_step_instead_of_compiling_when_widths_vary(tmp_p
     from accelerate.utils import DynamoBackend
     from torch._dynamo.eval_frame import OptimizedModule
 
-    from tasks.text_classification import pad_collator
+    from loop.tasks.text_classification import pad_collator
 
     recorded = []
     monkeypatch.setattr(loop.fit, "use_graph_step", lambda run, custom_step: bool(recorded))
@@ -357,7 +357,7 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
     with pytest.raises(LoopError, match="torch_compile_mode reduce-overhead records CUDA graphs of its own"):
         TrainConfig(cuda_graph_step=True, torch_compile_mode="reduce-overhead")
     # `fast` on a CPU keeps the eager step
-    from tasks.text_classification import pad_collator
+    from loop.tasks.text_classification import pad_collator
 
     run = loop.fit.build(TrainConfig(output_dir=str(tmp_path / "f"), fast=True, use_cpu=True, report_to="none"),
                          model=tiny_bert_classifier(), model_init=None, train_dataset=RaggedText(9), eval_dataset=None,

@@ -9,7 +9,7 @@ import torch
 
 import loop
 from helpers import tiny_gpt2
-from tasks import causal_lm, text_classification
+from loop.tasks import causal_lm, text_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
