@@ -7,6 +7,15 @@ from .evaluation import evaluate, predict
 from .fit import TrainResult, train
 from .preempt import Preempted
 
-__all__ = ["TrainConfig", "train", "evaluate", "predict", "TrainResult", "Callback", "EarlyStopping", "LoopError",
-           "Preempted"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "predict",
+    "TrainResult",
+    "Callback",
+    "EarlyStopping",
+    "LoopError",
+    "Preempted",
+]
 __version__ = "0.1.0"

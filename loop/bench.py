@@ -24,40 +24,151 @@ import sys
 
 from .errors import LoopError, closest
 
-_GPT2 = ["--task", "causal_lm", "--text_source", "stdlib", "--tokenizer_name", "bytes", "--model_type", "gpt2",
-         "--packing", "true", "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
-         "--logging_steps", "10", "--max_eval_samples", "8", "--dataloader_num_workers", "2",
-         "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+_GPT2 = [
+    "--task",
+    "causal_lm",
+    "--text_source",
+    "stdlib",
+    "--tokenizer_name",
+    "bytes",
+    "--model_type",
+    "gpt2",
+    "--packing",
+    "true",
+    "--eval_strategy",
+    "no",
+    "--eval_on_start",
+    "false",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "10",
+    "--max_eval_samples",
+    "8",
+    "--dataloader_num_workers",
+    "2",
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_steps",
+    "0",
+]
 # The GPU workloads use Trainer's default optimizer, fused AdamW, on every side (the embedded default job they start
 # from asks for adamw_torch, the foreach implementation: 3.9 ms of GPT-2 124M's step against 1.9 ms fused, with
 # clipping). GPT-2 124M is GPT-2's compute: its 50257-token vocabulary and 1024-token rows (the text is bytes; the ids do not
 # change the FLOPs). tiny-gpt2 is a CPU smoke workload.
 WORKLOADS = {
-    "gpt2-124m": _GPT2 + ["--model_config", '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, '
-                                             '"vocab_size": 50257}', "--block_size", "1024", "--max_docs", "1500",
-                          "--per_device_train_batch_size", "16", "--learning_rate", "6e-4", "--bf16", "true",
-                          "--optim", "adamw_torch_fused", "--output_dir", "outputs/bench-gpt2-124m"],
-    "tiny-gpt2": _GPT2 + ["--model_config", '{"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 128}',
-                          "--block_size", "128", "--max_docs", "60", "--per_device_train_batch_size", "8",
-                          "--learning_rate", "1e-3", "--output_dir", "outputs/bench-tiny-gpt2"],
+    "gpt2-124m": _GPT2
+    + [
+        "--model_config",
+        '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}',
+        "--block_size",
+        "1024",
+        "--max_docs",
+        "1500",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "6e-4",
+        "--bf16",
+        "true",
+        "--optim",
+        "adamw_torch_fused",
+        "--output_dir",
+        "outputs/bench-gpt2-124m",
+    ],
+    "tiny-gpt2": _GPT2
+    + [
+        "--model_config",
+        '{"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 128}',
+        "--block_size",
+        "128",
+        "--max_docs",
+        "60",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        "outputs/bench-tiny-gpt2",
+    ],
 }
-_BERT = ["--task", "text_classification", "--text_source", "stdlib", "--tokenizer_name", "bytes",
-         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10", "--max_eval_samples", "64",
-         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--learning_rate", "5e-5", "--bf16", "true",
-         "--dataloader_num_workers", "2", "--optim", "adamw_torch_fused"]
+_BERT = [
+    "--task",
+    "text_classification",
+    "--text_source",
+    "stdlib",
+    "--tokenizer_name",
+    "bytes",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "10",
+    "--max_eval_samples",
+    "64",
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_steps",
+    "0",
+    "--learning_rate",
+    "5e-5",
+    "--bf16",
+    "true",
+    "--dataloader_num_workers",
+    "2",
+    "--optim",
+    "adamw_torch_fused",
+]
 # BERT shapes at their real vocabulary (30522), trained from scratch on stdlib lines (the compute is what matters).
 # minilm-sst2 is the real SST-2 job: add --model_name_or_path/--train_file/--validation_file for offline copies.
-WORKLOADS.update({
-    "bert-base": _BERT + ["--model_config", '{"vocab_size": 30522}', "--max_length", "128", "--pad_to_multiple_of",
-                          "128", "--max_docs", "300", "--per_device_train_batch_size", "32",
-                          "--output_dir", "outputs/bench-bert-base"],
-    "tiny-bert": _BERT + ["--model_config", '{"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 2, '
-                                            '"num_attention_heads": 2, "intermediate_size": 512}',
-                          "--max_length", "64", "--pad_to_multiple_of", "64", "--max_docs", "300",
-                          "--per_device_train_batch_size", "32", "--output_dir", "outputs/bench-tiny-bert"],
-    "minilm-sst2": ["--config", "tasks/configs/sst2_minilm.yaml", "--eval_strategy", "no", "--save_strategy", "no",
-                    "--load_best_model_at_end", "false", "--output_dir", "outputs/bench-minilm-sst2"],
-})
+WORKLOADS.update(
+    {
+        "bert-base": _BERT
+        + [
+            "--model_config",
+            '{"vocab_size": 30522}',
+            "--max_length",
+            "128",
+            "--pad_to_multiple_of",
+            "128",
+            "--max_docs",
+            "300",
+            "--per_device_train_batch_size",
+            "32",
+            "--output_dir",
+            "outputs/bench-bert-base",
+        ],
+        "tiny-bert": _BERT
+        + [
+            "--model_config",
+            '{"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 2, '
+            '"num_attention_heads": 2, "intermediate_size": 512}',
+            "--max_length",
+            "64",
+            "--pad_to_multiple_of",
+            "64",
+            "--max_docs",
+            "300",
+            "--per_device_train_batch_size",
+            "32",
+            "--output_dir",
+            "outputs/bench-tiny-bert",
+        ],
+        "minilm-sst2": [
+            "--config",
+            "tasks/configs/sst2_minilm.yaml",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            "--output_dir",
+            "outputs/bench-minilm-sst2",
+        ],
+    }
+)
 SIDES = ("trainer", "trainer-compiled", "loop", "loop-compiled", "loop-fast")
 DEFAULT_SIDES = ("trainer", "trainer-compiled", "loop", "loop-fast")
 
@@ -81,8 +192,10 @@ def cmd_bench(argv) -> int:
     result_file, argv = take_option(argv, "--_result", str, "FILE")
     if workload is not None:
         if workload not in WORKLOADS:
-            raise LoopError(f"unknown workload {workload!r}{closest(workload, WORKLOADS)}; choose one of: "
-                            f"{', '.join(WORKLOADS)}, or pass --config JOB")
+            raise LoopError(
+                f"unknown workload {workload!r}{closest(workload, WORKLOADS)}; choose one of: "
+                f"{', '.join(WORKLOADS)}, or pass --config JOB"
+            )
         argv = WORKLOADS[workload] + argv  # the command line's own options override the workload's
     argv += ["--max_steps", str(steps or 100), "--disable_tqdm", "true"]
     config, module, task = build_job(argv)
@@ -110,11 +223,27 @@ def cmd_bench(argv) -> int:
         path = os.path.join(config.output_dir, f".bench-{i}-rank{rank}.json")
         env = dict(os.environ)
         if world > 1:  # a fresh rendezvous per side: rank 0's child hosts it on its own port (not torchrun's store)
-            env.update(TORCHELASTIC_USE_AGENT_STORE="False",
-                       MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + i))
+            env.update(
+                TORCHELASTIC_USE_AGENT_STORE="False",
+                MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + i),
+            )
         # the child takes the same --steps (argv already ends with this process's --max_steps; the child appends its own)
-        proc = subprocess.run([sys.executable, "-m", "loop", "bench", *argv, "--steps", str(steps or 100),
-                               "--_side", name, "--_result", path], env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loop",
+                "bench",
+                *argv,
+                "--steps",
+                str(steps or 100),
+                "--_side",
+                name,
+                "--_result",
+                path,
+            ],
+            env=env,
+        )
         if proc.returncode != 0:
             raise LoopError(f"the {name} side of `loop bench` failed (exit {proc.returncode}); see its output above")
         with open(path) as f:
@@ -127,27 +256,46 @@ def cmd_bench(argv) -> int:
         seq = tokens / rate / rows_per_step if rate else None
         peak = config.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in got["device"]), None)
         flops = flops_per_token(shape, seq) if seq else None
-        rows.append({"side": name, "device": got["device"], "ms_per_step": 1000 / rate if rate else None,
-                     "tokens_per_second": tokens,
-                     "samples_per_second": rate * rows_per_step if rate else None,
-                     "mfu": flops * tokens / world / (peak * 1e12) if peak and flops and tokens else None,
-                     "train_runtime_s": summary["train_runtime_s"],  # all steps, warm-up and compilation included
-                     "peak_memory_gb": summary["peak_memory_gb"],
-                     "train_loss": summary["train_loss"],  # Trainer's train_loss: the mean over the whole run
-                     "last_loss": curve[-1][1] if curve else None, "curve": curve,  # the logged losses, by step
-                     "eval_s": summary.get("eval_runtime_s"), "features": got.get("features"),
-                     "params": shape["params"], "flops_per_token": flops, "processes": world,
-                     "tokens_per_second_per_device": tokens / world if tokens else None})
+        rows.append(
+            {
+                "side": name,
+                "device": got["device"],
+                "ms_per_step": 1000 / rate if rate else None,
+                "tokens_per_second": tokens,
+                "samples_per_second": rate * rows_per_step if rate else None,
+                "mfu": flops * tokens / world / (peak * 1e12) if peak and flops and tokens else None,
+                "train_runtime_s": summary["train_runtime_s"],  # all steps, warm-up and compilation included
+                "peak_memory_gb": summary["peak_memory_gb"],
+                "train_loss": summary["train_loss"],  # Trainer's train_loss: the mean over the whole run
+                "last_loss": curve[-1][1] if curve else None,
+                "curve": curve,  # the logged losses, by step
+                "eval_s": summary.get("eval_runtime_s"),
+                "features": got.get("features"),
+                "params": shape["params"],
+                "flops_per_token": flops,
+                "processes": world,
+                "tokens_per_second_per_device": tokens / world if tokens else None,
+            }
+        )
     if rank != 0:
         return 0
-    report = {"workload": workload or "job", "steps": config.max_steps, "warmup_steps_excluded": skip,
-              "precision": config.mixed_precision, "device": rows[0]["device"], "sides": rows,
-              "mfu_formula": "(6N + 12*L*H*Q*T) * tokens/s / peak FLOP/s", "config": config.to_dict()}
+    report = {
+        "workload": workload or "job",
+        "steps": config.max_steps,
+        "warmup_steps_excluded": skip,
+        "precision": config.mixed_precision,
+        "device": rows[0]["device"],
+        "sides": rows,
+        "mfu_formula": "(6N + 12*L*H*Q*T) * tokens/s / peak FLOP/s",
+        "config": config.to_dict(),
+    }
     with open(os.path.join(config.output_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     print(_table(report))
     _plot(os.path.join(config.output_dir, "bench.png"), report)
-    print(f"report: {os.path.join(config.output_dir, 'bench.json')}, chart: {os.path.join(config.output_dir, 'bench.png')}")
+    print(
+        f"report: {os.path.join(config.output_dir, 'bench.json')}, chart: {os.path.join(config.output_dir, 'bench.png')}"
+    )
     return 0
 
 
@@ -156,32 +304,46 @@ def _fmt(v, spec):
 
 
 def _table(report) -> str:
-    head = (f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'train s':>9}{'peak GB':>9}"
-            f"{'train_loss':>12}{'last loss':>11}{'eval s':>9}")
+    head = (
+        f"{'side':<18}{'ms/step':>10}{'tokens/s':>14}{'samples/s':>12}{'MFU':>8}{'train s':>9}{'peak GB':>9}"
+        f"{'train_loss':>12}{'last loss':>11}{'eval s':>9}"
+    )
     world = report["sides"][0].get("processes", 1)
-    lines = [f"loop bench: {report['workload']} on {world} x {report['device']}, {report['precision']}, "
-             f"{report['steps']} steps (first {report['warmup_steps_excluded']} excluded); tokens/s and samples/s are "
-             f"for all {world} devices together, MFU and memory per device" if world > 1 else
-             f"loop bench: {report['workload']} on {report['device']}, {report['precision']}, {report['steps']} steps "
-             f"(first {report['warmup_steps_excluded']} excluded)", head, "-" * len(head)]
+    lines = [
+        f"loop bench: {report['workload']} on {world} x {report['device']}, {report['precision']}, "
+        f"{report['steps']} steps (first {report['warmup_steps_excluded']} excluded); tokens/s and samples/s are "
+        f"for all {world} devices together, MFU and memory per device"
+        if world > 1
+        else f"loop bench: {report['workload']} on {report['device']}, {report['precision']}, {report['steps']} steps "
+        f"(first {report['warmup_steps_excluded']} excluded)",
+        head,
+        "-" * len(head),
+    ]
     for r in report["sides"]:
-        lines.append(f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
-                     f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
-                     f"{_fmt(r.get('train_runtime_s'), '.1f'):>9}{_fmt(r['peak_memory_gb'], '.2f'):>9}"
-                     f"{_fmt(r['train_loss'], '.4f'):>12}"
-                     f"{_fmt(r.get('last_loss'), '.4f'):>11}{_fmt(r.get('eval_s'), '.2f'):>9}")
+        lines.append(
+            f"{r['side']:<18}{_fmt(r['ms_per_step'], '.1f'):>10}{_fmt(r['tokens_per_second'], ',.0f'):>14}"
+            f"{_fmt(r['samples_per_second'], ',.1f'):>12}{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>8}"
+            f"{_fmt(r.get('train_runtime_s'), '.1f'):>9}{_fmt(r['peak_memory_gb'], '.2f'):>9}"
+            f"{_fmt(r['train_loss'], '.4f'):>12}"
+            f"{_fmt(r.get('last_loss'), '.4f'):>11}{_fmt(r.get('eval_s'), '.2f'):>9}"
+        )
     r = report["sides"][0]
-    lines.append(f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "
-                 "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU); ms/step, tokens/s "
-                 "and samples/s leave out the warm-up steps, train s (train_runtime) counts every step, compilation "
-                 "included")
+    lines.append(
+        f"MFU = {report['mfu_formula']}, N = {r['params']:,} parameters, {_fmt(r['flops_per_token'], '.3g')} "
+        "FLOPs per token (MFU in %; '-' where the device's peak is unknown, e.g. a CPU); ms/step, tokens/s "
+        "and samples/s leave out the warm-up steps, train s (train_runtime) counts every step, compilation "
+        "included"
+    )
     for r in report["sides"]:
         if r.get("features"):
             lines.append(f"{r['side']}: " + "; ".join(r["features"]))
     by_side = {r["side"]: r["tokens_per_second"] for r in report["sides"] if r["tokens_per_second"]}
     for ours in ("loop", "loop-compiled", "loop-fast"):
-        ratios = [f"{by_side[ours] / by_side[t]:.2f}x {t}" for t in ("trainer", "trainer-compiled")
-                  if ours in by_side and t in by_side]
+        ratios = [
+            f"{by_side[ours] / by_side[t]:.2f}x {t}"
+            for t in ("trainer", "trainer-compiled")
+            if ours in by_side and t in by_side
+        ]
         if ratios:
             lines.append(f"{ours} tokens/s: " + ", ".join(ratios))
     return "\n".join(lines)

@@ -21,10 +21,10 @@ STOP = "stop"
 
 class Callback:
     def on_train_begin(self, run): ...
-    def on_step_end(self, run): ...          # after every optimizer step, before logging/eval/save
+    def on_step_end(self, run): ...  # after every optimizer step, before logging/eval/save
     def on_log(self, run, record: dict): ...  # every record appended to log_history
     def on_evaluate(self, run, metrics: dict): ...
-    def on_save(self, run, path: str): ...   # a complete checkpoint now exists at `path`
+    def on_save(self, run, path: str): ...  # a complete checkpoint now exists at `path`
     def on_train_end(self, run): ...
 
 
@@ -34,20 +34,22 @@ class EarlyStopping(Callback):
     Trainer's EarlyStoppingCallback semantics: improvement is judged against the best value seen so far.
     """
 
+    needs_metric = True  # refused before training when metric_for_best_model is unset
+
     def __init__(self, patience: int = 1, threshold: float = 0.0):
         self.patience, self.threshold, self.counter, self.best = patience, threshold, 0, None
 
     def on_evaluate(self, run, metrics):
         name = run.config.metric_for_best_model
-        if name is None:
-            from .errors import LoopError
-
-            raise LoopError("EarlyStopping needs metric_for_best_model; set it (e.g. --metric_for_best_model loss)")
         key = name if name.startswith("eval_") else f"eval_{name}"
         value = metrics.get(key)
         if value is None:
             return None
-        better = (lambda a, b: a > b + self.threshold) if run.config.greater_is_better else (lambda a, b: a < b - self.threshold)
+        better = (
+            (lambda a, b: a > b + self.threshold)
+            if run.config.greater_is_better
+            else (lambda a, b: a < b - self.threshold)
+        )
         if self.best is None or better(value, self.best):
             self.best, self.counter = value, 0
         else:

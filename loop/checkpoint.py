@@ -144,6 +144,7 @@ def _latest(value) -> bool:
 class Pending:
     """A resume value checked cheaply before the run is built (precheck_resume). Its checksums, which read every byte,
     are read once the ranks can talk (verify_resume): by one process per filesystem, with one verdict for all."""
+
     value: object
 
 
@@ -168,8 +169,13 @@ def verify_resume(acc, pending: Pending, output_dir: str, save_on_each_node: boo
     from accelerate.utils import gather_object
 
     checker = acc.is_local_main_process if save_on_each_node else acc.is_main_process
-    return _choose(pending.value, output_dir, checker,
-                   lambda x: gather_object([x]) if acc.num_processes > 1 else [x], save_on_each_node)
+    return _choose(
+        pending.value,
+        output_dir,
+        checker,
+        lambda x: gather_object([x]) if acc.num_processes > 1 else [x],
+        save_on_each_node,
+    )
 
 
 def resolve_resume(value, output_dir: str):
@@ -195,12 +201,16 @@ def _choose(value, output_dir: str, checker: bool = True, everyone=lambda x: [x]
             warnings.warn(f"skipping {path}: {problem}; trying the previous checkpoint")
         if not any(everyone(problem)):
             if checker and each_node and step != whole[-1]:
-                warnings.warn(f"resuming from {path}, the newest checkpoint whole on every node (this node also has "
-                              f"{', '.join(f'{PREFIX}{s}' for s in whole if s > step)})")
+                warnings.warn(
+                    f"resuming from {path}, the newest checkpoint whole on every node (this node also has "
+                    f"{', '.join(f'{PREFIX}{s}' for s in whole if s > step)})"
+                )
             return path
-    raise LoopError(f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}"
-                    f"{' is whole on every node' if each_node else ''}; train without --resume_from_checkpoint or "
-                    "point it at a checkpoint folder")
+    raise LoopError(
+        f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}"
+        f"{' is whole on every node' if each_node else ''}; train without --resume_from_checkpoint or "
+        "point it at a checkpoint folder"
+    )
 
 
 def _path_problem(path: str, checksums: bool):
@@ -208,8 +218,10 @@ def _path_problem(path: str, checksums: bool):
 
 
 def _cannot(path: str, problem: str, where: str = ":") -> str:
-    return (f"resume_from_checkpoint: {path} cannot be resumed{where} {problem}; pass another checkpoint, or 'latest' "
-            "to take the newest whole one")
+    return (
+        f"resume_from_checkpoint: {path} cannot be resumed{where} {problem}; pass another checkpoint, or 'latest' "
+        "to take the newest whole one"
+    )
 
 
 STALE = (".tmp-checkpoint-", ".old-checkpoint-", ".node-probe-", ".write-probe-")  # what a killed save or start leaves
@@ -241,13 +253,49 @@ def writes(acc, config) -> bool:
     return acc.is_local_main_process if config.save_on_each_node else acc.is_main_process
 
 
-def check_output_dir(config, acc):
-    """Before anything is built: the processes that write (ckpt.writes) can create output_dir and write in it, and with
-    save_on_each_node it is not one folder shared by the nodes. Refused in one line on every rank at once.
-    Collective: every rank calls it."""
+def previous_run(config) -> list[str]:
+    """What another run left in output_dir: its records, its checkpoint folders (whole or not), its final model."""
+    out = config.output_dir
+    if not os.path.isdir(out):
+        return []
+    names = sorted(os.listdir(out))
+    metrics = os.path.join(out, config.metrics_file)
+    left = [config.metrics_file] if os.path.isfile(metrics) and os.path.getsize(metrics) > 0 else []
+    left += [n for n in names if _NAME.match(n) and os.path.isdir(os.path.join(out, n))]
+    left += [n for n in FINAL_MODEL if n in names]
+    return left
+
+
+FINAL_MODEL = ("model.safetensors", "ema")  # what makes a folder look like a finished run's
+
+
+def new_run_problem(config) -> str | None:
+    """A new run never mixes its records and checkpoints with another run's (and `latest` never resumes the other
+    run's newest checkpoint): refused, or with overwrite_output_dir those are deleted first."""
+    left = previous_run(config)
+    if not left:
+        return None
+    if config.overwrite_output_dir:
+        for name in left:
+            path = os.path.join(config.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return None
+    shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+    return (
+        f"output_dir {config.output_dir} holds another run ({shown}); continue it with --resume_from_checkpoint "
+        "latest, choose another --output_dir, or pass --overwrite_output_dir true to delete those and start over"
+    )
+
+
+def check_output_dir(config, acc, resuming: bool = False):
+    """Before anything is built: the processes that write (ckpt.writes) can create output_dir and write in it, a new
+    run does not land on another run's files (new_run_problem), and with save_on_each_node it is not one folder shared
+    by the nodes. Refused in one line on every rank at once. Collective: every rank calls it."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    problem = unwritable(config.output_dir) if writes(acc, config) else None
+    problem = None
+    if writes(acc, config):
+        problem = unwritable(config.output_dir) or (None if resuming else new_run_problem(config))
     if acc.num_processes > 1:  # the same verdict on every rank, so that none is left waiting in a collective
         problem = next((p for p in gather_object([problem]) if p), None)
     if problem:
@@ -255,8 +303,10 @@ def check_output_dir(config, acc):
     if not config.save_on_each_node:
         return
     if _sharded(acc):
-        raise LoopError("save_on_each_node under FSDP/DeepSpeed: their sharded checkpoints are one set written by every "
-                        "rank with one index, which needs an output_dir all nodes share; unset save_on_each_node")
+        raise LoopError(
+            "save_on_each_node under FSDP/DeepSpeed: their sharded checkpoints are one set written by every "
+            "rank with one index, which needs an output_dir all nodes share; unset save_on_each_node"
+        )
     if acc.num_processes == 1:
         return
     # each node's writer leaves a probe named for this run; seeing another node's probe means the folder is shared
@@ -266,15 +316,18 @@ def check_output_dir(config, acc):
         open(probe, "w").close()
     acc.wait_for_everyone()
     sees_another = acc.is_local_main_process and any(
-        n.startswith(prefix) and n != os.path.basename(probe) for n in os.listdir(config.output_dir))
+        n.startswith(prefix) and n != os.path.basename(probe) for n in os.listdir(config.output_dir)
+    )
     shared = any(gather_object([sees_another]))
     acc.wait_for_everyone()
     if acc.is_local_main_process:
         os.remove(probe)
     if shared:
-        raise LoopError(f"save_on_each_node: {config.output_dir} is shared between nodes (one node sees another's "
-                        "files), so every node would write the same checkpoints over each other; unset "
-                        "save_on_each_node (rank 0 then writes for all)")
+        raise LoopError(
+            f"save_on_each_node: {config.output_dir} is shared between nodes (one node sees another's "
+            "files), so every node would write the same checkpoints over each other; unset "
+            "save_on_each_node (rank 0 then writes for all)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -325,17 +378,22 @@ def save(run) -> str:
                         torch.save(acc.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         if not cfg.save_only_model:
             # per rank: RNG now and at the epoch's start, and this rank's loss accumulator since the last log
-            torch.save({**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()},
-                       os.path.join(tmp, f"rng_state_{acc.process_index}.pth"))
+            torch.save(
+                {**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()},
+                os.path.join(tmp, f"rng_state_{acc.process_index}.pth"),
+            )
         if run.ema is not None and (run.ema.sharded or writer):
             from safetensors.torch import save_file
 
             # whole EMA from the main process; under FSDP2 each rank's own shards
-            save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()},
-                      os.path.join(tmp, ema_file_name(run.ema, acc.process_index)))
+            save_file(
+                {k: v.contiguous() for k, v in run.ema.state_dict().items()},
+                os.path.join(tmp, ema_file_name(run.ema, acc.process_index)),
+            )
         if writer:
-            state.callback_states = {type(cb).__name__: cb.state_dict() for cb in run.callbacks
-                                     if hasattr(cb, "state_dict")}
+            state.callback_states = {
+                type(cb).__name__: cb.state_dict() for cb in run.callbacks if hasattr(cb, "state_dict")
+            }
             with open(os.path.join(tmp, "loop_state.json"), "w") as f:
                 f.write(state.to_json())
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
@@ -360,8 +418,10 @@ def save(run) -> str:
     except OSError as e:
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise LoopError(f"saving checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are intact - "
-                        "free disk space or change output_dir, then resume with --resume_from_checkpoint latest") from None
+        raise LoopError(
+            f"saving checkpoint {final} failed ({e.strerror or e}); earlier checkpoints are intact - "
+            "free disk space or change output_dir, then resume with --resume_from_checkpoint latest"
+        ) from None
     return final
 
 
@@ -375,7 +435,7 @@ def rotate(output_dir: str, limit, keep: tuple = ()):
     protected = {os.path.abspath(p) for p in keep if p} | {os.path.abspath(found[-1][1])}
     removable = [p for _, p in found if os.path.abspath(p) not in protected]
     excess = len(found) - max(limit, len(protected))
-    deleted = removable[:max(excess, 0)]
+    deleted = removable[: max(excess, 0)]
     for path in deleted:
         shutil.rmtree(path, ignore_errors=True)
     return deleted
@@ -399,7 +459,7 @@ def strip_prefixes(state_dict: dict) -> dict:
     for k, v in state_dict.items():
         for p in ("_orig_mod.", "module."):
             while k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
         out[k.replace("._orig_mod.", ".")] = v
     return out
 
@@ -413,15 +473,16 @@ def load_weights(model, path: str):
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if _is_tied(model, k, weights)}
     if unexpected or set(missing) - tied:
-        raise LoopError(f"checkpoint {path} does not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); resume with the model it was made with")
+        raise LoopError(
+            f"checkpoint {path} does not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); resume with the model it was made with"
+        )
 
 
 def _is_tied(model, key, weights) -> bool:
     params = dict(model.named_parameters(remove_duplicate=False))
     t = params.get(key)
-    return t is not None and any(params.get(k) is not None and params[k].data_ptr() == t.data_ptr()
-                                 for k in weights)
+    return t is not None and any(params.get(k) is not None and params[k].data_ptr() == t.data_ptr() for k in weights)
 
 
 def load(run, path: str):
@@ -434,10 +495,12 @@ def load(run, path: str):
     else:
         load_weights(acc.unwrap_model(run.model, keep_torch_compile=False), path)
         if not os.path.exists(os.path.join(path, "optimizer.pt")):
-            raise LoopError(f"{path} holds only the model (save_only_model); it can initialise a new run "
-                            "but not resume one")
-        run.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
-                                                 weights_only=False))
+            raise LoopError(
+                f"{path} holds only the model (save_only_model); it can initialise a new run but not resume one"
+            )
+        run.optimizer.load_state_dict(
+            torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+        )
         run.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
         if acc.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
             acc.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))

@@ -15,7 +15,16 @@ import sys
 
 from .config import TrainConfig
 from .errors import LoopError, closest
-from .job import DEFAULT_TASK, build_job, build_task, job_from_values, job_values, parse_overrides, task_fields, task_module
+from .job import (
+    DEFAULT_TASK,
+    build_job,
+    build_task,
+    job_from_values,
+    job_values,
+    parse_overrides,
+    task_fields,
+    task_module,
+)
 
 COMMANDS = ("train", "evaluate", "compare", "bench", "fields")
 
@@ -38,14 +47,26 @@ def _help(argv=()) -> str:
     names = [values.get("task", DEFAULT_TASK)] if named else list(tasks.TASKS)
     for name in names:
         module = task_module(name)
-        lines += ["", f"Task options for task: {name}" + (f" ({module.__doc__.strip().splitlines()[0]})"
-                                                           if module.__doc__ else "") + ":"]
+        lines += [
+            "",
+            f"Task options for task: {name}"
+            + (f" ({module.__doc__.strip().splitlines()[0]})" if module.__doc__ else "")
+            + ":",
+        ]
         for f in task_fields(module).values():
-            default = f.default if f.default is not dataclasses.MISSING else \
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else f.default_factory()
+                if f.default_factory is not dataclasses.MISSING
+                else "required"
+            )
             lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    lines += ["", "Commands: loop train | loop evaluate | loop compare | loop bench | loop fields (TrainingArguments coverage table)",
-              "Task options of your own task module: loop train --help --task my_lab.my_task"]
+    lines += [
+        "",
+        "Commands: loop train | loop evaluate | loop compare | loop bench | loop fields (TrainingArguments coverage table)",
+        "Task options of your own task module: loop train --help --task my_lab.my_task",
+    ]
     return "\n".join(lines)
 
 
@@ -58,10 +79,14 @@ def cmd_train(argv):
         evals = [r for r in result.log_history if "eval_loss" in r]
         if evals:
             first, last = evals[0], evals[-1]
-            print(f"held-out loss: {first['eval_loss']:.4f} (step {first['step']}) -> "
-                  f"{last['eval_loss']:.4f} (step {last['step']})")
-        print(f"done: {result.global_step} steps, train_loss {result.training_loss:.4f}, "
-              f"model saved to {config.output_dir}")
+            print(
+                f"held-out loss: {first['eval_loss']:.4f} (step {first['step']}) -> "
+                f"{last['eval_loss']:.4f} (step {last['step']})"
+            )
+        print(
+            f"done: {result.global_step} steps, train_loss {result.training_loss:.4f}, "
+            f"model saved to {config.output_dir}"
+        )
     return 0
 
 
@@ -76,11 +101,15 @@ def cmd_evaluate(argv):
     values = job_values(argv)
     folder = values.get("model_name_or_path")
     if not folder:
-        raise LoopError("loop evaluate needs --model_name_or_path DIR, a folder written by `loop train` "
-                        "(its model.safetensors, and ema/ when the run kept an EMA)")
+        raise LoopError(
+            "loop evaluate needs --model_name_or_path DIR, a folder written by `loop train` "
+            "(its model.safetensors, and ema/ when the run kept an EMA)"
+        )
     if not os.path.isfile(os.path.join(str(folder), "model.safetensors")):
-        raise LoopError(f"--model_name_or_path {folder} holds no model.safetensors; point it at the output_dir of "
-                        "a finished run (or a checkpoint-<step> folder)")
+        raise LoopError(
+            f"--model_name_or_path {folder} holds no model.safetensors; point it at the output_dir of "
+            "a finished run (or a checkpoint-<step> folder)"
+        )
     module = task_module(values.get("task", DEFAULT_TASK))
     # a folder with config.json (a final model) builds the task's model from it; otherwise (a plain module, a
     # checkpoint-<step>) the job builds its model and the saved weights are loaded into it
@@ -101,11 +130,19 @@ def cmd_evaluate(argv):
         if not os.path.isfile(os.path.join(path, "model.safetensors")):
             continue
         ckpt.load_weights(model, path)  # the task's model, with the saved weights (any nn.Module)
-        results.update(evaluate(config, model, built["eval_dataset"], data_collator=built.get("data_collator"),
-                                compute_metrics=built.get("compute_metrics"),
-                                processing_class=built.get("processing_class"),
-                                preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"),
-                                compute_loss_func=built.get("compute_loss_func"), metric_key_prefix=prefix))
+        results.update(
+            evaluate(
+                config,
+                model,
+                built["eval_dataset"],
+                data_collator=built.get("data_collator"),
+                compute_metrics=built.get("compute_metrics"),
+                processing_class=built.get("processing_class"),
+                preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"),
+                compute_loss_func=built.get("compute_loss_func"),
+                metric_key_prefix=prefix,
+            )
+        )
     if _is_main():
         for k, v in results.items():  # printed first: a file that cannot be written loses nothing
             print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")

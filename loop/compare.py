@@ -102,13 +102,19 @@ def _summary(history, wall, tokens, steps, device, clock=None):
     return {
         "steady_steps_per_second": steady,
         "steady_tokens_per_second": steady * per_step_tokens if steady and per_step_tokens else None,
-        "wall_time_s": wall, "train_runtime_s": runtime, "steps": steps,
+        "wall_time_s": wall,
+        "train_runtime_s": runtime,
+        "steps": steps,
         "steps_per_second": steps / runtime if runtime else None,
         "tokens_per_second": tokens / runtime if runtime and tokens else None,
-        "peak_memory_gb": _peak_gb(device), "train_loss": final.get("train_loss"),
+        "peak_memory_gb": _peak_gb(device),
+        "train_loss": final.get("train_loss"),
         "eval_runtime_s": sum(r["eval_runtime"] for r in history if "eval_runtime" in r) or None,
-        "final_eval": {k: v for k, v in (evals[-1] if evals else {}).items()
-                       if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
+        "final_eval": {
+            k: v
+            for k, v in (evals[-1] if evals else {}).items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+        },
     }
 
 
@@ -120,12 +126,16 @@ def _diff(trainer_hist, loop_hist):
     for key in ("loss", "grad_norm", "learning_rate"):
         d = [abs(a[s][key] - b[s][key]) for s in steps if key in a[s] and key in b[s]]
         r = [abs(a[s][key] - b[s][key]) / max(abs(a[s][key]), 1e-12) for s in steps if key in a[s] and key in b[s]]
-        out[key] = {"max_abs": max(d, default=0.0), "mean_abs": sum(d) / len(d) if d else 0.0,
-                    "max_rel": max(r, default=0.0)}
+        out[key] = {
+            "max_abs": max(d, default=0.0),
+            "mean_abs": sum(d) / len(d) if d else 0.0,
+            "max_rel": max(r, default=0.0),
+        }
     ea = [r for r in trainer_hist if "eval_loss" in r]
     eb = [r for r in loop_hist if "eval_loss" in r]
-    out["eval_loss_max_rel"] = max((abs(x["eval_loss"] - y["eval_loss"]) / max(abs(x["eval_loss"]), 1e-12)
-                                    for x, y in zip(ea, eb)), default=0.0)
+    out["eval_loss_max_rel"] = max(
+        (abs(x["eval_loss"] - y["eval_loss"]) / max(abs(x["eval_loss"]), 1e-12) for x, y in zip(ea, eb)), default=0.0
+    )
     out["eval_records"] = [len(ea), len(eb)]
     return out
 
@@ -166,9 +176,18 @@ def _weights_sha(model) -> str:
 
 
 # What of a task's build() Trainer takes under the same name (loop callbacks stay on the loop's side).
-_TRAINER_KEYS = ("train_dataset", "eval_dataset", "data_collator", "processing_class", "compute_metrics",
-                 "preprocess_logits_for_metrics", "compute_loss_func", "optimizer_cls_and_kwargs", "model_init",
-                 "optimizers")
+_TRAINER_KEYS = (
+    "train_dataset",
+    "eval_dataset",
+    "data_collator",
+    "processing_class",
+    "compute_metrics",
+    "preprocess_logits_for_metrics",
+    "compute_loss_func",
+    "optimizer_cls_and_kwargs",
+    "model_init",
+    "optimizers",
+)
 
 
 def _run_side(side, config, module, task, skip):
@@ -181,8 +200,10 @@ def _run_side(side, config, module, task, skip):
 
     built = build_task(module, task, config)
     if built.get("optimizer_step") is not None:
-        raise LoopError("the task's optimizer_step has no Trainer equivalent, so `loop compare` cannot run it on "
-                        "Trainer's side; compare without it (build() can read an option of the task to leave it out)")
+        raise LoopError(
+            "the task's optimizer_step has no Trainer equivalent, so `loop compare` cannot run it on "
+            "Trainer's side; compare without it (build() can read an option of the task to leave it out)"
+        )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock, loop_cb, trainer_cb = _clocks(skip)
@@ -190,25 +211,40 @@ def _run_side(side, config, module, task, skip):
     if side == "loop":
         extra = list(built.pop("callbacks", None) or [])
         # no final model: Trainer's train() writes none either, and a 1.5B model's is 6 GB of disk and seconds
-        result = train(dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop"),
-                                           save_final_model=False), callbacks=extra + [loop_cb], **built)
+        result = train(
+            dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop"), save_final_model=False),
+            callbacks=extra + [loop_cb],
+            **built,
+        )
         history, steps, model = result.log_history, result.global_step, clock.model
     else:
         kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}
-        trainer = Trainer(model=built.get("model"),
-                          args=config.to_training_arguments(output_dir=os.path.join(config.output_dir, "trainer")),
-                          callbacks=[trainer_cb], **kwargs)
+        trainer = Trainer(
+            model=built.get("model"),
+            args=config.to_training_arguments(output_dir=os.path.join(config.output_dir, "trainer")),
+            callbacks=[trainer_cb],
+            **kwargs,
+        )
         trainer.train()
         history, steps, model = trainer.state.log_history, trainer.state.global_step, trainer.model
     wall = time.time() - start
     device = next(model.parameters()).device
     tokens = _tokens_of(built, config, steps)
-    return {"history": history, "summary": _summary(history, wall, tokens, steps, device, clock),
-            "initial_weights_sha": clock.initial_sha, "shape": model_shape(model),
-            "features": config.loop_features() + (["fused_linear_cross_entropy in use"] if getattr(
-                getattr(model, "get_output_embeddings", lambda: None)(), "_loop_fused", False) else [])
-            if side == "loop" else ([] if not config.torch_compile else ["torch_compile"]),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    return {
+        "history": history,
+        "summary": _summary(history, wall, tokens, steps, device, clock),
+        "initial_weights_sha": clock.initial_sha,
+        "shape": model_shape(model),
+        "features": config.loop_features()
+        + (
+            ["fused_linear_cross_entropy in use"]
+            if getattr(getattr(model, "get_output_embeddings", lambda: None)(), "_loop_fused", False)
+            else []
+        )
+        if side == "loop"
+        else ([] if not config.torch_compile else ["torch_compile"]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
 
 
 def model_shape(model) -> dict:
@@ -217,10 +253,17 @@ def model_shape(model) -> dict:
 
     cfg = getattr(model, "config", None)
     get = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)  # noqa: E731
-    layers, heads, hidden = get("n_layer", "num_hidden_layers"), get("n_head", "num_attention_heads"), \
-        get("n_embd", "hidden_size")
-    return {"params": parameter_count(model), "layers": layers, "heads": heads,
-            "head_dim": hidden // heads if hidden and heads else None}
+    layers, heads, hidden = (
+        get("n_layer", "num_hidden_layers"),
+        get("n_head", "num_attention_heads"),
+        get("n_embd", "hidden_size"),
+    )
+    return {
+        "params": parameter_count(model),
+        "layers": layers,
+        "heads": heads,
+        "head_dim": hidden // heads if hidden and heads else None,
+    }
 
 
 def take_option(argv, flag, kind, example):
@@ -234,7 +277,7 @@ def take_option(argv, flag, kind, example):
         value = kind(argv[i + 1])
     except (IndexError, ValueError):
         raise LoopError(f"{flag} needs a {kind.__name__}, e.g. {flag} {example}") from None
-    return value, argv[:i] + argv[i + 2:]
+    return value, argv[:i] + argv[i + 2 :]
 
 
 def cmd_compare(argv) -> int:
@@ -279,7 +322,9 @@ def cmd_compare(argv) -> int:
             path = os.path.join(out, f".side-{i}.json")
             proc = subprocess.run([sys.executable, "-m", "loop", "compare", *argv, "--_side", name, "--_result", path])
             if proc.returncode != 0:
-                raise LoopError(f"the {name} run of `loop compare` failed (exit {proc.returncode}); see its output above")
+                raise LoopError(
+                    f"the {name} run of `loop compare` failed (exit {proc.returncode}); see its output above"
+                )
             with open(path) as f:
                 runs.append(json.load(f))
             os.remove(path)
@@ -299,21 +344,38 @@ def cmd_compare(argv) -> int:
     # with several processes Trainer's eval_loss depends on the world size and the loop's does not (README: deliberate
     # differences), so it is reported but left out of the verdict there
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    judged = [diff["loss"]["max_rel"], diff["learning_rate"]["max_rel"]] + ([diff["eval_loss_max_rel"]] if world == 1 else [])
-    ok = (same_init and not diff["steps_only_in_one"] and diff["eval_records"][0] == diff["eval_records"][1]
-          and max(judged) <= tolerance)
+    judged = [diff["loss"]["max_rel"], diff["learning_rate"]["max_rel"]] + (
+        [diff["eval_loss_max_rel"]] if world == 1 else []
+    )
+    ok = (
+        same_init
+        and not diff["steps_only_in_one"]
+        and diff["eval_records"][0] == diff["eval_records"][1]
+        and max(judged) <= tolerance
+    )
     report = {
-        "device": loop_run["device"], "precision": config.mixed_precision,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")), "tolerance_rel": tolerance, "parity": ok,
-        "identical_initial_weights": same_init, "mode": mode,
-        "trainer_runs": trainer_runs, "trainer_run_to_run_max_rel_loss_diff": spread,
-        "trainer": trainer_run_list[0]["summary"], "loop": loop_run["summary"], "difference": diff,
-        "loop_only_features_on": config.loop_features(), "steady_skip": skip,
-        "transformers": __import__("transformers").__version__, "torch": torch.__version__,
+        "device": loop_run["device"],
+        "precision": config.mixed_precision,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "tolerance_rel": tolerance,
+        "parity": ok,
+        "identical_initial_weights": same_init,
+        "mode": mode,
+        "trainer_runs": trainer_runs,
+        "trainer_run_to_run_max_rel_loss_diff": spread,
+        "trainer": trainer_run_list[0]["summary"],
+        "loop": loop_run["summary"],
+        "difference": diff,
+        "loop_only_features_on": config.loop_features(),
+        "steady_skip": skip,
+        "transformers": __import__("transformers").__version__,
+        "torch": torch.__version__,
         "config": config.to_dict(),
         # per-step (step, loss, grad_norm) of every run, to see where and how far the curves part
-        "curves": {name: [[r["step"], r["loss"], r.get("grad_norm")] for r in run["history"] if "loss" in r]
-                   for name, run in [("loop", loop_run)] + [(f"trainer{i + 1}", r) for i, r in enumerate(trainer_run_list)]},
+        "curves": {
+            name: [[r["step"], r["loss"], r.get("grad_norm")] for r in run["history"] if "loss" in r]
+            for name, run in [("loop", loop_run)] + [(f"trainer{i + 1}", r) for i, r in enumerate(trainer_run_list)]
+        },
     }
     if int(os.environ.get("RANK", "0")) == 0:
         os.makedirs(out, exist_ok=True)
@@ -348,8 +410,18 @@ def _fmt(v):
 def table(report) -> str:
     t, l, d = report["trainer"], report["loop"], report["difference"]
     rows = [("", "Trainer", "loop")]
-    for key in ("steps", "train_loss", "steady_steps_per_second", "steady_tokens_per_second", "steps_per_second",
-                "tokens_per_second", "peak_memory_gb", "train_runtime_s", "eval_runtime_s", "wall_time_s"):
+    for key in (
+        "steps",
+        "train_loss",
+        "steady_steps_per_second",
+        "steady_tokens_per_second",
+        "steps_per_second",
+        "tokens_per_second",
+        "peak_memory_gb",
+        "train_runtime_s",
+        "eval_runtime_s",
+        "wall_time_s",
+    ):
         if key != "eval_runtime_s" or t.get(key) or l.get(key):
             rows.append((key, _fmt(t.get(key)), _fmt(l.get(key))))
     for key in sorted(set(t["final_eval"]) | set(l["final_eval"])):
@@ -357,19 +429,24 @@ def table(report) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [" | ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.insert(1, "-+-".join("-" * x for x in w))
-    lines += ["",
-              f"per-step loss: max abs diff {d['loss']['max_abs']:.3g}, mean abs diff {d['loss']['mean_abs']:.3g}, "
-              f"max rel diff {d['loss']['max_rel']:.3g} over {d['steps_compared']} logged steps",
-              f"grad_norm max rel diff {d['grad_norm']['max_rel']:.3g}; learning_rate max rel diff "
-              f"{d['learning_rate']['max_rel']:.3g}; eval_loss max rel diff {d['eval_loss_max_rel']:.3g}",
-              f"Trainer vs Trainer ({report['trainer_runs']} runs) max rel loss diff: "
-              f"{_fmt(report['trainer_run_to_run_max_rel_loss_diff'])}",
-              f"device {report['device']}, precision {report['precision']}, {report['world_size']} process(es), "
-              f"tolerance (rel) {report['tolerance_rel']:g}" + ("; eval_loss not judged: with several processes "
-                                                                 "Trainer's depends on the world size"
-                                                                 if report["world_size"] > 1 else ""),
-              f"loop-only features on: {', '.join(report['loop_only_features_on']) or 'none'}",
-              f"steady_*: after the first {report['steady_skip']} steps (warm-up excluded); {report['mode']}; "
-              f"identical initial weights: {report['identical_initial_weights']}",
-              f"verdict: {'PARITY' if report['parity'] else 'PARITY FAILED'}"]
+    lines += [
+        "",
+        f"per-step loss: max abs diff {d['loss']['max_abs']:.3g}, mean abs diff {d['loss']['mean_abs']:.3g}, "
+        f"max rel diff {d['loss']['max_rel']:.3g} over {d['steps_compared']} logged steps",
+        f"grad_norm max rel diff {d['grad_norm']['max_rel']:.3g}; learning_rate max rel diff "
+        f"{d['learning_rate']['max_rel']:.3g}; eval_loss max rel diff {d['eval_loss_max_rel']:.3g}",
+        f"Trainer vs Trainer ({report['trainer_runs']} runs) max rel loss diff: "
+        f"{_fmt(report['trainer_run_to_run_max_rel_loss_diff'])}",
+        f"device {report['device']}, precision {report['precision']}, {report['world_size']} process(es), "
+        f"tolerance (rel) {report['tolerance_rel']:g}"
+        + (
+            "; eval_loss not judged: with several processes Trainer's depends on the world size"
+            if report["world_size"] > 1
+            else ""
+        ),
+        f"loop-only features on: {', '.join(report['loop_only_features_on']) or 'none'}",
+        f"steady_*: after the first {report['steady_skip']} steps (warm-up excluded); {report['mode']}; "
+        f"identical initial weights: {report['identical_initial_weights']}",
+        f"verdict: {'PARITY' if report['parity'] else 'PARITY FAILED'}",
+    ]
     return "\n".join(lines)

@@ -20,8 +20,16 @@ from dataclasses import dataclass, field, fields
 from .errors import LoopError, closest
 
 SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
 )
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "sgd", "adafactor", "adagrad", "rmsprop")
@@ -44,8 +52,10 @@ def _f(default, help: str, group: str = "trainer", note: str = "", choices=None)
 def compile_records_graphs(config) -> str | None:
     """Why cuda_graph_step cannot go with this compile mode (it records CUDA graphs itself), or None."""
     if config.torch_compile_mode in ("reduce-overhead", "max-autotune"):
-        return (f"torch_compile_mode {config.torch_compile_mode} records CUDA graphs of its own; use the default "
-                "mode with cuda_graph_step, or set cuda_graph_step false")
+        return (
+            f"torch_compile_mode {config.torch_compile_mode} records CUDA graphs of its own; use the default "
+            "mode with cuda_graph_step, or set cuda_graph_step false"
+        )
     return None
 
 
@@ -61,12 +71,18 @@ class TrainConfig:
     # ---------------------------------------------------------------- optimizer and schedule
     learning_rate: float = _f(5e-5, "Peak learning rate.")
     optim: str = _f("adamw_torch_fused", "Optimizer.", choices=OPTIMIZERS)
-    optim_args: typing.Optional[str] = _f(None, "Extra optimizer arguments 'k=v,k=v' (sgd/adagrad/rmsprop keys as Trainer).")
-    weight_decay: float = _f(0.0, "Decoupled weight decay; not applied to biases and norm weights (Trainer's grouping).")
+    optim_args: typing.Optional[str] = _f(
+        None, "Extra optimizer arguments 'k=v,k=v' (sgd/adagrad/rmsprop keys as Trainer)."
+    )
+    weight_decay: float = _f(
+        0.0, "Decoupled weight decay; not applied to biases and norm weights (Trainer's grouping)."
+    )
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is still logged).")
+    max_grad_norm: float = _f(
+        1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is still logged)."
+    )
     lr_scheduler_type: str = _f("linear", "Any scheduler of transformers.get_scheduler.", choices=SCHEDULERS)
     lr_scheduler_kwargs: typing.Optional[dict] = _f(None, "Extra scheduler arguments (JSON object on the CLI).")
     warmup_steps: float = _f(0, "Warmup steps; a value < 1 is a ratio of the total steps (Trainer's rule).")
@@ -76,7 +92,9 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 mixed precision through the Accelerator.")
     fp16: bool = _f(False, "fp16 mixed precision with a dynamic grad scaler through the Accelerator.")
     tf32: typing.Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs (None: leave torch's default).")
-    gradient_checkpointing: bool = _f(False, "Activation (gradient) checkpointing via model.gradient_checkpointing_enable.")
+    gradient_checkpointing: bool = _f(
+        False, "Activation (gradient) checkpointing via model.gradient_checkpointing_enable."
+    )
     gradient_checkpointing_kwargs: typing.Optional[dict] = _f(None, "Arguments for torch.utils.checkpoint.")
     torch_compile: bool = _f(False, "Compile the model with torch.compile through the Accelerator.")
     torch_compile_backend: typing.Optional[str] = _f(None, "torch.compile backend (default inductor).")
@@ -85,8 +103,10 @@ class TrainConfig:
     use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     use_cache: bool = _f(False, "Value written to model.config.use_cache during training (Trainer's).")
     neftune_noise_alpha: typing.Optional[float] = _f(
-        None, "NEFTune: in training, add uniform noise of magnitude alpha/sqrt(sequence length x hidden size) to the "
-        "input embeddings (Trainer's hook, removed when training ends; evaluation sees no noise).")
+        None,
+        "NEFTune: in training, add uniform noise of magnitude alpha/sqrt(sequence length x hidden size) to the "
+        "input embeddings (Trainer's hook, removed when training ends; evaluation sees no noise).",
+    )
     # ---------------------------------------------------------------- data
     seed: int = _f(42, "Seed set before anything random happens.")
     data_seed: typing.Optional[int] = _f(None, "Separate seed for the data sampler.")
@@ -96,8 +116,9 @@ class TrainConfig:
     dataloader_pin_memory: bool = _f(True, "Pin host memory for faster copies to the GPU.")
     dataloader_persistent_workers: bool = _f(False, "Keep eval/train workers alive between epochs.")
     dataloader_prefetch_factor: typing.Optional[int] = _f(None, "Batches prefetched per worker.")
-    dataloader_multiprocessing_context: typing.Optional[str] = _f(None, "Multiprocessing start method for workers.",
-                                                                  choices=("fork", "spawn", "forkserver"))
+    dataloader_multiprocessing_context: typing.Optional[str] = _f(
+        None, "Multiprocessing start method for workers.", choices=("fork", "spawn", "forkserver")
+    )
     dataloader_in_order: bool = _f(True, "Workers return batches in order.")
     remove_unused_columns: bool = _f(True, "Drop dataset columns the model's forward does not accept.")
     label_names: typing.Optional[list] = _f(None, "Input keys holding the labels (default: inferred from the model).")
@@ -108,22 +129,33 @@ class TrainConfig:
     logging_steps: float = _f(500, "Log every N steps (a value < 1 is a ratio of the total steps).")
     logging_first_step: bool = _f(False, "Also log after the first step.")
     logging_nan_inf_filter: bool = _f(True, "Replace a nan/inf micro-batch loss by the running average when logging.")
-    include_num_input_tokens_seen: str = _f("no", "Track input tokens seen: no, all or non_padding.",
-                                            choices=("no", "all", "non_padding"))
+    include_num_input_tokens_seen: str = _f(
+        "no", "Track input tokens seen: no, all or non_padding.", choices=("no", "all", "non_padding")
+    )
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
     report_to: typing.Union[list, str] = _f("none", "Trackers to hand records to (accelerate trackers), or none.")
     run_name: typing.Optional[str] = _f(None, "Run name for trackers.")
     project: str = _f("huggingface", "Project name for trackers.")
-    log_level: str = _f("passive", "transformers' log level in the process that logs (passive keeps the library's).",
-                        choices=LOG_LEVELS)
+    log_level: str = _f(
+        "passive", "transformers' log level in the process that logs (passive keeps the library's).", choices=LOG_LEVELS
+    )
     log_level_replica: str = _f("warning", "transformers' log level in the other processes.", choices=LOG_LEVELS)
-    log_on_each_node: bool = _f(True, "The first process of every node takes log_level (false: rank 0 only); records "
-                                "are written by rank 0 either way.")
-    debug: str = _f("", "Debug features, space-separated: underflow_overflow (transformers' DebugUnderflowOverflow on "
-                    "every module during training: the first inf/nan in a forward prints the last frames' absolute "
-                    "min/max and stops the run; one host sync per module).")
-    skip_memory_metrics: bool = _f(True, "Trainer's memory tracker; the loop reports peak memory in telemetry instead.",
-                                   note="the loop's telemetry reports peak device memory in every record")
+    log_on_each_node: bool = _f(
+        True,
+        "The first process of every node takes log_level (false: rank 0 only); records "
+        "are written by rank 0 either way.",
+    )
+    debug: str = _f(
+        "",
+        "Debug features, space-separated: underflow_overflow (transformers' DebugUnderflowOverflow on "
+        "every module during training: the first inf/nan in a forward prints the last frames' absolute "
+        "min/max and stops the run; one host sync per module).",
+    )
+    skip_memory_metrics: bool = _f(
+        True,
+        "Trainer's memory tracker; the loop reports peak memory in telemetry instead.",
+        note="the loop's telemetry reports peak device memory in every record",
+    )
     # ---------------------------------------------------------------- evaluation
     eval_strategy: str = _f("no", "When to evaluate.", choices=INTERVALS)
     eval_steps: typing.Optional[float] = _f(None, "Evaluate every N steps (default logging_steps; < 1 is a ratio).")
@@ -131,30 +163,51 @@ class TrainConfig:
     eval_on_start: bool = _f(False, "Evaluate once before training.")
     prediction_loss_only: bool = _f(False, "Evaluation returns the loss only (no predictions for metrics).")
     eval_accumulation_steps: typing.Optional[int] = _f(None, "Move predictions to the CPU every N eval batches.")
-    bf16_full_eval: bool = _f(False, "evaluate()/predict() outside a training run cast the model to bf16 first (in "
-                              "place, as Trainer does); evaluations during training are unchanged.")
+    bf16_full_eval: bool = _f(
+        False,
+        "evaluate()/predict() outside a training run cast the model to bf16 first (in "
+        "place, as Trainer does); evaluations during training are unchanged.",
+    )
     fp16_full_eval: bool = _f(False, "As bf16_full_eval, in fp16.")
-    include_for_metrics: list = _f([], "Also hand compute_metrics the model inputs ('inputs') and/or the per-sample "
-                                   "losses ('loss'), as EvalPrediction.inputs / .losses.")
-    batch_eval_metrics: bool = _f(False, "Call compute_metrics(eval_pred, compute_result) once a batch instead of on the "
-                                  "whole set (compute_result True on the last batch); predictions are not kept.")
+    include_for_metrics: list = _f(
+        [],
+        "Also hand compute_metrics the model inputs ('inputs') and/or the per-sample "
+        "losses ('loss'), as EvalPrediction.inputs / .losses.",
+    )
+    batch_eval_metrics: bool = _f(
+        False,
+        "Call compute_metrics(eval_pred, compute_result) once a batch instead of on the "
+        "whole set (compute_result True on the last batch); predictions are not kept.",
+    )
     eval_do_concat_batches: bool = _f(True, "Concatenate predictions across batches (false: one array per batch).")
-    metric_for_best_model: typing.Optional[str] = _f(None, "Metric that picks the best checkpoint and drives early stopping.")
+    metric_for_best_model: typing.Optional[str] = _f(
+        None, "Metric that picks the best checkpoint and drives early stopping."
+    )
     greater_is_better: typing.Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better.")
     # ---------------------------------------------------------------- checkpoints
     save_strategy: str = _f("steps", "When to save a checkpoint.", choices=SAVE_STRATEGIES)
     save_steps: float = _f(500, "Save every N steps (a value < 1 is a ratio of the total steps).")
-    save_total_limit: typing.Optional[int] = _f(None, "Keep at most N checkpoints (never deleting the best or the newest).")
+    save_total_limit: typing.Optional[int] = _f(
+        None, "Keep at most N checkpoints (never deleting the best or the newest)."
+    )
     save_only_model: bool = _f(False, "Checkpoints hold only the weights (no resume).")
-    save_on_each_node: bool = _f(False, "Several nodes without a shared filesystem: each node's first process writes "
-                                 "checkpoints and the final model into its own output_dir (one shared folder is "
-                                 "refused); resume 'latest' takes the newest checkpoint whole on every node. Not "
-                                 "with FSDP/DeepSpeed.")
+    save_on_each_node: bool = _f(
+        False,
+        "Several nodes without a shared filesystem: each node's first process writes "
+        "checkpoints and the final model into its own output_dir (one shared folder is "
+        "refused); resume 'latest' takes the newest checkpoint whole on every node. Not "
+        "with FSDP/DeepSpeed.",
+    )
     load_best_model_at_end: bool = _f(False, "Load the best checkpoint's weights at the end.")
-    ignore_data_skip: bool = _f(False, "On resume, start the epoch's data from the beginning instead of the saved position.")
+    ignore_data_skip: bool = _f(
+        False, "On resume, start the epoch's data from the beginning instead of the saved position."
+    )
     restore_callback_states_from_checkpoint: bool = _f(False, "Restore stateful callbacks from the checkpoint.")
-    enable_jit_checkpoint: bool = _f(False, "On SIGTERM (preemption), save a complete checkpoint at the next step "
-                                     "boundary and stop (exit status 143, no final model); resume with 'latest'.")
+    enable_jit_checkpoint: bool = _f(
+        False,
+        "On SIGTERM (preemption), save a complete checkpoint at the next step "
+        "boundary and stop (exit status 143, no final model); resume with 'latest'.",
+    )
     resume_from_checkpoint: typing.Optional[str] = _f(None, "Checkpoint to resume from: a path, 'latest' or 'true'.")
     # ---------------------------------------------------------------- distributed (DDP knobs; topology comes from `accelerate launch`)
     ddp_find_unused_parameters: typing.Optional[bool] = _f(None, "DDP find_unused_parameters.")
@@ -162,73 +215,130 @@ class TrainConfig:
     ddp_broadcast_buffers: typing.Optional[bool] = _f(None, "DDP broadcast_buffers.")
     ddp_static_graph: typing.Optional[bool] = _f(None, "DDP static_graph.")
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
-    ddp_backend: typing.Optional[str] = _f(None, "Process-group backend (None: accelerate's choice, nccl on CUDA GPUs "
-                                           "and gloo on CPUs).", choices=DDP_BACKENDS)
+    ddp_backend: typing.Optional[str] = _f(
+        None,
+        "Process-group backend (None: accelerate's choice, nccl on CUDA GPUs and gloo on CPUs).",
+        choices=DDP_BACKENDS,
+    )
 
     # ================================================================ loop group: what Trainer lacks
     ema_decay: float = _f(0.0, "EMA of the weights with this decay (0 disables).", group="loop")
     ema_warmup: bool = _f(False, "Use decay_t = min(ema_decay, (1+t)/(10+t)).", group="loop")
-    ema_start_step: int = _f(0, "Optimizer step from which the EMA is updated (before it, it tracks the weights).", group="loop")
+    ema_start_step: int = _f(
+        0, "Optimizer step from which the EMA is updated (before it, it tracks the weights).", group="loop"
+    )
     ema_on_cpu: bool = _f(False, "Keep the EMA on the CPU instead of the training device.", group="loop")
-    telemetry: bool = _f(True, "Add tokens/s, samples/s, step time, peak memory and MFU under `loop/` keys to each record.", group="loop")
-    peak_tflops: typing.Optional[float] = _f(None, "Device peak TFLOP/s for MFU (default: looked up from the GPU name).", group="loop")
-    early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many evaluations without improvement of metric_for_best_model.", group="loop")
-    early_stopping_threshold: float = _f(0.0, "Improvement smaller than this does not count (early stopping).", group="loop")
-    stop_on_nonfinite: bool = _f(True, "Stop with an error (exit status 2) once the loss or grad norm turns non-finite "
-                                 "(bf16/fp32; fp16 overflow skips don't count), noticed at the next log/eval/save "
-                                 "boundary; nothing is saved from non-finite weights. False: carry on as Trainer does.",
-                                 group="loop")
-    allow_inexact_resume: bool = _f(False, "Resume even if batch geometry or dataset length changed (data position is then approximate).", group="loop")
+    telemetry: bool = _f(
+        True, "Add tokens/s, samples/s, step time, peak memory and MFU under `loop/` keys to each record.", group="loop"
+    )
+    peak_tflops: typing.Optional[float] = _f(
+        None, "Device peak TFLOP/s for MFU (default: looked up from the GPU name).", group="loop"
+    )
+    early_stopping_patience: typing.Optional[int] = _f(
+        None, "Stop after this many evaluations without improvement of metric_for_best_model.", group="loop"
+    )
+    early_stopping_threshold: float = _f(
+        0.0, "Improvement smaller than this does not count (early stopping).", group="loop"
+    )
+    stop_on_nonfinite: bool = _f(
+        True,
+        "Stop with an error (exit status 2) once the loss or grad norm turns non-finite "
+        "(bf16/fp32; fp16 overflow skips don't count), noticed at the next log/eval/save "
+        "boundary; nothing is saved from non-finite weights. False: carry on as Trainer does.",
+        group="loop",
+    )
+    allow_inexact_resume: bool = _f(
+        False,
+        "Resume even if batch geometry or dataset length changed (data position is then approximate).",
+        group="loop",
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "A new run (not a resume) into an output_dir that holds another run's records, checkpoints or final "
+        "model is refused; true deletes those first (other files in the folder are left alone).",
+        group="loop",
+    )
     param_groups: typing.Optional[list] = _f(
-        None, "Parameter groups chosen by name: a list of {pattern: REGEX, learning_rate: X, weight_decay: Y, name: N} "
+        None,
+        "Parameter groups chosen by name: a list of {pattern: REGEX, learning_rate: X, weight_decay: Y, name: N} "
         "(JSON on the CLI). A parameter joins the first entry whose pattern it matches (re.search), else the default "
         "groups; each group follows the schedule scaled to its own peak and is logged as learning_rate/<name>.",
-        group="loop")
-    fast: bool = _f(False, "The fast path: turns on torch_compile (not where batch widths vary and the step is "
-                    "recorded: there the eager step is recorded, which is faster short of ~40,000 steps; name a "
-                    "torch_compile_mode to compile anyway), fused AdamW (optim adamw_torch becomes "
-                    "adamw_torch_fused, the same algorithm), fused_linear_cross_entropy where the model "
-                    "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies "
-                    "(when batch widths vary: cuDNN attention left out, compiled once with dynamic shapes), "
-                    "cuda_graph_step where it applies (one CUDA process, the training set on the device), and DDP without "
-                    "find_unused_parameters (unless set) with gradients as bucket views and the compiled model as one "
-                    "graph (ddp_compile_overlap false unless set). Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
-                    group="loop")
-    fused_linear_cross_entropy: bool = _f(False, "Causal LMs: compute the training loss from the last hidden states "
-                                          "chunk by chunk, never materialising the logits, with the head's GEMMs on a "
-                                          "vocabulary padded to a multiple of 64 (loop/fused_loss.py). Evaluation "
-                                          "is unchanged.", group="loop")
-    dataset_on_device: bool = _f(False, "Collate the whole training set once and keep it on the accelerator; each "
-                                 "batch is cut from it there (same order and batches as the default loader, checked "
-                                 "on sample batches; no loader workers, no per-batch host copy). For map-style sets "
-                                 "up to 2 GiB collated; `fast` turns it on where it applies.", group="loop")
+        group="loop",
+    )
+    fast: bool = _f(
+        False,
+        "The fast path: turns on torch_compile (not where batch widths vary and the step is "
+        "recorded: there the eager step is recorded, which is faster short of ~40,000 steps; name a "
+        "torch_compile_mode to compile anyway), fused AdamW (optim adamw_torch becomes "
+        "adamw_torch_fused, the same algorithm), fused_linear_cross_entropy where the model "
+        "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies "
+        "(when batch widths vary: cuDNN attention left out, compiled once with dynamic shapes), "
+        "cuda_graph_step where it applies (one CUDA process, the training set on the device), and DDP without "
+        "find_unused_parameters (unless set) with gradients as bucket views and the compiled model as one "
+        "graph (ddp_compile_overlap false unless set). Same numbers within bf16 run-to-run spread; `loop compare` lists what it turned on.",
+        group="loop",
+    )
+    fused_linear_cross_entropy: bool = _f(
+        False,
+        "Causal LMs: compute the training loss from the last hidden states "
+        "chunk by chunk, never materialising the logits, with the head's GEMMs on a "
+        "vocabulary padded to a multiple of 64 (loop/fused_loss.py). Evaluation "
+        "is unchanged.",
+        group="loop",
+    )
+    dataset_on_device: bool = _f(
+        False,
+        "Collate the whole training set once and keep it on the accelerator; each "
+        "batch is cut from it there (same order and batches as the default loader, checked "
+        "on sample batches; no loader workers, no per-batch host copy). For map-style sets "
+        "up to 2 GiB collated; `fast` turns it on where it applies.",
+        group="loop",
+    )
     attention_backends: typing.Optional[str] = _f(
-        None, "The scaled_dot_product_attention kernels the model may use, a comma list of flash, efficient, cudnn, "
+        None,
+        "The scaled_dot_product_attention kernels the model may use, a comma list of flash, efficient, cudnn, "
         "math (torch.nn.attention.sdpa_kernel around every forward); None: PyTorch's choice. `fast` leaves out cudnn "
         "when the batches vary in width (cuDNN builds a new plan per shape: most of the step for SST-2).",
-        group="loop")
-    cuda_graph_step: typing.Optional[bool] = _f(None, "Record the whole optimizer step (forward, backward, clip, optimizer) as one "
-                               "CUDA graph per batch shape and replay it: the first two windows of a shape run eagerly, "
-                               "the third is recorded. One CUDA process, not fp16, torch's Adam family, no pinned host "
-                               "batches; verified with dataset_on_device (compiled or eager) and unpinned host batches "
-                               "(compiled). None: on under `fast` where it applies; false: off even under fast "
-                               "(loop/graph_step.py).", group="loop")
-    varlen_attention: typing.Optional[bool] = _f(None, "Causal LMs on packed rows (position_ids restarting per document, "
-                               "no attention_mask): attention through PyTorch's variable-length flash kernel, one "
-                               "sequence per document, dropout included, instead of SDPA with a dense block-diagonal "
-                               "mask. CUDA, bf16/fp16. None: on under `fast` where it applies; false: off even under "
-                               "fast (loop/varlen_attention.py).", group="loop")
+        group="loop",
+    )
+    cuda_graph_step: typing.Optional[bool] = _f(
+        None,
+        "Record the whole optimizer step (forward, backward, clip, optimizer) as one "
+        "CUDA graph per batch shape and replay it: the first two windows of a shape run eagerly, "
+        "the third is recorded. One CUDA process, not fp16, torch's Adam family, no pinned host "
+        "batches; verified with dataset_on_device (compiled or eager) and unpinned host batches "
+        "(compiled). None: on under `fast` where it applies; false: off even under fast "
+        "(loop/graph_step.py).",
+        group="loop",
+    )
+    varlen_attention: typing.Optional[bool] = _f(
+        None,
+        "Causal LMs on packed rows (position_ids restarting per document, "
+        "no attention_mask): attention through PyTorch's variable-length flash kernel, one "
+        "sequence per document, dropout included, instead of SDPA with a dense block-diagonal "
+        "mask. CUDA, bf16/fp16. None: on under `fast` where it applies; false: off even under "
+        "fast (loop/varlen_attention.py).",
+        group="loop",
+    )
     ddp_compile_overlap: typing.Optional[bool] = _f(
-        None, "torch_compile under DDP: true (torch's default) splits the compiled model at DDP's bucket boundaries "
+        None,
+        "torch_compile under DDP: true (torch's default) splits the compiled model at DDP's bucket boundaries "
         "(dynamo's DDP optimizer) so that each bucket's all-reduce overlaps the rest of the backward; false compiles "
         "one graph and all-reduces when the backward is done (torch._dynamo.config.optimize_ddp False during the run, "
         "put back after it): no overlap, but the backward keeps its fusions and the whole GPU. None: torch's default, "
         "or false under `fast` (41.4 against 46.4 ms a step for GPT-2 124M on 2 H200s).",
-        group="loop")
-    metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop")
-    save_final_model: bool = _f(True, "Write the final model (and ema/) to output_dir when training ends, as "
-                                "trainer.save_model() after training does; false for benchmarks and sweeps that keep "
-                                "no model (`loop bench` and `loop compare` set it).", group="loop")
+        group="loop",
+    )
+    metrics_file: str = _f(
+        "metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop"
+    )
+    save_final_model: bool = _f(
+        True,
+        "Write the final model (and ema/) to output_dir when training ends, as "
+        "trainer.save_model() after training does; false for benchmarks and sweeps that keep "
+        "no model (`loop bench` and `loop compare` set it).",
+        group="loop",
+    )
 
     def __post_init__(self):
         self._coerce_types()
@@ -257,12 +367,18 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                bad(f"{f.name}={value!r} is not supported{closest(str(value), choices)}; choose one of: {', '.join(choices)}")
+                bad(
+                    f"{f.name}={value!r} is not supported{closest(str(value), choices)}; choose one of: {', '.join(choices)}"
+                )
         if self.attention_backends is not None:
-            unknown = [n for n in self.attention_backends.split(",") if n not in ("flash", "efficient", "cudnn", "math")]
+            unknown = [
+                n for n in self.attention_backends.split(",") if n not in ("flash", "efficient", "cudnn", "math")
+            ]
             if unknown or not self.attention_backends:
-                bad(f"attention_backends={self.attention_backends!r}: {', '.join(unknown) or 'empty'} is not a kernel; "
-                    "write a comma list of flash, efficient, cudnn, math")
+                bad(
+                    f"attention_backends={self.attention_backends!r}: {', '.join(unknown) or 'empty'} is not a kernel; "
+                    "write a comma list of flash, efficient, cudnn, math"
+                )
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -286,15 +402,20 @@ class TrainConfig:
             if option == "tpu_metrics_debug":
                 bad("debug tpu_metrics_debug prints TPU metrics and the loop does not run on TPUs; drop it")
             if option != "underflow_overflow":
-                bad(f"debug={option!r} is not a debug option{closest(option, ('underflow_overflow',))}; "
-                    "the loop has one: underflow_overflow")
-        if nan := [f.name for f in fields(self) if isinstance(getattr(self, f.name), float)
-                   and math.isnan(getattr(self, f.name))]:
+                bad(
+                    f"debug={option!r} is not a debug option{closest(option, ('underflow_overflow',))}; "
+                    "the loop has one: underflow_overflow"
+                )
+        if nan := [
+            f.name
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), float) and math.isnan(getattr(self, f.name))
+        ]:
             bad(f"{nan[0]} is nan; give it a number")
         if self.torch_empty_cache_steps is not None and self.torch_empty_cache_steps < 1:
             bad(f"torch_empty_cache_steps must be >= 1 (or unset), got {self.torch_empty_cache_steps}")
         for name in ("seed", "data_seed"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2 ** 32:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2**32:
                 bad(f"{name} must be in [0, 2**32 - 1] (numpy's range), got {getattr(self, name)}")
         if self.optim in OPTIMIZERS:
             from .optim import optim_args
@@ -305,15 +426,19 @@ class TrainConfig:
 
             backends = [b.value.lower() for b in DynamoBackend if b.value != "NO"]
             if self.torch_compile_backend.lower() not in backends:
-                bad(f"torch_compile_backend={self.torch_compile_backend!r} is not a backend"
-                    f"{closest(self.torch_compile_backend.lower(), backends)}; choose one of: {', '.join(backends)}")
+                bad(
+                    f"torch_compile_backend={self.torch_compile_backend!r} is not a backend"
+                    f"{closest(self.torch_compile_backend.lower(), backends)}; choose one of: {', '.join(backends)}"
+                )
         if self.fp16 and self.bf16:
             bad("fp16 and bf16 are both set: choose one mixed-precision mode")
         if self.fp16_full_eval and self.bf16_full_eval:
             bad("fp16_full_eval and bf16_full_eval are both set: choose one evaluation dtype")
         for tracker in self.report_to:
             if tracker not in TRACKERS and tracker != "all":
-                bad(f"report_to={tracker!r} is not a known tracker{closest(tracker, TRACKERS)}; use one of {', '.join(TRACKERS)} or none")
+                bad(
+                    f"report_to={tracker!r} is not a known tracker{closest(tracker, TRACKERS)}; use one of {', '.join(TRACKERS)} or none"
+                )
         if self.logging_strategy == "steps" and self.logging_steps <= 0:
             bad("logging_strategy='steps' needs logging_steps > 0")
         if self.eval_strategy == "steps" and not self.eval_steps:
@@ -328,7 +453,9 @@ class TrainConfig:
             bad("save_strategy='steps' needs save_steps > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             bad(f"save_total_limit must be >= 1 or unset, got {self.save_total_limit}")
-        if (self.load_best_model_at_end or self.lr_scheduler_type == "reduce_lr_on_plateau") and self.metric_for_best_model is None:
+        if (
+            self.load_best_model_at_end or self.lr_scheduler_type == "reduce_lr_on_plateau"
+        ) and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
@@ -338,11 +465,20 @@ class TrainConfig:
             if self.save_strategy == "no":
                 bad("load_best_model_at_end needs checkpoints: set save_strategy to steps, epoch or best")
             if self.save_strategy not in ("best", self.eval_strategy):
-                bad(f"load_best_model_at_end needs save_strategy ({self.save_strategy}) to match eval_strategy "
-                    f"({self.eval_strategy}), or save_strategy=best")
-            if self.save_strategy == "steps" and self.eval_strategy == "steps" and self.save_steps >= 1 \
-                    and self.eval_steps >= 1 and self.save_steps % self.eval_steps != 0:
-                bad(f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps ({self.eval_steps})")
+                bad(
+                    f"load_best_model_at_end needs save_strategy ({self.save_strategy}) to match eval_strategy "
+                    f"({self.eval_strategy}), or save_strategy=best"
+                )
+            if (
+                self.save_strategy == "steps"
+                and self.eval_strategy == "steps"
+                and self.save_steps >= 1
+                and self.eval_steps >= 1
+                and self.save_steps % self.eval_steps != 0
+            ):
+                bad(
+                    f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps ({self.eval_steps})"
+                )
         if self.save_strategy == "best" and self.eval_strategy == "no":
             bad("save_strategy='best' needs evaluation: set eval_strategy to steps or epoch")
         if self.cuda_graph_step and (conflict := compile_records_graphs(self)):
@@ -350,7 +486,9 @@ class TrainConfig:
         if self.save_strategy == "best" and self.metric_for_best_model is None:
             self.metric_for_best_model, self.greater_is_better = "loss", False
         if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
-            bad("lr_scheduler_type='reduce_lr_on_plateau' steps on the eval metric: set eval_strategy to steps or epoch")
+            bad(
+                "lr_scheduler_type='reduce_lr_on_plateau' steps on the eval metric: set eval_strategy to steps or epoch"
+            )
         if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
             self.torch_compile = True
         if not 0 <= self.ema_decay < 1:
@@ -381,18 +519,24 @@ class TrainConfig:
         names = set()
         for i, e in enumerate(self.param_groups):
             if not isinstance(e, dict) or not isinstance(e.get("pattern"), str):
-                raise LoopError(f"param_groups[{i}] = {e!r} needs a `pattern` (a regular expression over parameter "
-                                f"names), e.g. --param_groups '{example}'")
+                raise LoopError(
+                    f"param_groups[{i}] = {e!r} needs a `pattern` (a regular expression over parameter "
+                    f"names), e.g. --param_groups '{example}'"
+                )
             unknown = set(e) - {"pattern", "learning_rate", "weight_decay", "name"}
             if unknown:
                 k = sorted(unknown)[0]
-                raise LoopError(f"param_groups[{i}] has an unknown key {k!r}"
-                                f"{closest(k, ('pattern', 'learning_rate', 'weight_decay', 'name'))}; "
-                                "keys are pattern, learning_rate, weight_decay, name")
+                raise LoopError(
+                    f"param_groups[{i}] has an unknown key {k!r}"
+                    f"{closest(k, ('pattern', 'learning_rate', 'weight_decay', 'name'))}; "
+                    "keys are pattern, learning_rate, weight_decay, name"
+                )
             try:
                 re.compile(e["pattern"])
             except re.error as err:
-                raise LoopError(f"param_groups[{i}] pattern {e['pattern']!r} is not a valid regular expression ({err})") from None
+                raise LoopError(
+                    f"param_groups[{i}] pattern {e['pattern']!r} is not a valid regular expression ({err})"
+                ) from None
             for key in ("learning_rate", "weight_decay"):
                 if key in e:
                     try:
@@ -432,10 +576,12 @@ class TrainConfig:
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
         if self.fast:
-            on.append("fast (torch_compile unless widths vary under cuda_graph_step, fused AdamW for adamw_torch, "
-                      "fused_linear_cross_entropy, dataset_on_device, "
-                      "varlen_attention and cuda_graph_step where they apply, DDP without find_unused_parameters, "
-                      "gradient_as_bucket_view, one compiled graph under DDP)")
+            on.append(
+                "fast (torch_compile unless widths vary under cuda_graph_step, fused AdamW for adamw_torch, "
+                "fused_linear_cross_entropy, dataset_on_device, "
+                "varlen_attention and cuda_graph_step where they apply, DDP without find_unused_parameters, "
+                "gradient_as_bucket_view, one compiled graph under DDP)"
+            )
         if self.fused_linear_cross_entropy:
             on.append("fused_linear_cross_entropy")
         if self.dataset_on_device:
@@ -467,7 +613,9 @@ class TrainConfig:
             if not hasattr(args, name):
                 continue
             if not _same(getattr(args, name), defaults.get(name)):
-                raise LoopError(f"TrainingArguments.{name}={getattr(args, name)!r} is not supported by the loop: {rule}")
+                raise LoopError(
+                    f"TrainingArguments.{name}={getattr(args, name)!r} is not supported by the loop: {rule}"
+                )
         values = {}
         for f in fields(cls):
             if f.metadata["group"] != "trainer" or not hasattr(args, f.name):
@@ -492,8 +640,9 @@ class TrainConfig:
         from transformers import TrainingArguments
 
         known = {f.name for f in dataclasses.fields(TrainingArguments)}
-        kwargs = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.metadata["group"] == "trainer" and f.name in known}
+        kwargs = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == "trainer" and f.name in known
+        }
         kwargs["report_to"] = self.report_to or "none"
         if "activation_checkpointing" in known:
             kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
@@ -514,9 +663,12 @@ REFUSED = {
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "eval_use_gather_object": "predictions are gathered as tensors",
     "push_to_hub": "push the saved output_dir with huggingface_hub yourself",
-    "hub_token": "Hub upload is not implemented", "hub_private_repo": "Hub upload is not implemented",
-    "hub_model_id": "Hub upload is not implemented", "hub_strategy": "Hub upload is not implemented",
-    "hub_always_push": "Hub upload is not implemented", "hub_revision": "Hub upload is not implemented",
+    "hub_token": "Hub upload is not implemented",
+    "hub_private_repo": "Hub upload is not implemented",
+    "hub_model_id": "Hub upload is not implemented",
+    "hub_strategy": "Hub upload is not implemented",
+    "hub_always_push": "Hub upload is not implemented",
+    "hub_revision": "Hub upload is not implemented",
     "accelerator_config": "configure accelerate with `accelerate launch --config_file launch_configs/...`",
     "parallelism_config": "tensor/context parallelism is not implemented; use a launch config for DDP/FSDP/DeepSpeed",
     "fsdp": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
@@ -539,7 +691,7 @@ NOTES = {
     "log_level": "applied to transformers' logger, as Trainer's get_process_log_level",
     "log_on_each_node": "decides which processes take log_level; metrics.jsonl and trackers are written by rank 0",
     "enable_jit_checkpoint": "saves and stops at the next step boundary; raises `loop.Preempted` (CLI exit 143) "
-                             "instead of returning",
+    "instead of returning",
     "skip_memory_metrics": "the loop's telemetry reports peak device memory instead of Trainer's memory tracker",
     "logging_nan_inf_filter": "applied on device, without a host sync",
     "train_sampling_strategy": "random, sequential, group_by_length (not batch_rebalance)",
@@ -547,11 +699,18 @@ NOTES = {
     "eval_accumulation_steps": "accepted; predictions are moved to the CPU per batch anyway",
     "debug": "underflow_overflow (transformers' own hook, removed when training ends); not tpu_metrics_debug",
     "save_on_each_node": "a folder shared between nodes is refused; resume 'latest' agrees on a step whole on every "
-                         "node; not with FSDP/DeepSpeed",
+    "node; not with FSDP/DeepSpeed",
     "ddp_backend": "handed to accelerate's process group; nccl on a CPU run, or a backend this torch lacks, is refused",
     "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
 }
-INERT = {"do_train", "do_eval", "do_predict", "local_rank", "activation_checkpointing", "activation_checkpointing_kwargs"}
+INERT = {
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "local_rank",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+}
 
 
 def _same(a, b) -> bool:
@@ -572,9 +731,14 @@ def _default_training_arguments() -> dict:
     run's Accelerator thinking it is alone."""
     from transformers import TrainingArguments
 
-    return {f.name: f.default if f.default is not dataclasses.MISSING else
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            for f in dataclasses.fields(TrainingArguments)}
+    return {
+        f.name: f.default
+        if f.default is not dataclasses.MISSING
+        else f.default_factory()
+        if f.default_factory is not dataclasses.MISSING
+        else None
+        for f in dataclasses.fields(TrainingArguments)
+    }
 
 
 def coverage() -> list[tuple[str, str, str]]:
@@ -641,7 +805,9 @@ def coerce(name, value, hint):
             if isinstance(value, str):
                 import json
 
-                parsed = json.loads(value) if value.strip()[:1] in "[{" else (value.split(",") if target is list else None)
+                parsed = (
+                    json.loads(value) if value.strip()[:1] in "[{" else (value.split(",") if target is list else None)
+                )
             if not isinstance(parsed, target):
                 raise ValueError
             return parsed

@@ -41,8 +41,11 @@ def default_collator(data_collator, processing_class=None):
         return data_collator
     from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
 
-    return DataCollatorWithPadding(processing_class) if isinstance(processing_class, PreTrainedTokenizerBase) \
+    return (
+        DataCollatorWithPadding(processing_class)
+        if isinstance(processing_class, PreTrainedTokenizerBase)
         else default_data_collator
+    )
 
 
 class _DropColumns:
@@ -52,8 +55,9 @@ class _DropColumns:
         self.collator, self.keep = collator, set(keep)
 
     def __call__(self, features):
-        return self.collator([{k: v for k, v in f.items() if k in self.keep} if isinstance(f, dict) else f
-                              for f in features])
+        return self.collator(
+            [{k: v for k, v in f.items() if k in self.keep} if isinstance(f, dict) else f for f in features]
+        )
 
 
 def prepare_dataset(dataset, collator, model, config, label_names, what: str):
@@ -74,7 +78,8 @@ def prepare_dataset(dataset, collator, model, config, label_names, what: str):
         if not usable:
             raise LoopError(
                 f"no column of the {what} dataset ({', '.join(dataset.column_names)}) is an input of "
-                f"{type(model).__name__}.forward; rename the columns or pass remove_unused_columns=False")
+                f"{type(model).__name__}.forward; rename the columns or pass remove_unused_columns=False"
+            )
         return dataset.remove_columns([c for c in dataset.column_names if c not in keep]), collator
     return dataset, _DropColumns(collator, keep)
 
@@ -93,11 +98,21 @@ def _init_worker(worker_id, num_workers=None, rank=None, ignore_sigterm=False):
         set_seed(torch.initial_seed() % 2**32 + num_workers * rank)
 
 
+def pins(config) -> bool:
+    """dataloader_pin_memory where there is an accelerator to copy to (on a CPU run pinning does nothing but warn)."""
+    return config.dataloader_pin_memory and not config.use_cpu and torch.accelerator.is_available()
+
+
 def _loader_kwargs(config, collator, batch_size):
-    kw = dict(batch_size=batch_size, collate_fn=collator, num_workers=config.dataloader_num_workers,
-              pin_memory=config.dataloader_pin_memory, persistent_workers=config.dataloader_persistent_workers,
-              multiprocessing_context=config.dataloader_multiprocessing_context,
-              prefetch_factor=config.dataloader_prefetch_factor)
+    kw = dict(
+        batch_size=batch_size,
+        collate_fn=collator,
+        num_workers=config.dataloader_num_workers,
+        pin_memory=pins(config),
+        persistent_workers=config.dataloader_persistent_workers,
+        multiprocessing_context=config.dataloader_multiprocessing_context,
+        prefetch_factor=config.dataloader_prefetch_factor,
+    )
     if config.enable_jit_checkpoint:
         kw["worker_init_fn"] = partial(_init_worker, ignore_sigterm=True)
     if "in_order" in inspect.signature(DataLoader.__init__).parameters:
@@ -117,15 +132,29 @@ def train_loader(config, dataset, collator, accelerator, model_input_name="input
         elif config.train_sampling_strategy == "group_by_length":
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
-            lengths = dataset[config.length_column_name] if getattr(dataset, "column_names", None) and \
-                config.length_column_name in dataset.column_names else None
-            sampler = LengthGroupedSampler(config.per_device_train_batch_size * config.gradient_accumulation_steps,
-                                           dataset=dataset, lengths=lengths, model_input_name=model_input_name)
+            lengths = (
+                dataset[config.length_column_name]
+                if getattr(dataset, "column_names", None) and config.length_column_name in dataset.column_names
+                else None
+            )
+            sampler = LengthGroupedSampler(
+                config.per_device_train_batch_size * config.gradient_accumulation_steps,
+                dataset=dataset,
+                lengths=lengths,
+                model_input_name=model_input_name,
+            )
         else:
             sampler = RandomSampler(dataset)
-        kw.update(sampler=sampler, drop_last=config.dataloader_drop_last,
-                  worker_init_fn=partial(_init_worker, num_workers=config.dataloader_num_workers,
-                                         rank=accelerator.process_index, ignore_sigterm=config.enable_jit_checkpoint))
+        kw.update(
+            sampler=sampler,
+            drop_last=config.dataloader_drop_last,
+            worker_init_fn=partial(
+                _init_worker,
+                num_workers=config.dataloader_num_workers,
+                rank=accelerator.process_index,
+                ignore_sigterm=config.enable_jit_checkpoint,
+            ),
+        )
     loader = accelerator.prepare(DataLoader(dataset, **kw))
     loader.device_table = table
     return loader
@@ -134,8 +163,10 @@ def train_loader(config, dataset, collator, accelerator, model_input_name="input
 def eval_loader(config, dataset, collator, accelerator):
     kw = _loader_kwargs(config, collator, config.per_device_eval_batch_size)
     if not isinstance(dataset, IterableDataset):
-        kw.update(sampler=SequentialSampler(dataset) if accelerator.num_processes <= 1 else None,
-                  drop_last=config.dataloader_drop_last)
+        kw.update(
+            sampler=SequentialSampler(dataset) if accelerator.num_processes <= 1 else None,
+            drop_last=config.dataloader_drop_last,
+        )
     return accelerator.prepare(DataLoader(dataset, **kw))
 
 
@@ -185,8 +216,11 @@ def on_device_table(config, dataset, collator, device, main_input="input_ids"):
     Asked for explicitly, a dataset it cannot serve is refused with the reason; under `fast` it is skipped."""
     if not (config.dataset_on_device or config.fast):
         return None
-    table, why = (None, "group_by_length samples by the dataset's lengths") \
-        if config.train_sampling_strategy == "group_by_length" else _build_table(dataset, collator, device, main_input)
+    table, why = (
+        (None, "group_by_length samples by the dataset's lengths")
+        if config.train_sampling_strategy == "group_by_length"
+        else _build_table(dataset, collator, device, main_input)
+    )
     if table is None and config.dataset_on_device:
         raise LoopError(f"dataset_on_device: {why}; set dataset_on_device false")
     return table
@@ -206,8 +240,11 @@ def is_map_style(dataset) -> bool:
 
 def _fetcher(dataset):
     """rows(indices) for a map-style dataset: its own __getitems__ where it has one."""
-    return (lambda idx: dataset.__getitems__(idx)) if hasattr(dataset, "__getitems__") else \
-        (lambda idx: [dataset[i] for i in idx])
+    return (
+        (lambda idx: dataset.__getitems__(idx))
+        if hasattr(dataset, "__getitems__")
+        else (lambda idx: [dataset[i] for i in idx])
+    )
 
 
 def collated_chunks(dataset, collator, size: int = 256):
@@ -234,8 +271,9 @@ def _build_table(dataset, collator, device, main_input):
     except Exception as e:  # noqa: BLE001 - reported as the reason
         return None, f"the collator cannot batch the whole set at once ({type(e).__name__}: {e})"
     full = dict(full) if isinstance(full, Mapping) else full  # a BatchEncoding (tokenizer.pad) is a Mapping
-    if not isinstance(full, dict) or not all(torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n
-                                            for v in full.values()):
+    if not isinstance(full, dict) or not all(
+        torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n for v in full.values()
+    ):
         return None, "the collator's batch is not a dict of tensors with one row per example"
     size = _nbytes(full)
     if size > DEVICE_TABLE_MAX_BYTES:
@@ -248,18 +286,24 @@ def _build_table(dataset, collator, device, main_input):
         if collator([rows[int(lengths.argmin())]])[main_input].shape[1] == width:
             lengths = None  # padded to a fixed width: every batch is the full width
     if lengths is not None:  # padded to the batch's longest row
-        multiple = getattr(collator, "pad_to_multiple_of", None) or \
-            getattr(getattr(collator, "collator", None), "pad_to_multiple_of", None) or 1
+        multiple = (
+            getattr(collator, "pad_to_multiple_of", None)
+            or getattr(getattr(collator, "collator", None), "pad_to_multiple_of", None)
+            or 1
+        )
     table = DeviceTable({k: v.to(device) for k, v in full.items()}, lengths, multiple, seq_keys)
     # the table must give exactly the collator's batches: checked on a few batches of random rows of every length
     g = torch.Generator().manual_seed(0)
     for count in (1, 7, 32, min(n, 256)):
         pick = torch.randperm(n, generator=g)[:count].tolist()
         want, got = dict(collator([rows[i] for i in pick])), table(pick)
-        if want.keys() != got.keys() or not all(want[k].dtype == got[k].dtype and want[k].shape == got[k].shape
-                                                 and torch.equal(want[k], got[k].cpu()) for k in want):
+        if want.keys() != got.keys() or not all(
+            want[k].dtype == got[k].dtype and want[k].shape == got[k].shape and torch.equal(want[k], got[k].cpu())
+            for k in want
+        ):
             if width is not None and not isinstance(rows[0], Mapping):
-                return None, (f"the batches vary in width and the rows are not dicts holding a `{main_input}` "
-                              "sequence to measure")
+                return None, (
+                    f"the batches vary in width and the rows are not dicts holding a `{main_input}` sequence to measure"
+                )
             return None, "the collator's batches depend on more than the rows' lengths (checked on sample batches)"
     return table, None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,11 +28,16 @@ def check_metrics_function(config, compute_metrics):
     """batch_eval_metrics calls compute_metrics once a batch and tells it, on the last, to return the summary."""
     if compute_metrics is not None and not callable(compute_metrics):
         raise LoopError(f"compute_metrics must be a function, got {type(compute_metrics).__name__}")
-    if config.batch_eval_metrics and compute_metrics is not None \
-            and "compute_result" not in inspect.signature(compute_metrics).parameters:
-        raise LoopError("batch_eval_metrics calls compute_metrics(eval_pred, compute_result=...) once a batch: add a "
-                        "compute_result parameter (True on the last batch: return the metrics then), or set "
-                        "batch_eval_metrics false")
+    if (
+        config.batch_eval_metrics
+        and compute_metrics is not None
+        and "compute_result" not in inspect.signature(compute_metrics).parameters
+    ):
+        raise LoopError(
+            "batch_eval_metrics calls compute_metrics(eval_pred, compute_result=...) once a batch: add a "
+            "compute_result parameter (True on the last batch: return the metrics then), or set "
+            "batch_eval_metrics false"
+        )
 
 
 def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = None, prediction: bool = False):
@@ -54,10 +58,14 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     model.eval()
     if loss_only is None:  # predictions are gathered only when something will read them
         loss_only = run.compute_metrics is None or cfg.prediction_loss_only
-    ignore = list(getattr(getattr(run.unwrapped, "config", None), "keys_to_ignore_at_inference", ["past_key_values"])) \
-        if hasattr(run.unwrapped, "config") else []
-    losses, preds, labels_all, inputs_all = (EvalLoopContainer(cfg.eval_do_concat_batches, padding_index=-100)
-                                             for _ in range(4))
+    ignore = (
+        list(getattr(getattr(run.unwrapped, "config", None), "keys_to_ignore_at_inference", ["past_key_values"]))
+        if hasattr(run.unwrapped, "config")
+        else []
+    )
+    losses, preds, labels_all, inputs_all = (
+        EvalLoopContainer(cfg.eval_do_concat_batches, padding_index=-100) for _ in range(4)
+    )
     main_input = getattr(run.unwrapped, "main_input_name", "input_ids")
     keep = not cfg.batch_eval_metrics or prediction  # Trainer keeps predict()'s predictions in batch mode too
     batch_size, seen, metrics = cfg.per_device_eval_batch_size, 0, None
@@ -98,13 +106,19 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
             if labels is not None:
                 labels_all.add(labels)
         if cfg.batch_eval_metrics and run.compute_metrics is not None and labels is not None:
-            metrics = run.compute_metrics(EvalPrediction(logits, labels, **_included(cfg, loss, batch)),
-                                          compute_result=acc.gradient_state.end_of_dataloader)
+            metrics = run.compute_metrics(
+                EvalPrediction(logits, labels, **_included(cfg, loss, batch)),
+                compute_result=acc.gradient_state.end_of_dataloader,
+            )
     all_losses, all_preds, all_labels = losses.get_arrays(), preds.get_arrays(), labels_all.get_arrays()
     all_inputs = inputs_all.get_arrays()
     num_samples = len(loader.dataset) if hasattr(loader.dataset, "__len__") else seen
-    if run.compute_metrics is not None and all_preds is not None and all_labels is not None \
-            and not cfg.batch_eval_metrics:
+    if (
+        run.compute_metrics is not None
+        and all_preds is not None
+        and all_labels is not None
+        and not cfg.batch_eval_metrics
+    ):
         metrics = run.compute_metrics(EvalPrediction(all_preds, all_labels, **_included(cfg, all_losses, all_inputs)))
     metrics = denumpify_detensorize(metrics or {})
     if isinstance(all_losses, list) and all_losses:  # eval_do_concat_batches false: one array a batch
@@ -116,15 +130,18 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
         metrics[f"{prefix}_loss"] = all_losses.mean().item()
     metrics = {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
     total_batch = cfg.per_device_eval_batch_size * acc.num_processes
-    metrics.update(speed_metrics(prefix, start, num_samples=num_samples,
-                                 num_steps=math.ceil(num_samples / total_batch)))
+    metrics.update(
+        speed_metrics(prefix, start, num_samples=num_samples, num_steps=math.ceil(num_samples / total_batch))
+    )
     return PredictionOutput(predictions=all_preds, label_ids=all_labels, metrics=metrics)
 
 
 def _included(cfg, losses, inputs) -> dict:
     """include_for_metrics: what EvalPrediction carries besides the predictions and the labels."""
-    return {"losses": losses if "loss" in cfg.include_for_metrics else None,
-            "inputs": inputs if "inputs" in cfg.include_for_metrics else None}
+    return {
+        "losses": losses if "loss" in cfg.include_for_metrics else None,
+        "inputs": inputs if "inputs" in cfg.include_for_metrics else None,
+    }
 
 
 def _predictions(run, outputs, ignore, has_loss=True):
@@ -149,8 +166,18 @@ def evaluate_metrics(run, loader, prefix: str = "eval") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- stand-alone
-def _inference_run(config, model, dataset, data_collator, processing_class, compute_metrics,
-                   preprocess_logits_for_metrics, compute_loss_func, what, changes):
+def _inference_run(
+    config,
+    model,
+    dataset,
+    data_collator,
+    processing_class,
+    compute_metrics,
+    preprocess_logits_for_metrics,
+    compute_loss_func,
+    what,
+    changes,
+):
     from .data import default_collator, eval_loader, prepare_dataset
     from .run import Run, attention_context, place_model, start
 
@@ -163,10 +190,17 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
     if full is not None:  # Trainer's full-precision-cast evaluation: the model itself (in place), outside training only
         model = model.to(dtype=full)
     model = place_model(config, model, acc)
-    run = Run(config, model, acc, compute_metrics=compute_metrics,
-              preprocess_logits_for_metrics=preprocess_logits_for_metrics, compute_loss_func=compute_loss_func)
-    ds, collate = prepare_dataset(dataset, default_collator(data_collator, processing_class), model, config,
-                                  run.label_names, what)
+    run = Run(
+        config,
+        model,
+        acc,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        compute_loss_func=compute_loss_func,
+    )
+    ds, collate = prepare_dataset(
+        dataset, default_collator(data_collator, processing_class), model, config, run.label_names, what
+    )
     loader = eval_loader(config, ds, collate, acc)
     run.attention = attention_context(config)  # attention_backends, as in training
     run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
@@ -174,21 +208,59 @@ def _inference_run(config, model, dataset, data_collator, processing_class, comp
     return run, loader
 
 
-def evaluate(config, model, eval_dataset, data_collator=None, compute_metrics=None, processing_class=None,
-             preprocess_logits_for_metrics=None, compute_loss_func=None, metric_key_prefix: str = "eval") -> dict:
+def evaluate(
+    config,
+    model,
+    eval_dataset,
+    data_collator=None,
+    compute_metrics=None,
+    processing_class=None,
+    preprocess_logits_for_metrics=None,
+    compute_loss_func=None,
+    metric_key_prefix: str = "eval",
+) -> dict:
     """Trainer.evaluate for `model` outside a training run: `eval_`-prefixed metrics (loss, compute_metrics' values,
     runtime and rates), over every sample once whatever the number of processes."""
     with ModelChanges() as changes:  # the wrappers and settings the run puts on the model come off after it
-        run, loader = _inference_run(config, model, eval_dataset, data_collator, processing_class, compute_metrics,
-                                     preprocess_logits_for_metrics, compute_loss_func, "evaluate", changes)
+        run, loader = _inference_run(
+            config,
+            model,
+            eval_dataset,
+            data_collator,
+            processing_class,
+            compute_metrics,
+            preprocess_logits_for_metrics,
+            compute_loss_func,
+            "evaluate",
+            changes,
+        )
         return evaluation_loop(run, loader, metric_key_prefix).metrics
 
 
-def predict(config, model, test_dataset, data_collator=None, compute_metrics=None, processing_class=None,
-            preprocess_logits_for_metrics=None, compute_loss_func=None, metric_key_prefix: str = "test"):
+def predict(
+    config,
+    model,
+    test_dataset,
+    data_collator=None,
+    compute_metrics=None,
+    processing_class=None,
+    preprocess_logits_for_metrics=None,
+    compute_loss_func=None,
+    metric_key_prefix: str = "test",
+):
     """Trainer.predict: PredictionOutput(predictions, label_ids, metrics), gathered from every process in dataset
     order with no sample counted twice; metrics are `test_`-prefixed (test_loss if the data has labels)."""
     with ModelChanges() as changes:
-        run, loader = _inference_run(config, model, test_dataset, data_collator, processing_class, compute_metrics,
-                                     preprocess_logits_for_metrics, compute_loss_func, "predict", changes)
+        run, loader = _inference_run(
+            config,
+            model,
+            test_dataset,
+            data_collator,
+            processing_class,
+            compute_metrics,
+            preprocess_logits_for_metrics,
+            compute_loss_func,
+            "predict",
+            changes,
+        )
         return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only, prediction=True)

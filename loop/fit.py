@@ -31,8 +31,22 @@ from .graph_step import use_graph_step
 from .model_changes import ModelChanges
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .preempt import Preempted, preemption
-from .run import (Run, attention_context, call_model_init, compile_settings, ddp_overlap_setting, noisy_embeddings,
-                  overflow_debugging, place_model, plain, require_config, start, topology, use_fused_loss, use_varlen_attention)
+from .run import (
+    Run,
+    attention_context,
+    call_model_init,
+    compile_settings,
+    ddp_overlap_setting,
+    noisy_embeddings,
+    overflow_debugging,
+    place_model,
+    plain,
+    require_config,
+    start,
+    topology,
+    use_fused_loss,
+    use_varlen_attention,
+)
 from .telemetry import Telemetry
 
 
@@ -48,8 +62,9 @@ class TrainResult:
 @dataclass
 class Plan:
     """How long the run is, in Trainer's arithmetic."""
-    steps_in_epoch: int       # micro-batches per epoch on this rank
-    updates_per_epoch: int    # optimizer steps per epoch
+
+    steps_in_epoch: int  # micro-batches per epoch on this rank
+    updates_per_epoch: int  # optimizer steps per epoch
     max_steps: int
     num_epochs: int
     log_every: int | None
@@ -57,10 +72,23 @@ class Plan:
     save_every: int | None
 
 
-def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None, data_collator=None,
-          compute_metrics=None, callbacks=None, processing_class=None, resume_from_checkpoint=None,
-          preprocess_logits_for_metrics=None, compute_loss_func=None, optimizers=(None, None),
-          optimizer_cls_and_kwargs=None, model_init=None, optimizer_step=None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    model=None,
+    train_dataset=None,
+    eval_dataset=None,
+    data_collator=None,
+    compute_metrics=None,
+    callbacks=None,
+    processing_class=None,
+    resume_from_checkpoint=None,
+    preprocess_logits_for_metrics=None,
+    compute_loss_func=None,
+    optimizers=(None, None),
+    optimizer_cls_and_kwargs=None,
+    model_init=None,
+    optimizer_step=None,
+) -> TrainResult:
     """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (README: API).
 
     Trainer's extension points carry Trainer's names: compute_loss_func(outputs, labels, num_items_in_batch),
@@ -68,14 +96,40 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
     run, instead of `model`). optimizer_step(run, window) -> grad_norm replaces the step (loop/step.py).
     """
     callbacks, resume_path = check_inputs(
-        config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers, optimizer_cls_and_kwargs,
-        compute_loss_func, optimizer_step, resume_from_checkpoint, compute_metrics)
+        config,
+        model,
+        model_init,
+        train_dataset,
+        eval_dataset,
+        callbacks,
+        optimizers,
+        optimizer_cls_and_kwargs,
+        compute_loss_func,
+        optimizer_step,
+        resume_from_checkpoint,
+        compute_metrics,
+    )
     # everything the run changes on the model (fused head, attention implementation, hooks, wrappers, settings) is
     # put back when it returns or raises: the caller's model is theirs (model_changes.py)
     with ddp_overlap_setting(config), ModelChanges() as changes:
-        run = build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
-                    processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers,
-                    optimizer_cls_and_kwargs, optimizer_step, changes)
+        run = build(
+            config,
+            model,
+            model_init,
+            train_dataset,
+            eval_dataset,
+            data_collator,
+            compute_metrics,
+            callbacks,
+            processing_class,
+            preprocess_logits_for_metrics,
+            compute_loss_func,
+            optimizers,
+            optimizer_cls_and_kwargs,
+            optimizer_step,
+            changes,
+            resume_path is not None,
+        )
         with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
             with noisy_embeddings(run), overflow_debugging(run):
                 saved_rng = resume(run, resume_path)
@@ -84,8 +138,20 @@ def train(config: TrainConfig, model=None, train_dataset=None, eval_dataset=None
 
 
 # ====================================================================================== 1. check inputs
-def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbacks, optimizers,
-                 optimizer_cls_and_kwargs, compute_loss_func, optimizer_step, resume_from_checkpoint, compute_metrics):
+def check_inputs(
+    config,
+    model,
+    model_init,
+    train_dataset,
+    eval_dataset,
+    callbacks,
+    optimizers,
+    optimizer_cls_and_kwargs,
+    compute_loss_func,
+    optimizer_step,
+    resume_from_checkpoint,
+    compute_metrics,
+):
     """Refuse bad input with one line before anything is touched. Returns (callbacks, checkpoint to resume or None)."""
     require_config(config)
     check_metrics_function(config, compute_metrics)
@@ -105,13 +171,18 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
     if optimizer is not None and optimizer_cls_and_kwargs is not None:
         raise LoopError("pass either optimizers or optimizer_cls_and_kwargs, not both")
     if optimizer is not None and model_init is not None:
-        raise LoopError("model_init builds a new model, so an optimizer made beforehand cannot hold its parameters; "
-                        "pass optimizer_cls_and_kwargs instead of optimizers")
+        raise LoopError(
+            "model_init builds a new model, so an optimizer made beforehand cannot hold its parameters; "
+            "pass optimizer_cls_and_kwargs instead of optimizers"
+        )
     if optimizer is not None and config.param_groups:
-        raise LoopError("param_groups shapes the optimizer the loop builds; with optimizers=(...) build the groups "
-                        "into your optimizer, or drop param_groups")
-    if optimizer_cls_and_kwargs is not None and (not isinstance(optimizer_cls_and_kwargs, (tuple, list))
-                                                 or len(optimizer_cls_and_kwargs) != 2):
+        raise LoopError(
+            "param_groups shapes the optimizer the loop builds; with optimizers=(...) build the groups "
+            "into your optimizer, or drop param_groups"
+        )
+    if optimizer_cls_and_kwargs is not None and (
+        not isinstance(optimizer_cls_and_kwargs, (tuple, list)) or len(optimizer_cls_and_kwargs) != 2
+    ):
         raise LoopError("optimizer_cls_and_kwargs must be a pair (optimizer class, dict of its keyword arguments)")
     for name, fn in (("compute_loss_func", compute_loss_func), ("optimizer_step", optimizer_step)):
         if fn is not None and not callable(fn):
@@ -121,7 +192,9 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
     if not has_length(train_dataset) and config.max_steps <= 0:
         raise LoopError("the train dataset has no length; set max_steps > 0")
     if config.eval_strategy != "no" and eval_dataset is None:
-        raise LoopError(f"eval_strategy={config.eval_strategy!r} needs an eval_dataset; pass one or set eval_strategy=no")
+        raise LoopError(
+            f"eval_strategy={config.eval_strategy!r} needs an eval_dataset; pass one or set eval_strategy=no"
+        )
     if config.eval_on_start and eval_dataset is None:
         raise LoopError("eval_on_start needs an eval_dataset")
     callbacks = list(callbacks or [])
@@ -132,17 +205,37 @@ def check_inputs(config, model, model_init, train_dataset, eval_dataset, callbac
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
+        if getattr(cb, "needs_metric", False) and config.metric_for_best_model is None:
+            raise LoopError(
+                f"{type(cb).__name__} judges metric_for_best_model, which is unset; set it (e.g. "
+                "--metric_for_best_model loss) or drop the callback"
+            )
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
     return callbacks, ckpt.precheck_resume(resume, config.output_dir, config.save_on_each_node)
 
 
 # ====================================================================================== 2. build
-def build(config, model, model_init, train_dataset, eval_dataset, data_collator, compute_metrics, callbacks,
-          processing_class, preprocess_logits_for_metrics, compute_loss_func, optimizers, optimizer_cls_and_kwargs,
-          optimizer_step, changes=None) -> Run:
+def build(
+    config,
+    model,
+    model_init,
+    train_dataset,
+    eval_dataset,
+    data_collator,
+    compute_metrics,
+    callbacks,
+    processing_class,
+    preprocess_logits_for_metrics,
+    compute_loss_func,
+    optimizers,
+    optimizer_cls_and_kwargs,
+    optimizer_step,
+    changes=None,
+    resuming=False,
+) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
-    ckpt.check_output_dir(config, acc)
+    ckpt.check_output_dir(config, acc, resuming)
     if config.report_to:
         acc.init_trackers(config.run_name or config.project, config=_flat(config.to_dict()))
     if model_init is not None:
@@ -150,8 +243,9 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     if changes is not None:  # train()'s record of the model as handed over, put back when the run ends
         changes.track(model)
     model = place_model(config, model, acc)
-    run = Run(config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func,
-              optimizer_step)
+    run = Run(
+        config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func, optimizer_step
+    )
     use_fused_loss(run)
 
     collator = default_collator(data_collator, processing_class)
@@ -180,21 +274,32 @@ def build(config, model, model_init, train_dataset, eval_dataset, data_collator,
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:
         if topology(acc) == "DEEPSPEED_ZERO3":
-            raise LoopError("ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "
-                            "outside DeepSpeed's own gathers, so there is nothing to average; use FSDP2 (the EMA is "
-                            "kept per shard), ZeRO-2 or DDP, or set ema_decay 0")
+            raise LoopError(
+                "ema_decay under DeepSpeed ZeRO-3 is not supported: its parameters are empty placeholders "
+                "outside DeepSpeed's own gathers, so there is nothing to average; use FSDP2 (the EMA is "
+                "kept per shard), ZeRO-2 or DDP, or set ema_decay 0"
+            )
         if acc.distributed_type.name == "FSDP" and config.ema_on_cpu:
-            raise LoopError("ema_on_cpu under FSDP is not supported: the EMA is kept per shard next to the weights "
-                            "(1/N of the model per GPU); set ema_on_cpu false")
+            raise LoopError(
+                "ema_on_cpu under FSDP is not supported: the EMA is kept per shard next to the weights "
+                "(1/N of the model per GPU); set ema_on_cpu false"
+            )
         from .ema import EMA
 
-        run.ema = EMA(run.unwrapped, config.ema_decay, config.ema_warmup, config.ema_start_step,
-                      device="cpu" if config.ema_on_cpu else None)
+        run.ema = EMA(
+            run.unwrapped,
+            config.ema_decay,
+            config.ema_warmup,
+            config.ema_start_step,
+            device="cpu" if config.ema_on_cpu else None,
+        )
     run.state.max_steps = plan.max_steps
-    run.state.geometry = {"per_device_train_batch_size": config.per_device_train_batch_size,
-                          "gradient_accumulation_steps": config.gradient_accumulation_steps,
-                          "world_size": acc.num_processes,
-                          "train_examples": len(train_ds) if has_length(train_ds) else None}
+    run.state.geometry = {
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "world_size": acc.num_processes,
+        "train_examples": len(train_ds) if has_length(train_ds) else None,
+    }
     run.telemetry = Telemetry(run, main_input)
     return run
 
@@ -219,8 +324,10 @@ def make_plan(config, loader) -> Plan:
     if has_length(loader):
         steps_in_epoch = len(loader)
         if steps_in_epoch == 0:
-            raise LoopError("the train dataset gives no batch (fewer examples than one batch with "
-                            "dataloader_drop_last); lower the batch size or add data")
+            raise LoopError(
+                "the train dataset gives no batch (fewer examples than one batch with "
+                "dataloader_drop_last); lower the batch size or add data"
+            )
         updates_per_epoch = max(steps_in_epoch // GA + int(steps_in_epoch % GA > 0), 1)
         if config.max_steps > 0:
             max_steps = config.max_steps
@@ -248,8 +355,10 @@ def resume(run, resume_path):
         changed = {k: (saved.geometry.get(k), v) for k, v in geometry.items() if saved.geometry.get(k) != v}
         if changed and not config.allow_inexact_resume:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise LoopError(f"cannot resume {resume_path} exactly: {what}; restore those settings, or pass "
-                            "--allow_inexact_resume true to accept an approximate data position")
+            raise LoopError(
+                f"cannot resume {resume_path} exactly: {what}; restore those settings, or pass "
+                "--allow_inexact_resume true to accept an approximate data position"
+            )
         run.state = state = saved
         state.geometry, state.max_steps = geometry, run.plan.max_steps
         saved_rng = ckpt.load(run, resume_path)
@@ -308,9 +417,12 @@ def train_epochs(run, resumed: bool, saved_rng):
             run.stop = True
         # epoch end: the position moves to the next epoch before anything is saved
         state.epoch_index, state.batches_in_epoch = epoch + 1, 0
-        log_eval_save(run, config.logging_strategy == "epoch",
-                      config.eval_strategy == "epoch" and config.eval_delay <= state.epoch,
-                      config.save_strategy == "epoch")
+        log_eval_save(
+            run,
+            config.logging_strategy == "epoch",
+            config.eval_strategy == "epoch" and config.eval_delay <= state.epoch,
+            config.save_strategy == "epoch",
+        )
 
 
 def _epoch_batches(run, epoch, resumed, saved_rng):
@@ -333,8 +445,9 @@ def _epoch_batches(run, epoch, resumed, saved_rng):
 def _due(run):
     """(should_log, should_eval, should_save) after this step; the last step stops the run and forces eval/save."""
     config, plan, gs = run.config, run.plan, run.state.global_step
-    should_log = (gs == 1 and config.logging_first_step) or \
-        (config.logging_strategy == "steps" and gs % plan.log_every == 0)
+    should_log = (gs == 1 and config.logging_first_step) or (
+        config.logging_strategy == "steps" and gs % plan.log_every == 0
+    )
     eval_due = config.eval_strategy == "steps" and config.eval_delay <= gs
     should_eval = eval_due and gs % plan.eval_every == 0
     should_save = config.save_strategy == "steps" and plan.save_every > 0 and gs % plan.save_every == 0
@@ -387,8 +500,10 @@ def log_eval_save(run, should_log, should_eval, should_save):
         metrics, stop_now = run_eval(run)
         run.stop = run.stop or stop_now
         value = _metric(config, metrics) if config.metric_for_best_model else None
-        better = value is not None and (state.best_metric is None or
-                                        (value > state.best_metric if config.greater_is_better else value < state.best_metric))
+        better = value is not None and (
+            state.best_metric is None
+            or (value > state.best_metric if config.greater_is_better else value < state.best_metric)
+        )
         if better:
             state.best_metric = value
             if config.save_strategy != "no":
@@ -415,8 +530,10 @@ def stop_preempted(run):
     path = os.path.join(run.config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
     run.records.out.note({"event": "preempted", "step": state.global_step, "checkpoint": path})
     run.records.out.close()
-    raise Preempted(f"SIGTERM: stopped at step {state.global_step} of {run.plan.max_steps} and saved {path}; continue "
-                    "with --resume_from_checkpoint latest")
+    raise Preempted(
+        f"SIGTERM: stopped at step {state.global_step} of {run.plan.max_steps} and saved {path}; continue "
+        "with --resume_from_checkpoint latest"
+    )
 
 
 def _started(loader):
@@ -442,9 +559,11 @@ def _metric(config, metrics):
     name = config.metric_for_best_model
     key = name if name.startswith("eval_") else f"eval_{name}"
     if key not in metrics:
-        raise LoopError(f"metric_for_best_model={name!r}: evaluation gave no {key!r} (it gave "
-                        f"{', '.join(sorted(k for k in metrics if not k.endswith(('_runtime', '_per_second'))))}); "
-                        "pick one of those")
+        raise LoopError(
+            f"metric_for_best_model={name!r}: evaluation gave no {key!r} (it gave "
+            f"{', '.join(sorted(k for k in metrics if not k.endswith(('_runtime', '_per_second'))))}); "
+            "pick one of those"
+        )
     return metrics[key]
 
 
@@ -485,10 +604,12 @@ def check_finite(run):
     run.records.out.note({"event": "diverged", "step": min(steps), "last_good_checkpoint": last})
     run.records.out.close()
     resume = f"resume from {last} (--resume_from_checkpoint {last}) with" if last else "restart with"
-    raise LoopError(f"training diverged: the loss or grad norm turned non-finite at step {min(steps)} (noticed at step "
-                    f"{run.state.global_step}); no checkpoint or model was written from it; the last good checkpoint "
-                    f"is {last or 'none'}: {resume} a lower learning_rate, more warmup or max_grad_norm "
-                    "(stop_on_nonfinite false carries on as Trainer does)")
+    raise LoopError(
+        f"training diverged: the loss or grad norm turned non-finite at step {min(steps)} (noticed at step "
+        f"{run.state.global_step}); no checkpoint or model was written from it; the last good checkpoint "
+        f"is {last or 'none'}: {resume} a lower learning_rate, more warmup or max_grad_norm "
+        "(stop_on_nonfinite false carries on as Trainer does)"
+    )
 
 
 # ====================================================================================== 5. finish
@@ -582,9 +703,15 @@ def _write_model(model, weights, folder, acc):
         patch = hasattr(model, "should_save_on_this_rank") and "should_save_on_this_rank" not in vars(model)
         if patch:
             model.should_save_on_this_rank = lambda is_main_process: True
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar would cut into the training bar's line
         try:
             model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
         finally:
+            if bar:
+                hf_logging.enable_progress_bar()
             if patch:
                 del model.should_save_on_this_rank
     else:

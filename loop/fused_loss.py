@@ -78,8 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty(n, d, dtype=dtype, device=hidden.device)
         loss = grad_weight = None
         for s in range(0, n, chunk_rows):
-            part, gh, gw = fn(hidden[s:s + chunk_rows].to(dtype), w, targets[s:s + chunk_rows], vocab)
-            grad_hidden[s:s + chunk_rows] = gh
+            part, gh, gw = fn(hidden[s : s + chunk_rows].to(dtype), w, targets[s : s + chunk_rows], vocab)
+            grad_hidden[s : s + chunk_rows] = gh
             loss, grad_weight = (part, gw) if loss is None else (loss + part, grad_weight.add_(gw))
         ctx.save_for_backward(grad_hidden, grad_weight[:vocab], divisor)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -89,8 +89,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_hidden, grad_weight, divisor = ctx.saved_tensors
         scale = grad_out / divisor
-        return ((grad_hidden * scale).to(ctx.dtypes[0]), (grad_weight * scale).to(ctx.dtypes[1]),
-                None, None, None, None)
+        return (
+            (grad_hidden * scale).to(ctx.dtypes[0]),
+            (grad_weight * scale).to(ctx.dtypes[1]),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable  # a graph break: the chunk loop runs eagerly around its own compiled chunk kernel
@@ -120,20 +126,37 @@ class _FusedLoss:
     def __init__(self, head, original):
         self.head, self.original = head, original
 
-    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
-                 shift_labels=None, **kwargs):
+    def __call__(
+        self,
+        logits,
+        labels,
+        vocab_size=None,
+        num_items_in_batch=None,
+        ignore_index=IGNORE_INDEX,
+        shift_labels=None,
+        **kwargs,
+    ):
         if logits.shape[-1] != self.head.in_features or logits.shape[-1] == self.head.out_features:
-            return self.original(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                                 ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+            return self.original(
+                logits,
+                labels,
+                vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                shift_labels=shift_labels,
+                **kwargs,
+            )
         if shift_labels is None:  # Trainer's (transformers') shift: position t predicts token t+1
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         if ignore_index != IGNORE_INDEX:
             shift_labels = torch.where(shift_labels == ignore_index, IGNORE_INDEX, shift_labels)
         weight = self.head.weight
         if hasattr(weight, "placements"):  # a DTensor shard: the head is an FSDP unit of its own, resharded by now
-            raise LoopError("fused_linear_cross_entropy needs the output layer in the root FSDP unit (as accelerate's "
-                            "TRANSFORMER_BASED_WRAP leaves it), not wrapped on its own; change the wrap policy or set "
-                            "fused_linear_cross_entropy false")
+            raise LoopError(
+                "fused_linear_cross_entropy needs the output layer in the root FSDP unit (as accelerate's "
+                "TRANSFORMER_BASED_WRAP leaves it), not wrapped on its own; change the wrap policy or set "
+                "fused_linear_cross_entropy false"
+            )
         return linear_cross_entropy(logits, weight, shift_labels, num_items_in_batch)
 
 
@@ -145,7 +168,9 @@ def _refusal(model, distributed_type: str):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     why = None
     if model_type not in SUPPORTED or not isinstance(head, nn.Linear):
-        why = f"it supports causal LMs of type {', '.join(SUPPORTED)} (this model: {model_type or type(model).__name__})"
+        why = (
+            f"it supports causal LMs of type {', '.join(SUPPORTED)} (this model: {model_type or type(model).__name__})"
+        )
     elif head.bias is not None or head.in_features == head.out_features:
         why = "the model's output layer has a bias or a square weight"
     elif distributed_type == "DEEPSPEED_ZERO3":  # FSDP2: the loss runs inside the root's forward, weights unsharded

@@ -57,27 +57,39 @@ def why_not(run, custom_step: bool) -> str | None:
     if acc.distributed_type.name == "DEEPSPEED":
         return "cuda_graph_step records torch's optimizer step, not DeepSpeed's engine; set cuda_graph_step false"
     if acc.num_processes > 1:
-        return ("cuda_graph_step runs on one process (the gradient all-reduce is not recorded); set cuda_graph_step "
-                "false under DDP, FSDP or DeepSpeed")
+        return (
+            "cuda_graph_step runs on one process (the gradient all-reduce is not recorded); set cuda_graph_step "
+            "false under DDP, FSDP or DeepSpeed"
+        )
     if run.loader.device_table is None and config.dataloader_pin_memory:
-        return ("cuda_graph_step with pinned host batches: the DataLoader's pin-memory thread makes CUDA calls while "
-                "the graph records, and such captures failed on an H100; set dataset_on_device true (or "
-                "dataloader_pin_memory false), or cuda_graph_step false")
+        return (
+            "cuda_graph_step with pinned host batches: the DataLoader's pin-memory thread makes CUDA calls while "
+            "the graph records, and such captures failed on an H100; set dataset_on_device true (or "
+            "dataloader_pin_memory false), or cuda_graph_step false"
+        )
     if config.mixed_precision == "fp16":
-        return ("cuda_graph_step cannot record fp16's loss scaler (it decides on the host whether to step); use bf16 "
-                "or set cuda_graph_step false")
+        return (
+            "cuda_graph_step cannot record fp16's loss scaler (it decides on the host whether to step); use bf16 "
+            "or set cuda_graph_step false"
+        )
     if not all("capturable" in g for g in opt.param_groups):
-        return (f"cuda_graph_step needs an optimizer that can step inside a CUDA graph (torch's Adam family, "
-                f"`capturable`); {type(getattr(opt, 'optimizer', opt)).__name__} cannot: use optim adamw_torch_fused "
-                "or set cuda_graph_step false")
+        return (
+            f"cuda_graph_step needs an optimizer that can step inside a CUDA graph (torch's Adam family, "
+            f"`capturable`); {type(getattr(opt, 'optimizer', opt)).__name__} cannot: use optim adamw_torch_fused "
+            "or set cuda_graph_step false"
+        )
     if conflict := compile_records_graphs(config):
         return conflict
     if "underflow_overflow" in config.debug.split():
-        return ("debug underflow_overflow checks every module's output on the host, which a CUDA graph cannot "
-                "record; set cuda_graph_step false (or drop debug)")
+        return (
+            "debug underflow_overflow checks every module's output on the host, which a CUDA graph cannot "
+            "record; set cuda_graph_step false (or drop debug)"
+        )
     if config.gradient_checkpointing:
-        return ("gradient_checkpointing re-runs forwards with saved RNG states, which a CUDA graph cannot record; "
-                "set cuda_graph_step false")
+        return (
+            "gradient_checkpointing re-runs forwards with saved RNG states, which a CUDA graph cannot record; "
+            "set cuda_graph_step false"
+        )
     return None
 
 
@@ -180,14 +192,16 @@ class GraphStep:
 
             def replay():
                 graph.losses, graph.grad_norm = self._body(inputs)
+
             graph.replay = replay
             self.graphs[key] = graph
             return graph
         groups = run.optimizer.param_groups
         _make_capturable(run.optimizer)
         if self.lrs is None:
-            self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=run.accelerator.device)
-                        for g in groups]
+            self.lrs = [
+                torch.tensor(float(g["lr"]), dtype=torch.float32, device=run.accelerator.device) for g in groups
+            ]
             self.filled = [float(g["lr"]) for g in groups]
         floats = [g["lr"] for g in groups]
         graph = torch.cuda.CUDAGraph()
@@ -201,9 +215,11 @@ class GraphStep:
         except Exception as e:  # noqa: BLE001
             # a failed capture leaves CUDA's random generator mid-capture: eager steps cannot go on in this process
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LoopError(f"cuda_graph_step could not record the training step at step {run.state.global_step + 1} "
-                            f"({first}; a host sync or a recompilation inside the step does this; verified on an "
-                            "H100 with dataset_on_device); set cuda_graph_step false") from None
+            raise LoopError(
+                f"cuda_graph_step could not record the training step at step {run.state.global_step + 1} "
+                f"({first}; a host sync or a recompilation inside the step does this; verified on an "
+                "H100 with dataset_on_device); set cuda_graph_step false"
+            ) from None
         finally:
             for g, f in zip(groups, floats):
                 g["lr"] = f
@@ -221,4 +237,3 @@ def _make_capturable(optimizer):
             state = optimizer.state.get(p)
             if state and torch.is_tensor(state.get("step")) and state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device, torch.float32)
-

@@ -66,8 +66,13 @@ def job_values(argv: list[str]) -> dict:
     overrides = parse_overrides(argv)
     path = overrides.pop("config", None)
     # without a job file: the default job, unless another task is named (its fields would not fit that task)
-    values = load_yaml(path) if path else load_yaml(DEFAULT_JOB) if overrides.get("task", DEFAULT_TASK) == \
-        DEFAULT_TASK else {}
+    values = (
+        load_yaml(path)
+        if path
+        else load_yaml(DEFAULT_JOB)
+        if overrides.get("task", DEFAULT_TASK) == DEFAULT_TASK
+        else {}
+    )
     values.update(overrides)
     return values
 
@@ -87,8 +92,10 @@ def job_from_values(values: dict):
         k = unknown[0]
         if k in REFUSED:
             raise LoopError(f"--{k} is a TrainingArguments option the loop does not support: {REFUSED[k]}")
-        raise LoopError(f"unknown option --{k}{closest(k, list(train_fields) + list(tfields))}; "
-                        "`loop train --help` lists every option")
+        raise LoopError(
+            f"unknown option --{k}{closest(k, list(train_fields) + list(tfields))}; "
+            "`loop train --help` lists every option"
+        )
     hints = typing.get_type_hints(module.Task)
     task_values = {k: coerce(k, v, hints[k]) for k, v in values.items() if k in tfields}
     config = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
@@ -107,6 +114,8 @@ def build_task(module, task, config) -> dict:
     set_seed(config.seed)
     built = module.build(task, config)
     if not isinstance(built, dict):
-        raise LoopError(f"{module.__name__}.build() returned {type(built).__name__}; it must return a dict of "
-                        "loop.train keyword arguments (model, train_dataset, ...)")
+        raise LoopError(
+            f"{module.__name__}.build() returned {type(built).__name__}; it must return a dict of "
+            "loop.train keyword arguments (model, train_dataset, ...)"
+        )
     return built

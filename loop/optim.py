@@ -27,9 +27,11 @@ def decay_parameter_names(module: nn.Module) -> list[str]:
 
 # optim_args each optimizer takes, as Trainer reads them: (numbers, booleans). Trainer ignores any other key (and
 # every key for AdamW and Adafactor); the loop refuses it, so that a typo does not train with the default.
-OPTIM_ARGS = {"sgd": (("momentum", "dampening", "weight_decay"), ("nesterov",)),
-              "adagrad": (("lr_decay", "weight_decay", "eps"), ()),
-              "rmsprop": (("momentum", "alpha", "eps", "weight_decay"), ("centered",))}
+OPTIM_ARGS = {
+    "sgd": (("momentum", "dampening", "weight_decay"), ("nesterov",)),
+    "adagrad": (("lr_decay", "weight_decay", "eps"), ()),
+    "rmsprop": (("momentum", "alpha", "eps", "weight_decay"), ("centered",)),
+}
 
 
 def optim_args(optim: str, text) -> dict:
@@ -42,11 +44,17 @@ def optim_args(optim: str, text) -> dict:
         raise LoopError(f"optim_args={text!r} is malformed; write it as 'key=value,key=value'") from None
     numbers, flags = OPTIM_ARGS.get(optim, ((), ()))
     if unused := [k for k in extra if k not in numbers + flags]:
-        takes = (f"it takes {', '.join(numbers + flags)}" if numbers else
-                 "it takes none: set adam_beta1, adam_beta2, adam_epsilon, weight_decay" if optim.startswith("adamw")
-                 else "it takes none")
-        raise LoopError(f"optim_args {', '.join(unused)}: optim {optim} does not use {'it' if len(unused) == 1 else 'them'}"
-                        f" (Trainer would ignore {'it' if len(unused) == 1 else 'them'}); {takes}")
+        takes = (
+            f"it takes {', '.join(numbers + flags)}"
+            if numbers
+            else "it takes none: set adam_beta1, adam_beta2, adam_epsilon, weight_decay"
+            if optim.startswith("adamw")
+            else "it takes none"
+        )
+        raise LoopError(
+            f"optim_args {', '.join(unused)}: optim {optim} does not use {'it' if len(unused) == 1 else 'them'}"
+            f" (Trainer would ignore {'it' if len(unused) == 1 else 'them'}); {takes}"
+        )
     kwargs = {}
     for key, value in extra.items():
         if key in flags:
@@ -79,13 +87,20 @@ def parameter_groups(config, model: nn.Module) -> tuple[list[dict], list[str]]:
     for e, (with_decay, without) in zip(entries, buckets[1:]):
         if not with_decay and not without:
             names = [n for n, p in model.named_parameters() if p.requires_grad][:3]
-            raise LoopError(f"param_groups pattern {e['pattern']!r} matches no trainable parameter not already taken "
-                            f"by an earlier entry; parameter names look like {', '.join(names)}")
-    groups = [{"params": buckets[0][0], "weight_decay": config.weight_decay}, {"params": buckets[0][1], "weight_decay": 0.0}]
+            raise LoopError(
+                f"param_groups pattern {e['pattern']!r} matches no trainable parameter not already taken "
+                f"by an earlier entry; parameter names look like {', '.join(names)}"
+            )
+    groups = [
+        {"params": buckets[0][0], "weight_decay": config.weight_decay},
+        {"params": buckets[0][1], "weight_decay": 0.0},
+    ]
     for e, (with_decay, without) in zip(entries, buckets[1:]):
         lr = {"lr": e["learning_rate"]} if "learning_rate" in e else {}
-        groups += [{"params": with_decay, "weight_decay": e.get("weight_decay", config.weight_decay), **lr},
-                   {"params": without, "weight_decay": 0.0, **lr}]
+        groups += [
+            {"params": with_decay, "weight_decay": e.get("weight_decay", config.weight_decay), **lr},
+            {"params": without, "weight_decay": 0.0, **lr},
+        ]
     if not any(g["params"] for g in groups):
         raise LoopError("the model has no trainable parameters; unfreeze some (requires_grad=True) before training")
     return groups, [e.get("name", e["pattern"]) for e in entries]
@@ -119,8 +134,13 @@ def build_scheduler(config, optimizer, total_steps: int):
 
     warmup = config.warmup_for(total_steps)
     try:
-        scheduler = get_scheduler(config.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs=config.lr_scheduler_kwargs,
+        )
         # a schedule's kwargs are first used where its shape starts (e.g. num_cycles after the warmup): try the
         # schedule there and at the end now, rather than fail mid-run
         for lr_lambda in getattr(scheduler, "lr_lambdas", []):
@@ -128,8 +148,10 @@ def build_scheduler(config, optimizer, total_steps: int):
                 lr_lambda(step)
         return scheduler
     except (TypeError, ValueError) as e:
-        raise LoopError(f"lr_scheduler_type={config.lr_scheduler_type!r} with lr_scheduler_kwargs="
-                        f"{config.lr_scheduler_kwargs!r} failed: {e}") from None
+        raise LoopError(
+            f"lr_scheduler_type={config.lr_scheduler_type!r} with lr_scheduler_kwargs="
+            f"{config.lr_scheduler_kwargs!r} failed: {e}"
+        ) from None
 
 
 def is_plateau(scheduler) -> bool:

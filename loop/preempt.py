@@ -58,8 +58,10 @@ def preemption(run):
         yield
         return
     if threading.current_thread() is not threading.main_thread():
-        raise LoopError("enable_jit_checkpoint catches SIGTERM, which Python delivers to the main thread only: call "
-                        "train() from the main thread, or set enable_jit_checkpoint false")
+        raise LoopError(
+            "enable_jit_checkpoint catches SIGTERM, which Python delivers to the main thread only: call "
+            "train() from the main thread, or set enable_jit_checkpoint false"
+        )
     run.preemption = Preemption(run.accelerator)
     try:
         yield

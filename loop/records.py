@@ -42,7 +42,9 @@ class Records:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.accelerator.log(scalars, step=step)
         if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record.get('learning_rate', 0):.3g}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4g}", lr=f"{record.get('learning_rate', 0):.3g}", refresh=False
+            )
 
     def note(self, event: dict):
         """A line in metrics.jsonl that is not a log record (e.g. where a run resumed); it has an `event` key."""

@@ -18,8 +18,17 @@ from .state import TrainState
 
 
 class Run:
-    def __init__(self, config, model, accelerator, callbacks=(), compute_metrics=None,
-                 preprocess_logits_for_metrics=None, compute_loss_func=None, step_fn=None):
+    def __init__(
+        self,
+        config,
+        model,
+        accelerator,
+        callbacks=(),
+        compute_metrics=None,
+        preprocess_logits_for_metrics=None,
+        compute_loss_func=None,
+        step_fn=None,
+    ):
         from .step import optimizer_step
 
         self.config, self.model, self.accelerator = config, model, accelerator
@@ -109,8 +118,9 @@ def _label_shift_rules(model):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover
         return False, False
-    counts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and \
-        not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    counts = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False
+    )
     smooth = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if hasattr(model, "_get_name") else False
     return counts, smooth
 
@@ -119,24 +129,35 @@ def make_accelerator(config):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+    )
 
     if config.report_to and "all" not in config.report_to:
         from accelerate.tracking import get_available_trackers
 
         installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
         if missing := [t for t in config.report_to if t not in installed]:  # accelerate would only warn and go on
-            raise LoopError(f"report_to {', '.join(missing)}: not installed; pip install {' '.join(missing)}, or drop "
-                            f"{'it' if len(missing) == 1 else 'them'} from report_to")
+            raise LoopError(
+                f"report_to {', '.join(missing)}: not installed; pip install {' '.join(missing)}, or drop "
+                f"{'it' if len(missing) == 1 else 'them'} from report_to"
+            )
     backend = config.ddp_backend
     if backend == "nccl" and (config.use_cpu or not torch.cuda.is_available()):
         raise LoopError("ddp_backend nccl needs CUDA GPUs and this run is on the CPU; use gloo, or unset ddp_backend")
     if backend in ("nccl", "gloo", "mpi") and not torch.distributed.is_backend_available(backend):
-        raise LoopError(f"ddp_backend {backend} is not available in this torch build; use "
-                        f"{'nccl' if torch.cuda.is_available() else 'gloo'}, or unset ddp_backend")
-    ddp = {"find_unused_parameters": config.ddp_find_unused_parameters
-           if config.ddp_find_unused_parameters is not None else not config.gradient_checkpointing}
+        raise LoopError(
+            f"ddp_backend {backend} is not available in this torch build; use "
+            f"{'nccl' if torch.cuda.is_available() else 'gloo'}, or unset ddp_backend"
+        )
+    ddp = {
+        "find_unused_parameters": config.ddp_find_unused_parameters
+        if config.ddp_find_unused_parameters is not None
+        else not config.gradient_checkpointing
+    }
     for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
         if getattr(config, f"ddp_{name}") is not None:
             ddp[name] = getattr(config, f"ddp_{name}")
@@ -146,8 +167,9 @@ def make_accelerator(config):
     if config.torch_compile:
         from accelerate.utils import TorchDynamoPlugin
 
-        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=config.torch_compile_backend or "inductor",
-                                                    mode=config.torch_compile_mode)
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(
+            backend=config.torch_compile_backend or "inductor", mode=config.torch_compile_mode
+        )
     # accelerate keeps one process-wide AcceleratorState and ignores the settings of a later Accelerator: a second
     # run in the same process (a notebook, `loop compare` in one process) would silently keep the first run's
     # compile setting. The run's own settings win: forget the previous run's state (the process group stays).
@@ -157,17 +179,27 @@ def make_accelerator(config):
         AcceleratorState._reset_state(reset_partial_state=False)
     # The loop does gradient accumulation itself (whole windows), so the Accelerator accumulates over 1 step.
     return Accelerator(
-        mixed_precision=config.mixed_precision, cpu=config.use_cpu,
+        mixed_precision=config.mixed_precision,
+        cpu=config.use_cpu,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
         # non_blocking: batches go to the GPU from pinned memory without a host sync. accelerate's default (and
         # Trainer's) is a blocking copy: the host waits for the device to drain before every batch, so the next
         # step's kernels are queued only after the GPU has gone idle. Same numbers, no idle gap.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.data_seed,
-                                                  even_batches=True, split_batches=False,
-                                                  non_blocking=config.dataloader_pin_memory),
-        kwargs_handlers=[DistributedDataParallelKwargs(**ddp),
-                         InitProcessGroupKwargs(backend=config.ddp_backend, timeout=timedelta(seconds=config.ddp_timeout))],
-        log_with=config.report_to or None, project_dir=config.output_dir, **kwargs)
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True,
+            data_seed=config.data_seed,
+            even_batches=True,
+            split_batches=False,
+            non_blocking=config.dataloader_pin_memory,
+        ),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(**ddp),
+            InitProcessGroupKwargs(backend=config.ddp_backend, timeout=timedelta(seconds=config.ddp_timeout)),
+        ],
+        log_with=config.report_to or None,
+        project_dir=config.output_dir,
+        **kwargs,
+    )
 
 
 def seed_everything(config):
@@ -190,8 +222,10 @@ def seed_everything(config):
 
 def require_config(config):
     if not isinstance(config, TrainConfig):
-        raise LoopError(f"config must be a loop.TrainConfig, got {type(config).__name__}; "
-                        "build one with TrainConfig(...) or TrainConfig.from_training_arguments(args)")
+        raise LoopError(
+            f"config must be a loop.TrainConfig, got {type(config).__name__}; "
+            "build one with TrainConfig(...) or TrainConfig.from_training_arguments(args)"
+        )
 
 
 def start(config):
@@ -203,11 +237,30 @@ def start(config):
     acc = make_accelerator(config)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != launched:
-        raise LoopError(f"this process was launched as one of {launched} but accelerate's state says "
-                        f"{acc.num_processes}: something set it up before loop.train (an accelerate PartialState or "
-                        "Accelerator made without cpu=True on a CPU run?); make it with the run's settings, or not at all")
+        raise LoopError(
+            f"this process was launched as one of {launched} but accelerate's state says "
+            f"{acc.num_processes}: something set it up before loop.train (an accelerate PartialState or "
+            "Accelerator made without cpu=True on a CPU run?); make it with the run's settings, or not at all"
+        )
     apply_log_level(config, acc)
+    quiet_transformers()
     return acc
+
+
+class _QuietGPT2Loss:
+    """transformers warns "`loss_type=None` was set in the config but it is unrecognized" for every model whose class
+    name names no loss (GPT2LMHeadModel), then uses the right default loss: a line that does not concern the user."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("`loss_type=None` was set in the config but it is unrecognized")
+
+
+def quiet_transformers():
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _QuietGPT2Loss) for f in logger.filters):
+        logger.addFilter(_QuietGPT2Loss())
 
 
 def apply_log_level(config: TrainConfig, acc):
@@ -239,8 +292,10 @@ def place_model(config, model, acc):
         model.config.use_cache = config.use_cache
     if config.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
-            raise LoopError(f"gradient_checkpointing needs a model with gradient_checkpointing_enable(); "
-                            f"{type(model).__name__} has none")
+            raise LoopError(
+                f"gradient_checkpointing needs a model with gradient_checkpointing_enable(); "
+                f"{type(model).__name__} has none"
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
     return model.to(acc.device)
 
@@ -258,11 +313,14 @@ def use_fused_loss(run) -> bool:
     config, where = run.config, topology(run.accelerator)
     own_loss = run.compute_loss_func is not None or run.label_smoother is not None
     if config.fused_linear_cross_entropy and own_loss:
-        raise LoopError("fused_linear_cross_entropy computes the model's own loss; it cannot serve a "
-                        "compute_loss_func or label_smoothing_factor; set fused_linear_cross_entropy false")
+        raise LoopError(
+            "fused_linear_cross_entropy computes the model's own loss; it cannot serve a "
+            "compute_loss_func or label_smoothing_factor; set fused_linear_cross_entropy false"
+        )
     # asked for: enable() refuses what it cannot serve; through `fast`: only where it applies
-    if not config.fused_linear_cross_entropy and not (config.fast and not own_loss
-                                                       and fused_loss.applies(run.unwrapped, where)):
+    if not config.fused_linear_cross_entropy and not (
+        config.fast and not own_loss and fused_loss.applies(run.unwrapped, where)
+    ):
         return False
     fused_loss.enable(run.unwrapped, where)
     return True
@@ -278,8 +336,13 @@ def use_varlen_attention(run, dataset, collate) -> bool:
     if config.varlen_attention is False or (config.varlen_attention is None and not config.fast):
         return False
     table = run.loader.device_table
-    batches = iter([table.columns]) if table is not None else \
-        collated_chunks(dataset, collate) if is_map_style(dataset) else None
+    batches = (
+        iter([table.columns])
+        if table is not None
+        else collated_chunks(dataset, collate)
+        if is_map_style(dataset)
+        else None
+    )
     if batches is None:
         why = "the training set is iterable, so the documents in a batch cannot be counted beforehand"
     elif (first := next(batches, None)) is None:
@@ -295,8 +358,12 @@ def use_varlen_attention(run, dataset, collate) -> bool:
     return True
 
 
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                 "math": "MATH"}
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
 
 
 def attention_context(config, device_table=None):
@@ -332,8 +399,10 @@ def noisy_embeddings(run):
 
     embeddings = getattr(run.unwrapped, "get_input_embeddings", lambda: None)()
     if embeddings is None:
-        raise LoopError(f"neftune_noise_alpha needs a model whose get_input_embeddings() returns its embedding layer; "
-                        f"{type(run.unwrapped).__name__} has none: add it, or unset neftune_noise_alpha")
+        raise LoopError(
+            f"neftune_noise_alpha needs a model whose get_input_embeddings() returns its embedding layer; "
+            f"{type(run.unwrapped).__name__} has none: add it, or unset neftune_noise_alpha"
+        )
     handle = activate_neftune(run.unwrapped, alpha)
     try:
         yield
@@ -367,9 +436,11 @@ def overflow_debugging(run):
     except ValueError as e:
         if not str(e).startswith("DebugUnderflowOverflow"):
             raise
-        raise LoopError(f"debug underflow_overflow: inf/nan in a forward of step {run.state.global_step + 1} (batch "
-                        f"number {debug.batch_number}; the frames above show where it appeared); the run stopped "
-                        "there, nothing was saved from that step") from None
+        raise LoopError(
+            f"debug underflow_overflow: inf/nan in a forward of step {run.state.global_step + 1} (batch "
+            f"number {debug.batch_number}; the frames above show where it appeared); the run stopped "
+            "there, nothing was saved from that step"
+        ) from None
     finally:
         for module in run.unwrapped.modules():  # the class keeps no handles: find its bound hook by its owner
             for key, hook in list(module._forward_hooks.items()):
@@ -414,7 +485,16 @@ def compile_settings(run, device_table, recorded: bool):
             return
         plugin.dynamic = True
     model_config, labels = getattr(run.unwrapped, "config", None), device_table.columns.get("labels")
-    if labels is not None and hasattr(model_config, "problem_type") and model_config.problem_type is None \
-            and type(run.unwrapped).__name__.endswith("ForSequenceClassification"):
-        model_config.problem_type = "regression" if model_config.num_labels == 1 else "single_label_classification" \
-            if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+    if (
+        labels is not None
+        and hasattr(model_config, "problem_type")
+        and model_config.problem_type is None
+        and type(run.unwrapped).__name__.endswith("ForSequenceClassification")
+    ):
+        model_config.problem_type = (
+            "regression"
+            if model_config.num_labels == 1
+            else "single_label_classification"
+            if labels.dtype in (torch.long, torch.int)
+            else "multi_label_classification"
+        )

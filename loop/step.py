@@ -34,8 +34,12 @@ def count_target_items(window, shifts_labels: bool):
     if not window or not isinstance(window[0], Mapping) or "labels" not in window[0]:
         return None
     try:
-        return sum((b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if shifts_labels
-                    else b["labels"]).ne(IGNORE_INDEX).sum() for b in window)
+        return sum(
+            (b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if shifts_labels else b["labels"])
+            .ne(IGNORE_INDEX)
+            .sum()
+            for b in window
+        )
     except (TypeError, AttributeError):
         return None
 
@@ -44,7 +48,12 @@ def window_item_count(run, window, across_ranks=True):
     """N for the window, summed over ranks (a collective, not a host sync). Counted, as Trainer counts it, when the
     model takes `num_items_in_batch` or a compute_loss_func will receive it."""
     n = count_target_items(window, run.shifts_labels) if run.accepts_loss_kwargs or run.compute_loss_func else None
-    if n is not None and across_ranks and run.config.average_tokens_across_devices and run.accelerator.num_processes > 1:
+    if (
+        n is not None
+        and across_ranks
+        and run.config.average_tokens_across_devices
+        and run.accelerator.num_processes > 1
+    ):
         n = run.accelerator.gather(n.to(run.accelerator.device)).sum()
     return n
 
@@ -60,24 +69,41 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
     with run.attention():
         outputs = model(**batch)
     if run.compute_loss_func is not None:
-        loss = run.compute_loss_func(outputs, labels, num_items_in_batch=num_items) if run.loss_func_takes_items \
+        loss = (
+            run.compute_loss_func(outputs, labels, num_items_in_batch=num_items)
+            if run.loss_func_takes_items
             else run.compute_loss_func(outputs, labels)
+        )
         if not torch.is_tensor(loss) or loss.dim() != 0:
-            raise LoopError(f"compute_loss_func returned {type(loss).__name__}"
-                            f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}; it must return a scalar tensor")
+            raise LoopError(
+                f"compute_loss_func returned {type(loss).__name__}"
+                f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}; it must return a scalar tensor"
+            )
     elif labels is not None:
-        loss = run.label_smoother(outputs, labels, shift_labels=run.smoothing_shifts_labels,
-                                  num_items_in_batch=num_items)
+        loss = run.label_smoother(
+            outputs, labels, shift_labels=run.smoothing_shifts_labels, num_items_in_batch=num_items
+        )
     else:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0] \
-            if isinstance(outputs, (tuple, list)) else None
+        loss = (
+            outputs.get("loss")
+            if isinstance(outputs, Mapping)
+            else outputs[0]
+            if isinstance(outputs, (tuple, list))
+            else None
+        )
         # without a grad a loss cannot train (under no_grad, in evaluation, none is expected)
         if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.requires_grad and torch.is_grad_enabled():
             got = ", ".join(outputs.keys()) if isinstance(outputs, Mapping) else f"a {type(outputs).__name__}"
-            raise LoopError(f"the model returned no loss (got {got}); give the batch a `labels` column, make forward "
-                            "return the scalar loss first (a dict with 'loss', or a tuple), or pass compute_loss_func")
-    if across_ranks and run.config.average_tokens_across_devices and num_items is not None \
-            and (run.accepts_loss_kwargs or run.loss_func_takes_items):
+            raise LoopError(
+                f"the model returned no loss (got {got}); give the batch a `labels` column, make forward "
+                "return the scalar loss first (a dict with 'loss', or a tuple), or pass compute_loss_func"
+            )
+    if (
+        across_ranks
+        and run.config.average_tokens_across_devices
+        and num_items is not None
+        and (run.accepts_loss_kwargs or run.loss_func_takes_items)
+    ):
         loss = loss * run.accelerator.num_processes  # undo DDP's gradient average (see the module docstring)
     return loss, outputs
 
@@ -85,6 +111,7 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
 # ------------------------------------------------------------------------------------------------------------------
 # The pieces of one optimizer step. `optimizer_step` below puts them together; a custom step
 # (loop.train(..., optimizer_step=fn)) can reuse them (the README's adversarial-training example does).
+
 
 @contextlib.contextmanager
 def grad_sync(run, sync: bool):
@@ -108,8 +135,9 @@ def track_loss(run, loss: torch.Tensor, batch):
     loss = loss.detach()
     run.note_nonfinite(loss)  # before the nan filter hides it
     if run.config.logging_nan_inf_filter:  # a nan/inf micro-batch counts as the running average, decided on device
-        loss = torch.where(torch.isfinite(loss), loss,
-                           run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step))
+        loss = torch.where(
+            torch.isfinite(loss), loss, run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step)
+        )
     run.tr_loss += loss
     run.count_batch(batch)
 
@@ -118,8 +146,9 @@ def clip_and_step(run) -> torch.Tensor:
     """Clip and step the optimizer; returns the pre-clip grad norm. Device work only (a CUDA graph can hold it)."""
     cfg = run.config
     # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
-    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(),
-                                                cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    grad_norm = run.accelerator.clip_grad_norm_(
+        run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    )
     run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
     return grad_norm
 

@@ -30,8 +30,11 @@ def _peak_tflops(config):
 def parameter_count(model, exclude_embeddings: bool = False) -> int:
     """All parameters (or all but the nn.Embedding weights, as transformers' num_parameters counts them), also under
     DeepSpeed ZeRO-3, whose parameters are empty placeholders outside its gathers: ds_numel is their real size."""
-    skip = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)} \
-        if exclude_embeddings else set()
+    skip = (
+        {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+        if exclude_embeddings
+        else set()
+    )
     return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if n not in skip)
 
 

@@ -35,26 +35,41 @@ SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi
 
 # ---------------------------------------------------------------------------------------------- the kernel (CUDA)
 @torch.library.custom_op("loop::varlen_flash_fwd", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, dropout: float,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, dropout,
-                                                                       True, False, scale=scale)
+def _flash_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, dropout: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, dropout, True, False, scale=scale
+    )
     return out, lse, rng, unused
 
 
 @_flash_fwd.register_fake
 def _(q, k, v, cu, max_len, dropout, scale):
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, dropout,
-                                                                       True, False, scale=scale)
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, dropout, True, False, scale=scale
+    )
     return out, lse, rng, unused
 
 
 @torch.library.custom_op("loop::varlen_flash_bwd", mutates_args=())
-def _flash_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, cu: torch.Tensor, rng: torch.Tensor, unused: torch.Tensor, max_len: int,
-               dropout: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = torch.ops.aten._flash_attention_backward(g.contiguous(), q, k, v, out, lse, cu, cu, max_len, max_len,
-                                                          dropout, True, rng, unused, scale=scale)
+def _flash_bwd(
+    g: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu: torch.Tensor,
+    rng: torch.Tensor,
+    unused: torch.Tensor,
+    max_len: int,
+    dropout: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        g.contiguous(), q, k, v, out, lse, cu, cu, max_len, max_len, dropout, True, rng, unused, scale=scale
+    )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -83,9 +98,13 @@ def _per_document(q, k, v, cu, dropout: float, scale: float):
     """The same maths one document at a time with SDPA (CPU and tests; reads the boundaries on the host)."""
     bounds = cu.tolist()
     gqa = k.shape[1] != q.shape[1]
-    outs = [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                           dropout_p=dropout, scale=scale, enable_gqa=gqa).transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    outs = [
+        F.scaled_dot_product_attention(
+            *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa
+        ).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])
+        if e > s
+    ]
     return torch.cat(outs)
 
 
@@ -128,8 +147,9 @@ def _padded(module, query, key, value, attention_mask, dropout, scaling):
         keep = keep[None, None] & (mask[:, None, None, :] if mask.dim() == 2 else mask)
         if causal:
             keep = keep | _diagonal(t_q, t_k, query.device)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, dropout_p=dropout, scale=scaling,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=keep, dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -143,7 +163,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if attention_mask is not None or not getattr(module, "is_causal", True) or query.shape[2] != key.shape[2]:
         return _padded(module, query, key, value, attention_mask, dropout, scaling)
     batch, heads, width, dim = query.shape
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(width, device=query.device)[None]
@@ -176,7 +196,9 @@ def why_not(model, device, precision: str, batch: dict):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
-        return f"it serves the causal LMs {', '.join(SUPPORTED)} (transformers' attention interface), not {model_type!r}"
+        return (
+            f"it serves the causal LMs {', '.join(SUPPORTED)} (transformers' attention interface), not {model_type!r}"
+        )
     heads = getattr(config, "num_attention_heads", None)
     dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
     if not dim or dim % 8 or dim > 256:
@@ -184,8 +206,10 @@ def why_not(model, device, precision: str, batch: dict):
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return "the model uses sliding-window attention"
     if "position_ids" not in batch or "attention_mask" in batch:
-        return ("the training batches are not packed rows (position_ids restarting per document, no attention_mask); "
-                "padded rows are served best by SDPA")
+        return (
+            "the training batches are not packed rows (position_ids restarting per document, no attention_mask); "
+            "padded rows are served best by SDPA"
+        )
     if precision not in ("bf16", "fp16"):
         return "the flash kernel takes bf16/fp16 only; train with --bf16 true (or --fp16 true)"
     if device.type != "cuda":
@@ -208,8 +232,10 @@ def enable(model, segments: int) -> None:
 
 def count_documents(batches) -> torch.Tensor:
     """Per-row document counts over collated batches (each a dict with position_ids [rows, T])."""
-    counts = [document_starts(b["position_ids"], b["position_ids"].shape[0], b["position_ids"].shape[1]).sum(1).cpu()
-              for b in batches]
+    counts = [
+        document_starts(b["position_ids"], b["position_ids"].shape[0], b["position_ids"].shape[1]).sum(1).cpu()
+        for b in batches
+    ]
     if not counts:
         raise LoopError("varlen_attention found no training rows to count documents in")
     return torch.cat(counts)

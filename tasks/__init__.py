@@ -39,15 +39,20 @@ def get(name: str):
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name and (name == e.name or name.startswith(e.name + ".")):
-                raise LoopError(f"unknown task {name!r}: no module named {e.name!r}{closest(name, TASKS)}; "
-                                f"use a built-in task ({', '.join(TASKS)}) or an importable module "
-                                "(run from the folder that holds it, or put it on PYTHONPATH)") from None
+                raise LoopError(
+                    f"unknown task {name!r}: no module named {e.name!r}{closest(name, TASKS)}; "
+                    f"use a built-in task ({', '.join(TASKS)}) or an importable module "
+                    "(run from the folder that holds it, or put it on PYTHONPATH)"
+                ) from None
             raise LoopError(f"task module {name!r} failed to import: {e}; install what it needs") from None
         except ImportError as e:
             raise LoopError(f"task module {name!r} failed to import: {e}") from None
     task_cls = getattr(module, "Task", None)
-    if not (isinstance(task_cls, type) and dataclasses.is_dataclass(task_cls)) or not callable(getattr(module, "build", None)):
-        raise LoopError(f"{name!r} is not a task module: it needs a `@dataclass class Task` (its options) and "
-                        "`build(task, train_config)` returning loop.train's keyword arguments")
+    if not (isinstance(task_cls, type) and dataclasses.is_dataclass(task_cls)) or not callable(
+        getattr(module, "build", None)
+    ):
+        raise LoopError(
+            f"{name!r} is not a task module: it needs a `@dataclass class Task` (its options) and "
+            "`build(task, train_config)` returning loop.train's keyword arguments"
+        )
     return module
-

@@ -20,23 +20,46 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import (DataSource, check_columns, check_text_source, from_pretrained, load_raw, main_process_first,
-                     subsample, usable_positions)
+from .common import (
+    DataSource,
+    check_columns,
+    check_hub,
+    check_text_source,
+    from_pretrained,
+    load_raw,
+    main_process_first,
+    subsample,
+    usable_positions,
+)
 
 IGNORE = -100
 
 
 @dataclass
 class Task(DataSource):
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local folder of a pretrained causal LM (fine-tuning)."})
-    model_type: str = field(default="gpt2", metadata={"help": "Architecture for training from scratch (with model_config)."})
-    model_config: dict | None = field(default=None, metadata={"help": "Config overrides for training from scratch (JSON object)."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's); 'bytes' = byte-level, no files."})
-    text_source: str | None = field(default=None, metadata={"help": "'stdlib': this Python's standard-library sources (offline everywhere)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of a pretrained causal LM (fine-tuning)."}
+    )
+    model_type: str = field(
+        default="gpt2", metadata={"help": "Architecture for training from scratch (with model_config)."}
+    )
+    model_config: dict | None = field(
+        default=None, metadata={"help": "Config overrides for training from scratch (JSON object)."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer (default: the model's); 'bytes' = byte-level, no files."}
+    )
+    text_source: str | None = field(
+        default=None, metadata={"help": "'stdlib': this Python's standard-library sources (offline everywhere)."}
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the documents."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training row."})
-    packing: bool = field(default=True, metadata={"help": "Pack documents into full rows (False: one padded document per row)."})
-    validation_split_percentage: int = field(default=5, metadata={"help": "Held-out share when there is no validation split."})
+    packing: bool = field(
+        default=True, metadata={"help": "Pack documents into full rows (False: one padded document per row)."}
+    )
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Held-out share when there is no validation split."}
+    )
     max_docs: int | None = field(default=None, metadata={"help": "Use at most this many documents (stdlib source)."})
 
 
@@ -87,7 +110,7 @@ def pack(docs: list[list[int]], block_size: int, pad_id: int) -> dict:
         start = 0
         while start < len(doc):
             room = block_size - len(ids)
-            piece = doc[start:start + room]
+            piece = doc[start : start + room]
             ids += piece
             pos += list(range(len(piece)))
             lab += [IGNORE] + piece[1:]  # a row-or-document start is never a target
@@ -119,8 +142,9 @@ def token_nll(logits, labels):
     """Per row: (sum of next-token NLL, number of targets). Keeps eval memory at 2 numbers a row."""
     logits = logits[0] if isinstance(logits, tuple) else logits
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                            ignore_index=IGNORE, reduction="none").view(targets.shape)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(targets.shape)
     return torch.stack([nll.sum(-1), (targets != IGNORE).sum(-1).to(nll.dtype)], dim=-1)
 
 
@@ -135,6 +159,7 @@ def build(task: Task, config) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_text_source(task)
+    check_hub(task)
     if task.block_size < 2:  # a row needs an input and a target; 0 made packing loop forever
         raise LoopError(f"block_size must be >= 2 tokens, got {task.block_size}")
     if not 0 < task.validation_split_percentage < 100:
@@ -154,14 +179,16 @@ def build(task: Task, config) -> dict:
 
         def encode(text):
             return tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+
     # ----------------------------------------------------------------- model
     if task.model_name_or_path:
         model = from_pretrained(AutoModelForCausalLM, task.model_name_or_path, dtype=torch.float32)
     else:
         overrides = dict(task.model_config or {})
         overrides.setdefault("vocab_size", vocab)
-        overrides.setdefault("n_positions" if task.model_type == "gpt2" else "max_position_embeddings",
-                             max(task.block_size, 128))
+        overrides.setdefault(
+            "n_positions" if task.model_type == "gpt2" else "max_position_embeddings", max(task.block_size, 128)
+        )
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             overrides.setdefault(k, eos if k != "pad_token_id" else pad)
         try:
@@ -171,22 +198,30 @@ def build(task: Task, config) -> dict:
         model = AutoModelForCausalLM.from_config(model_config)
     positions = usable_positions(model)
     if positions and task.block_size > positions:  # else an index error deep in the first forward
-        raise LoopError(f"block_size {task.block_size} is longer than the model's {positions} positions; use "
-                        f"--block_size {positions} or less")
+        raise LoopError(
+            f"block_size {task.block_size} is longer than the model's {positions} positions; use "
+            f"--block_size {positions} or less"
+        )
     # ----------------------------------------------------------------- data
     if task.text_source == "stdlib":
         docs = stdlib_documents(task.max_docs)
         held = max(1, len(docs) * task.validation_split_percentage // 100)
         step = max(len(docs) // held, 2)
-        raw = datasets.DatasetDict({
-            "train": datasets.Dataset.from_dict({"text": [d for i, d in enumerate(docs) if i % step != step - 1]}),
-            "validation": datasets.Dataset.from_dict({"text": [d for i, d in enumerate(docs) if i % step == step - 1]}),
-        })
+        raw = datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_dict({"text": [d for i, d in enumerate(docs) if i % step != step - 1]}),
+                "validation": datasets.Dataset.from_dict(
+                    {"text": [d for i, d in enumerate(docs) if i % step == step - 1]}
+                ),
+            }
+        )
     else:
         with main_process_first(config):
             raw = load_raw(task, "causal_lm")
             if "validation" not in raw:
-                split = raw["train"].train_test_split(test_size=task.validation_split_percentage / 100, seed=config.seed)
+                split = raw["train"].train_test_split(
+                    test_size=task.validation_split_percentage / 100, seed=config.seed
+                )
                 raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     for name, ds in raw.items():
         if len(ds) == 0:
@@ -207,8 +242,13 @@ def build(task: Task, config) -> dict:
     out = {}
     with main_process_first(config):  # the other ranks read the main process's cache (file-backed data)
         for split, ds in raw.items():
-            out[split] = ds.map(fn, batched=True, num_proc=task.preprocessing_num_workers,
-                                remove_columns=ds.column_names, desc=f"tokenizing {split}")
+            out[split] = ds.map(
+                fn,
+                batched=True,
+                num_proc=task.preprocessing_num_workers,
+                remove_columns=ds.column_names,
+                desc=f"tokenizing {split}",
+            )
     train = subsample(out["train"], task.max_train_samples)
     val = subsample(out["validation"], task.max_eval_samples)
     if len(train) == 0:
@@ -218,8 +258,15 @@ def build(task: Task, config) -> dict:
         from transformers import default_data_collator
 
         collator = default_data_collator
-    return dict(model=model, train_dataset=train, eval_dataset=val, data_collator=collator,
-                processing_class=processing_class, compute_metrics=perplexity, preprocess_logits_for_metrics=token_nll)
+    return dict(
+        model=model,
+        train_dataset=train,
+        eval_dataset=val,
+        data_collator=collator,
+        processing_class=processing_class,
+        compute_metrics=perplexity,
+        preprocess_logits_for_metrics=token_nll,
+    )
 
 
 __all__ = ["Task", "build", "pack", "pad_collator", "ByteTokenizer", "stdlib_documents"]

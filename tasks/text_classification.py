@@ -9,13 +9,24 @@ import torch
 
 from loop.errors import LoopError
 
-from .common import (DataSource, check_columns, check_text_source, from_pretrained, load_raw, main_process_first,
-                     subsample, usable_positions)
+from .common import (
+    DataSource,
+    check_columns,
+    check_hub,
+    check_text_source,
+    from_pretrained,
+    load_raw,
+    main_process_first,
+    subsample,
+    usable_positions,
+)
 
 
 @dataclass
 class Task(DataSource):
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local folder of a pretrained encoder."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of a pretrained encoder."}
+    )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     validation_split: str = field(default="validation", metadata={"help": "Name of the evaluation split (imdb: test)."})
     text_column: str = field(default="sentence", metadata={"help": "Column with the text (first sentence of a pair)."})
@@ -24,10 +35,22 @@ class Task(DataSource):
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes (default: from the data)."})
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Dynamic padding to a multiple of this."})
-    model_type: str = field(default="bert", metadata={"help": "Architecture for training from scratch (with model_config, no model_name_or_path)."})
-    model_config: dict | None = field(default=None, metadata={"help": "Config overrides for training from scratch (JSON object)."})
-    text_source: str | None = field(default=None, metadata={"help": "'stdlib': lines of this Python's standard library, labelled 1 if they mention self (offline everywhere; for benchmarks)."})
-    max_docs: int | None = field(default=None, metadata={"help": "Use at most this many stdlib files (text_source stdlib)."})
+    model_type: str = field(
+        default="bert",
+        metadata={"help": "Architecture for training from scratch (with model_config, no model_name_or_path)."},
+    )
+    model_config: dict | None = field(
+        default=None, metadata={"help": "Config overrides for training from scratch (JSON object)."}
+    )
+    text_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "'stdlib': lines of this Python's standard library, labelled 1 if they mention self (offline everywhere; for benchmarks)."
+        },
+    )
+    max_docs: int | None = field(
+        default=None, metadata={"help": "Use at most this many stdlib files (text_source stdlib)."}
+    )
 
 
 class ByteTokenizer:
@@ -39,7 +62,7 @@ class ByteTokenizer:
         self.max_length = max_length
 
     def __call__(self, texts, truncation=True, max_length=None):
-        ids = [[1] + [b + 3 for b in t.encode("utf-8", errors="replace")][:self.max_length - 2] + [2] for t in texts]
+        ids = [[1] + [b + 3 for b in t.encode("utf-8", errors="replace")][: self.max_length - 2] + [2] for t in texts]
         return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
 
 
@@ -48,9 +71,11 @@ def pad_collator(multiple):
         n = max(len(f["input_ids"]) for f in features)
         n = -(-n // multiple) * multiple if multiple else n
         pad = lambda x: list(x) + [0] * (n - len(x))  # noqa: E731
-        return {"input_ids": torch.tensor([pad(f["input_ids"]) for f in features]),
-                "attention_mask": torch.tensor([pad(f["attention_mask"]) for f in features]),
-                "labels": torch.tensor([f["labels"] for f in features])}
+        return {
+            "input_ids": torch.tensor([pad(f["input_ids"]) for f in features]),
+            "attention_mask": torch.tensor([pad(f["attention_mask"]) for f in features]),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
 
     collate.pad_to_multiple_of = multiple  # read by dataset_on_device, as on DataCollatorWithPadding
     return collate
@@ -88,9 +113,12 @@ def build(task: Task, config) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     if not task.model_name_or_path and task.model_config is None:
-        raise LoopError("text_classification needs --model_name_or_path (a Hub id or a local model folder), or "
-                        "--model_config to train one from scratch")
+        raise LoopError(
+            "text_classification needs --model_name_or_path (a Hub id or a local model folder), or "
+            "--model_config to train one from scratch"
+        )
     check_text_source(task)
+    check_hub(task)
     if task.max_length < 2:
         raise LoopError(f"max_length must be >= 2 tokens, got {task.max_length}")
     if task.pad_to_multiple_of is not None and task.pad_to_multiple_of < 1:
@@ -112,18 +140,24 @@ def build(task: Task, config) -> dict:
     seen = labels + sorted(set(raw["validation"][task.label_column]))
     lowest, highest = int(min(seen)), int(max(seen))
     if lowest < 0 or highest >= num_labels:  # else an index error inside the loss at the first such batch
-        fix = ("fix the labels (an unlabelled test split holds -1; evaluate on a labelled split)" if lowest < 0 else
-               f"set --num_labels {highest + 1}, or fix the labels")
-        raise LoopError(f"column {task.label_column!r} holds class ids from {lowest} to {highest}, but they must be "
-                        f"0..num_labels-1 (num_labels {num_labels}): {fix}")
+        fix = (
+            "fix the labels (an unlabelled test split holds -1; evaluate on a labelled split)"
+            if lowest < 0
+            else f"set --num_labels {highest + 1}, or fix the labels"
+        )
+        raise LoopError(
+            f"column {task.label_column!r} holds class ids from {lowest} to {highest}, but they must be "
+            f"0..num_labels-1 (num_labels {num_labels}): {fix}"
+        )
     if task.tokenizer_name == "bytes" or (task.tokenizer_name is None and not task.model_name_or_path):
         tokenizer, collator = ByteTokenizer(task.max_length), pad_collator(task.pad_to_multiple_of)
     else:
         tokenizer = from_pretrained(AutoTokenizer, task.tokenizer_name or task.model_name_or_path)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=task.pad_to_multiple_of)
     if task.model_name_or_path:
-        model = from_pretrained(AutoModelForSequenceClassification, task.model_name_or_path, num_labels=num_labels,
-                                dtype=torch.float32)  # fp32 master weights; bf16/fp16 come from autocast
+        model = from_pretrained(
+            AutoModelForSequenceClassification, task.model_name_or_path, num_labels=num_labels, dtype=torch.float32
+        )  # fp32 master weights; bf16/fp16 come from autocast
     else:
         from transformers import AutoConfig
 
@@ -140,18 +174,32 @@ def build(task: Task, config) -> dict:
         return enc
 
     with main_process_first(config):  # the other ranks read the main process's cache
-        out = {split: raw[split].map(tokenize, batched=True, num_proc=task.preprocessing_num_workers,
-                                     remove_columns=raw[split].column_names, desc=f"tokenizing {split}")
-               for split in ("train", "validation")}
+        out = {
+            split: raw[split].map(
+                tokenize,
+                batched=True,
+                num_proc=task.preprocessing_num_workers,
+                remove_columns=raw[split].column_names,
+                desc=f"tokenizing {split}",
+            )
+            for split in ("train", "validation")
+        }
         if config.train_sampling_strategy == "group_by_length":
-            out = {k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
-                   for k, v in out.items()}
+            out = {
+                k: v.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True) for k, v in out.items()
+            }
     positions = usable_positions(model)
     longest = max(max(map(len, ds["input_ids"])) for ds in out.values())
     if positions and longest > positions:  # else an index error deep in the first forward that meets such a row
-        raise LoopError(f"the longest tokenized row has {longest} tokens, more than the model's {positions} positions; "
-                        f"use --max_length {positions} or less")
-    return dict(model=model, train_dataset=subsample(out["train"], task.max_train_samples),
-                eval_dataset=subsample(out["validation"], task.max_eval_samples),
-                data_collator=collator, processing_class=None if isinstance(tokenizer, ByteTokenizer) else tokenizer,
-                compute_metrics=accuracy_f1)
+        raise LoopError(
+            f"the longest tokenized row has {longest} tokens, more than the model's {positions} positions; "
+            f"use --max_length {positions} or less"
+        )
+    return dict(
+        model=model,
+        train_dataset=subsample(out["train"], task.max_train_samples),
+        eval_dataset=subsample(out["validation"], task.max_eval_samples),
+        data_collator=collator,
+        processing_class=None if isinstance(tokenizer, ByteTokenizer) else tokenizer,
+        compute_metrics=accuracy_f1,
+    )

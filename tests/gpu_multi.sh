@@ -86,7 +86,7 @@ resume_one() {  # resume_one TOPOLOGY PORT: one topology's kill-and-resume seque
   ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
   acc=("${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2})
   # batch 2 x 4 micro-batches (16 sequences a step on 2 GPUs): the 3 runs of all 4 topologies share the GPUs at once
-  worker=(tests/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 2
+  worker=(tests/workers/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 2
           --gradient_accumulation_steps 4 --per_device_eval_batch_size 4 --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
   launch=("${acc[@]}" --main_process_port $p "${worker[@]}")
   start=$(date +%s)
@@ -128,16 +128,16 @@ PY
 
 checks_part() {  # equivalence, two nodes and loop compare, at the same time (correctness only)
   EQ=("${JOB[@]}" --max_steps 30 --per_device_train_batch_size 4 --eval_strategy no --save_strategy no)
-  CUDA_VISIBLE_DEVICES=0 "${LAUNCH[@]}" --config_file launch_configs/single_gpu.yaml tests/gpu_worker.py "${EQ[@]}" \
+  CUDA_VISIBLE_DEVICES=0 "${LAUNCH[@]}" --config_file launch_configs/single_gpu.yaml tests/workers/gpu_worker.py "${EQ[@]}" \
     --gradient_accumulation_steps 2 --output_dir "$out/eq-1gpu" > "$out/eq-1gpu.log" 2>&1 &
   local one=$!
   "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 --main_process_port 29641 \
-    tests/gpu_worker.py "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2gpu" > "$out/eq-2gpu.log" 2>&1 &
+    tests/workers/gpu_worker.py "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2gpu" > "$out/eq-2gpu.log" 2>&1 &
   local two=$!
   local nodes=()
   for r in 0 1; do
     CUDA_VISIBLE_DEVICES=$r "${LAUNCH[@]}" --config_file launch_configs/multi_node.yaml --num_processes 2 \
-      --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 --main_process_port 29561 tests/gpu_worker.py \
+      --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 --main_process_port 29561 tests/workers/gpu_worker.py \
       "${EQ[@]}" --gradient_accumulation_steps 1 --output_dir "$out/eq-2nodes" > "$out/eq-2nodes-$r.log" 2>&1 &
     nodes+=($!)
   done

@@ -17,8 +17,8 @@
 #   bash tests/gpu_scale.sh ddp-at-one OUTDIR # on one GPU, the profiled loop-fast GPT-2 step plain and wrapped in DDP
 #                                          # in a world of one process (what DDP costs before any communication)
 #   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes: all-reduce bandwidth alone
-#                                          # (tests/allreduce_probe.py), then the loop-fast GPT-2 step profiled on 1 GPU
-#                                          # and on GPUS (tests/profile_ddp.py: compute busy, communication not
+#                                          # (benchmarks/allreduce_probe.py), then the loop-fast GPT-2 step profiled on 1 GPU
+#                                          # and on GPUS (benchmarks/profile_ddp.py: compute busy, communication not
 #                                          # overlapped, idle; EXTRA adds job arguments, e.g. --ddp_bucket_cap_mb 100)
 #
 # GPUS (default: every visible GPU), SIZES (default: 1 2 4 8, up to GPUS), TOPOLOGIES (default: all of the part's),
@@ -46,11 +46,11 @@ bench() {  # bench NAME TOPOLOGY N [bench arguments]: one `loop bench` run into 
   grep -A3 '^side' "$out/$name.log"
 }
 
-profile() {  # profile NAME N [job arguments]: tests/profile_ddp.py on N GPUs (RUN_ENV as for bench) into $out/NAME.log
+profile() {  # profile NAME N [job arguments]: benchmarks/profile_ddp.py on N GPUs (RUN_ENV as for bench) into $out/NAME.log
   local name=$1 n=$2; shift 2
   echo "== $name: $n GPU(s) ${RUN_ENV[*]} $*"
   env "${RUN_ENV[@]}" "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$n" \
-    --main_process_port 29583 tests/profile_ddp.py "$@" "${EXTRA[@]}" > "$out/$name.log" 2>&1 \
+    --main_process_port 29583 benchmarks/profile_ddp.py "$@" "${EXTRA[@]}" > "$out/$name.log" 2>&1 \
     || { echo "$name: FAILED"; tail -5 "$out/$name.log"; fail=1; return; }
   grep -v -e '^{' -e 'Loading weights' -e 'tokenizing' "$out/$name.log" | grep -B1 -A28 'ms/step unprofiled' | head -31
 }
@@ -74,13 +74,13 @@ nodes)
        --dataloader_num_workers 0 --max_steps 30 --per_device_train_batch_size 4 --eval_strategy no
        --save_strategy no --model_config '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
        "vocab_size": 50257, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}' "${EXTRA[@]}")
-  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" tests/gpu_worker.py \
+  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes "$GPUS" tests/workers/gpu_worker.py \
     "${JOB[@]}" --output_dir "$out/one-node" > "$out/one-node.log" 2>&1 || { echo "one node: FAILED"; fail=1; }
   for r in 0 1; do
     devices=$first; [ $r = 1 ] && devices=$second
     CUDA_VISIBLE_DEVICES=$devices "${LAUNCH[@]}" --config_file launch_configs/multi_node.yaml \
       --num_processes "$GPUS" --num_machines 2 --machine_rank $r --main_process_ip 127.0.0.1 \
-      --main_process_port 29581 tests/gpu_worker.py "${JOB[@]}" --output_dir "$out/two-nodes" \
+      --main_process_port 29581 tests/workers/gpu_worker.py "${JOB[@]}" --output_dir "$out/two-nodes" \
       > "$out/two-nodes-$r.log" 2>&1 &
   done
   wait || true
@@ -161,13 +161,13 @@ static-graph X=1 --ddp_static_graph true
 END_OF_LEVERS
   ;;
 profile)
-  torchrun --nproc_per_node "$GPUS" --master_port 29582 tests/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
+  torchrun --nproc_per_node "$GPUS" --master_port 29582 benchmarks/allreduce_probe.py 2>&1 | grep all_reduce || fail=1
   for n in 1 "$GPUS"; do  # one GPU without the recorded step (DDP cannot record it; it costs nothing at this size)
     one=(); [ "$n" = 1 ] && one=(--cuda_graph_step false)
     profile "profile-$n" "$n" "${one[@]}"
   done ;;
 ddp-at-one)  # one GPU: the step plain, then wrapped in DDP in a world of one process (DDP_AT_ONE=1, see
-             # tests/profile_ddp.py): what DDP's reducer, buckets and dynamo's graph split cost before any link does.
+             # benchmarks/profile_ddp.py): what DDP's reducer, buckets and dynamo's graph split cost before any link does.
              # Lines as in levers (LEVERS="a b" picks some).
   while read -r name env args; do
     [ -n "${LEVERS:-}" ] && [[ " $LEVERS " != *" $name "* ]] && continue

@@ -7,9 +7,9 @@
 #   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast (SST2_SIDES below)
 #   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
 #                                           # (PARITY_EXTRA="--full_determinism true": deterministic kernels on both sides)
-#   bash tests/gpu_speed.sh profile OUTDIR  # tests/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
-#   bash tests/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (tests/eval_speed.py), then
-#                                           # inside training (tests/eval_in_train.py, each side twice)
+#   bash tests/gpu_speed.sh profile OUTDIR  # benchmarks/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
+#   bash tests/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (benchmarks/eval_speed.py), then
+#                                           # inside training (benchmarks/eval_in_train.py, each side twice)
 #   bash tests/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses and grad norms against the eager step's
 #                                           # (tiny BERT, bf16, fp32), then the speed (tiny BERT)
 #   graphs takes CHECK_ONLY=1 (no speed), CHECK_STEPS=N, CHECK_PRECISIONS="bf16", CHECK_SPREAD="" (no second eager
@@ -63,10 +63,10 @@ parity)
     --gradient_accumulation_steps 1 --max_steps 100 --logging_steps 1 --eval_strategy no --trainer_runs 2 \
     --disable_tqdm ${PARITY_EXTRA:-} --output_dir "$out/parity" 2>&1 | grep -v '^{' | tail -25 ;;
 profile)  # where the small models' steps go: tiny BERT with CUDA graphs, SST-2 under fast (compiling takes a while)
-  timeout 240 python tests/profile_step.py "$out/prof-tiny-bert" --workload tiny-bert --sides loop --fast true \
+  timeout 240 python benchmarks/profile_step.py "$out/prof-tiny-bert" --workload tiny-bert --sides loop --fast true \
     --torch_compile_mode reduce-overhead --attention_backends flash,efficient,math > "$out/prof-tiny-bert.txt" 2>&1
   grep -v '^{' "$out/prof-tiny-bert.txt" | grep -A40 '^===' | cut -c1-300
-  timeout 300 python tests/profile_step.py "$out/prof-sst2" --config tasks/configs/sst2_minilm.yaml \
+  timeout 300 python benchmarks/profile_step.py "$out/prof-sst2" --config tasks/configs/sst2_minilm.yaml \
     --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
     --sides loop --fast true > "$out/prof-sst2.txt" 2>&1
   grep -v '^{' "$out/prof-sst2.txt" | grep -A40 '^===' | cut -c1-300 ;;
@@ -111,9 +111,9 @@ PY
     --output_dir "$out/tiny-bert-no-graphs" 2>&1 | show
   exit $fail ;;
 eval)
-  python tests/eval_speed.py 2>&1 | grep -E '^(loop|trainer|   top)' | tee "$out/eval.txt"
+  python benchmarks/eval_speed.py 2>&1 | grep -E '^(loop|trainer|   top)' | tee "$out/eval.txt"
   for i in 1 2; do for side in loop trainer; do  # inside training: each side in its own process, alternating
-    python tests/eval_in_train.py $side "$out/in-train-$side$i" 2>&1 | grep -E '^(loop|trainer):' | tee -a "$out/eval.txt"
+    python benchmarks/eval_in_train.py $side "$out/in-train-$side$i" 2>&1 | grep -E '^(loop|trainer):' | tee -a "$out/eval.txt"
   done; done ;;
 *) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval OUTDIR"; exit 2 ;;
 esac

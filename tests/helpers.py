@@ -1,6 +1,9 @@
-"""Tiny models and data made on the spot (no downloads)."""
+"""Tiny models and data made on the spot (no downloads), and the assertions several test modules share."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -10,18 +13,37 @@ def tiny_gpt2(seed=0, dropout=0.0, vocab=64):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
+    )
 
 
 def tiny_bert_classifier(seed=0, dropout=0.1, num_labels=3):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=num_labels,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+    )
 
 
 class LMData(torch.utils.data.Dataset):
@@ -89,8 +111,10 @@ class PackedLM(torch.utils.data.Dataset):
         from loop.tasks.causal_lm import pack
 
         g = torch.Generator().manual_seed(seed)
-        docs = [torch.randint(0, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
-                for _ in range(n_docs)]
+        docs = [
+            torch.randint(0, vocab, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n_docs)
+        ]
         self.rows = pack(docs, block, pad_id=0)
 
     def __len__(self):
@@ -106,8 +130,9 @@ def clone(model):
 
 def comparable(record):
     """A log record without wall-clock values and loop-only keys."""
-    return {k: v for k, v in record.items()
-            if not k.endswith(("_runtime", "_per_second")) and not k.startswith("loop/")}
+    return {
+        k: v for k, v in record.items() if not k.endswith(("_runtime", "_per_second")) and not k.startswith("loop/")
+    }
 
 
 class SimpleClassifier(nn.Module):
@@ -117,8 +142,9 @@ class SimpleClassifier(nn.Module):
     def __init__(self, seed=0, vocab=50, dim=16, num_labels=3):
         super().__init__()
         torch.manual_seed(seed)
-        self.encoder = nn.ModuleDict({"embed": nn.Embedding(vocab, dim), "proj": nn.Linear(dim, dim),
-                                      "norm": nn.LayerNorm(dim)})
+        self.encoder = nn.ModuleDict(
+            {"embed": nn.Embedding(vocab, dim), "proj": nn.Linear(dim, dim), "norm": nn.LayerNorm(dim)}
+        )
         self.classifier = nn.Linear(dim, num_labels)
 
     def forward(self, input_ids, attention_mask=None):
@@ -134,13 +160,61 @@ def cross_entropy_over_items(outputs, labels, num_items_in_batch=None):
     return loss / num_items_in_batch if num_items_in_batch is not None else loss / labels.numel()
 
 
-def readme_block(first_line: str) -> str:
-    """The README's fenced code block that starts with `first_line` (so tests run exactly what the README shows)."""
+def doc_block(first_line: str) -> str:
+    """The fenced code block of the README or docs/ that starts with `first_line` (tests run what the docs show)."""
+    for _, _, body, _ in doc_blocks():
+        if body.startswith(first_line):
+            return body
+    raise AssertionError(f"no block in README.md or docs/ starts with {first_line!r}")
+
+
+def doc_blocks():
+    """(file, language, body, marker) for every fenced block of README.md and docs/**/*.md, in order; marker is the
+    HTML comment on the line before the fence (`<!-- gpu -->`, `<!-- manual: why -->`) or ''."""
+    import glob
     import os
     import re
 
-    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
-        if block.startswith(first_line):
-            return block
-    raise AssertionError(f"no README block starts with {first_line!r}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = [os.path.join(root, "README.md")] + sorted(
+        glob.glob(os.path.join(root, "docs", "**", "*.md"), recursive=True)
+    )
+    for path in files:
+        text = open(path).read()
+        for m in re.finditer(r"(?:(<!--[^\n]*-->)\n)?```([a-z]*)\n(.*?)```", text, flags=re.S):
+            yield os.path.relpath(path, root), m.group(2), m.group(3), m.group(1) or ""
+
+
+# ---------------------------------------------------------------------------------------------- shared assertions
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
+
+
+def assert_same(expected, got):
+    assert len(expected) == len(got), (len(expected), len(got))
+    for a, b in zip(expected, got):
+        a, b = comparable(a), comparable(b)
+        assert a.keys() == b.keys(), (a.keys(), b.keys())
+        for k in a:
+            assert a[k] == b[k], f"step {a.get('step')} {k}: trainer {a[k]!r} loop {b[k]!r}"
+
+
+def same_history(a, b):
+    a, b = [comparable(r) for r in a], [comparable(r) for r in b]
+    assert len(a) == len(b), (len(a), len(b))
+    for x, y in zip(a, b):
+        assert x == y, (x, y)
+
+
+def run_loop(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "loop", *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout
+    )
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]

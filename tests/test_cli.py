@@ -7,22 +7,13 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_one_line_error
+from helpers import run_loop as run
+
+pytestmark = pytest.mark.slow  # subprocesses, launches and signals: left out of the quick loop (-m "not slow")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-
-
-def run(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "loop", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=timeout)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_default_job_runs_and_held_out_loss_falls(tmp_path):
@@ -50,15 +41,18 @@ def test_help_lists_every_field_with_default():
         assert f"--{f.name} (default" in proc.stdout
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["train", "--learning_rat", "1e-3"], ["--learning_rat", "did you mean `learning_rate`"]),
-    (["train", "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
-    (["trian"], ["did you mean `train`"]),
-    (["train", "--task", "causal"], ["unknown task", "causal_lm"]),
-    (["train", "--max_steps", "many"], ["max_steps", "not a valid int"]),
-    (["train", "--use_liger_kernel", "true"], ["use_liger_kernel", "not support"]),
-    (["train", "--neftune_noise_alpha", "-1"], ["neftune_noise_alpha must be >= 0"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["train", "--learning_rat", "1e-3"], ["--learning_rat", "did you mean `learning_rate`"]),
+        (["train", "--config", "nope.yaml"], ["nope.yaml", "does not exist"]),
+        (["trian"], ["did you mean `train`"]),
+        (["train", "--task", "causal"], ["unknown task", "causal_lm"]),
+        (["train", "--max_steps", "many"], ["max_steps", "not a valid int"]),
+        (["train", "--use_liger_kernel", "true"], ["use_liger_kernel", "not support"]),
+        (["train", "--neftune_noise_alpha", "-1"], ["neftune_noise_alpha must be >= 0"]),
+    ],
+)
 def test_bad_options_give_one_clear_line(tmp_path, args, needles):
     assert_one_line_error(run(*args, "--output_dir", str(tmp_path)), *needles)
     assert not os.path.exists(tmp_path / "model.safetensors")
@@ -68,13 +62,19 @@ def test_an_output_dir_that_cannot_be_written_stops_each_command_before_its_work
     """Not at the first record, nor after the whole evaluation or comparison when the report is written."""
     (tmp_path / "a_file").write_text("")
     bad = str(tmp_path / "a_file" / "out")
-    for args in (["train", "--max_steps", "1"], ["evaluate", "--model_name_or_path", str(tmp_path / "none")],
-                 ["compare", "--max_steps", "1"], ["bench", "--workload", "tiny-gpt2", "--sides", "loop", "--steps", "2"]):
+    for args in (
+        ["train", "--max_steps", "1"],
+        ["evaluate", "--model_name_or_path", str(tmp_path / "none")],
+        ["compare", "--max_steps", "1"],
+        ["bench", "--workload", "tiny-gpt2", "--sides", "loop", "--steps", "2"],
+    ):
         if args[0] == "evaluate":  # any folder with weights will do: evaluate refuses before it loads them
             (tmp_path / "none").mkdir(exist_ok=True)
             (tmp_path / "none" / "model.safetensors").write_bytes(b"")
-        assert_one_line_error(run(*args, "--use_cpu", "true", "--output_dir", bad),
-                              f"output_dir {bad} cannot be written (Not a directory)")
+        assert_one_line_error(
+            run(*args, "--use_cpu", "true", "--output_dir", bad),
+            f"output_dir {bad} cannot be written (Not a directory)",
+        )
 
 
 def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path):
@@ -84,11 +84,30 @@ def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path
     import signal
     import time
 
-    job = ["train", "--max_steps", "40", "--logging_steps", "5", "--save_steps", "1000", "--disable_tqdm", "true",
-           "--dataloader_num_workers", "2", "--enable_jit_checkpoint", "true"]
+    job = [
+        "train",
+        "--max_steps",
+        "40",
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        "1000",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_num_workers",
+        "2",
+        "--enable_jit_checkpoint",
+        "true",
+    ]
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "loop", *job, "--output_dir", str(out)], cwd=ROOT, env=ENV,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loop", *job, "--output_dir", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
@@ -105,29 +124,50 @@ def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path
     assert resumed.returncode == 0 and reference.returncode == 0, resumed.stderr[-2000:] + reference.stderr[-2000:]
 
     def losses(folder):
-        return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, open(folder / "metrics.jsonl"))
-                if "loss" in r}
+        return {
+            r["step"]: (r["loss"], r["grad_norm"])
+            for r in map(json.loads, open(folder / "metrics.jsonl"))
+            if "loss" in r
+        }
 
     assert losses(out) == losses(tmp_path / "ref") and len(losses(out)) == 8
 
 
 def test_missing_data_file_and_column(tmp_path):
-    proc = run("train", "--config", "tasks/configs/default.yaml", "--text_source", "none", "--train_file",
-               str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "o"))
+    proc = run(
+        "train",
+        "--config",
+        "tasks/configs/default.yaml",
+        "--text_source",
+        "none",
+        "--train_file",
+        str(tmp_path / "missing.txt"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, "missing.txt", "does not exist")
     data = tmp_path / "d.jsonl"
     data.write_text('{"body": "hello world"}\n{"body": "more text here"}\n')
-    proc = run("train", "--text_source", "none", "--train_file", str(data), "--validation_file", str(data),
-               "--output_dir", str(tmp_path / "o"))
+    proc = run(
+        "train",
+        "--text_source",
+        "none",
+        "--train_file",
+        str(data),
+        "--validation_file",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert_one_line_error(proc, "no column 'text'", "--text_column body")
     assert not os.path.exists(tmp_path / "o" / "model.safetensors")
 
 
 def test_empty_dataset_and_model_without_loss(tmp_path):
     import torch
+    from helpers import tiny_gpt2
 
     import loop
-    from helpers import tiny_gpt2
 
     config = loop.TrainConfig(output_dir=str(tmp_path), max_steps=2, use_cpu=True, disable_tqdm=True)
     with pytest.raises(loop.LoopError, match="empty"):
@@ -147,8 +187,21 @@ def test_empty_dataset_and_model_without_loss(tmp_path):
 
 
 def test_compare_on_default_job_reports_exact_parity_on_cpu(tmp_path):
-    proc = run("compare", "--output_dir", str(tmp_path), "--max_steps", "30", "--eval_steps", "15",
-               "--logging_steps", "5", "--save_steps", "15", "--disable_tqdm", timeout=900)
+    proc = run(
+        "compare",
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "30",
+        "--eval_steps",
+        "15",
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        "15",
+        "--disable_tqdm",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     report = json.load(open(tmp_path / "compare.json"))
     assert report["parity"] is True and report["tolerance_rel"] == 0.0
@@ -159,38 +212,63 @@ def test_compare_on_default_job_reports_exact_parity_on_cpu(tmp_path):
 
 
 def _write_my_task(root):
-    from helpers import readme_block
+    from helpers import doc_block
 
     (root / "my_lab").mkdir()
     (root / "my_lab" / "__init__.py").write_text("")
-    (root / "my_lab" / "my_task.py").write_text(readme_block("# my_lab/my_task.py"))
-    (root / "my_lab" / "my_task.yaml").write_text(readme_block("# my_lab/my_task.yaml"))
+    (root / "my_lab" / "my_task.py").write_text(doc_block("# my_lab/my_task.py"))
+    (root / "my_lab" / "my_task.yaml").write_text(doc_block("# my_lab/my_task.yaml"))
 
 
 def run_in(cwd, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "loop", *args], capture_output=True, text=True, cwd=cwd, env=ENV,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "loop", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout
+    )
 
 
 def test_own_task_module_from_the_readme_trains_compares_evaluates(tmp_path):
     _write_my_task(tmp_path)
     out = tmp_path / "out"
-    proc = run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--num_examples", "1024",
-                  "--output_dir", str(out), "--disable_tqdm")
+    proc = run_in(
+        tmp_path,
+        "train",
+        "--config",
+        "my_lab/my_task.yaml",
+        "--num_examples",
+        "1024",
+        "--output_dir",
+        str(out),
+        "--disable_tqdm",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in records if "eval_accuracy" in r]
     assert len(evals) == 2 and evals[-1]["eval_accuracy"] > 0.8, evals
     # its fields are on --help, overridable, and a misspelt module is one line
     proc = run_in(tmp_path, "train", "--help", "--task", "my_lab.my_task")
-    assert proc.returncode == 0 and "--num_examples (default 512)" in proc.stdout and "--dim (default 32)" in proc.stdout
-    assert_one_line_error(run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--task", "my_lab.my_tsk"),
-                          "unknown task 'my_lab.my_tsk'", "no module named")
-    assert_one_line_error(run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--num_exampels", "3"),
-                          "did you mean `num_examples`")
+    assert (
+        proc.returncode == 0 and "--num_examples (default 512)" in proc.stdout and "--dim (default 32)" in proc.stdout
+    )
+    assert_one_line_error(
+        run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--task", "my_lab.my_tsk"),
+        "unknown task 'my_lab.my_tsk'",
+        "no module named",
+    )
+    assert_one_line_error(
+        run_in(tmp_path, "train", "--config", "my_lab/my_task.yaml", "--num_exampels", "3"),
+        "did you mean `num_examples`",
+    )
     # loop evaluate: the saved (plain-module) weights give the run's final eval numbers
-    proc = run_in(tmp_path, "evaluate", "--config", "my_lab/my_task.yaml", "--model_name_or_path", str(out),
-                  "--output_dir", str(tmp_path / "ev"))
+    proc = run_in(
+        tmp_path,
+        "evaluate",
+        "--config",
+        "my_lab/my_task.yaml",
+        "--model_name_or_path",
+        str(out),
+        "--output_dir",
+        str(tmp_path / "ev"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.load(open(tmp_path / "ev" / "eval_results.json"))
     assert got["eval_accuracy"] == evals[-1]["eval_accuracy"] and got["eval_loss"] == evals[-1]["eval_loss"]
@@ -203,8 +281,20 @@ def test_own_task_module_from_the_readme_trains_compares_evaluates(tmp_path):
 
 def test_loop_evaluate_a_saved_model_and_its_ema(tmp_path):
     out = tmp_path / "run"
-    proc = run("train", "--max_steps", "20", "--eval_steps", "20", "--ema_decay", "0.9", "--save_strategy", "no",
-               "--output_dir", str(out), "--disable_tqdm")
+    proc = run(
+        "train",
+        "--max_steps",
+        "20",
+        "--eval_steps",
+        "20",
+        "--ema_decay",
+        "0.9",
+        "--save_strategy",
+        "no",
+        "--output_dir",
+        str(out),
+        "--disable_tqdm",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = [json.loads(line) for line in open(out / "metrics.jsonl")]
     last = [r for r in final if "eval_loss" in r][-1]
@@ -253,8 +343,21 @@ def test_parameter_counts_see_through_zero3_placeholders():
 
 def test_loop_bench_smoke_on_a_tiny_cpu_workload(tmp_path):
     """Each side in its own process; steady-state rates, the FLOP count, and (CPU, fp32) the same final loss."""
-    proc = run("bench", "--workload", "tiny-gpt2", "--sides", "trainer,loop", "--steps", "8", "--use_cpu", "true",
-               "--logging_steps", "2", "--output_dir", str(tmp_path))
+    proc = run(
+        "bench",
+        "--workload",
+        "tiny-gpt2",
+        "--sides",
+        "trainer,loop",
+        "--steps",
+        "8",
+        "--use_cpu",
+        "true",
+        "--logging_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "bench.json"))
     trainer, ours = report["sides"]

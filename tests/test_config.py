@@ -15,12 +15,17 @@ def test_defaults_match_training_arguments():
     cfg = TrainConfig()
     mismatched = []
     for f in dataclasses.fields(TrainConfig):
-        if f.metadata["group"] != "trainer" or not hasattr(args, f.name) or f.name in ("output_dir", "report_to",
-                                                                                   "disable_tqdm", "gradient_checkpointing"):
+        if (
+            f.metadata["group"] != "trainer"
+            or not hasattr(args, f.name)
+            or f.name in ("output_dir", "report_to", "disable_tqdm", "gradient_checkpointing")
+        ):
             continue
         theirs = getattr(args, f.name)
         theirs = getattr(theirs, "value", theirs)
-        if f.name == "debug":  # TrainingArguments parses its string into a list of DebugOption; the loop keeps the string
+        if (
+            f.name == "debug"
+        ):  # TrainingArguments parses its string into a list of DebugOption; the loop keeps the string
             theirs = " ".join(o.value for o in theirs)
         if getattr(cfg, f.name) != theirs:
             mismatched.append((f.name, getattr(cfg, f.name), theirs))
@@ -28,14 +33,25 @@ def test_defaults_match_training_arguments():
 
 
 def test_round_trip_through_training_arguments():
-    cfg = TrainConfig(output_dir="o", learning_rate=3e-4, gradient_accumulation_steps=4, warmup_steps=0.1,
-                      lr_scheduler_type="cosine", eval_strategy="steps", eval_steps=7, bf16=False, seed=3)
+    cfg = TrainConfig(
+        output_dir="o",
+        learning_rate=3e-4,
+        gradient_accumulation_steps=4,
+        warmup_steps=0.1,
+        lr_scheduler_type="cosine",
+        eval_strategy="steps",
+        eval_steps=7,
+        bf16=False,
+        seed=3,
+    )
     back = TrainConfig.from_training_arguments(cfg.to_training_arguments(), telemetry=True)
     assert back == cfg
 
 
-@pytest.mark.parametrize("name,value", [("eval_use_gather_object", True), ("fsdp", "full_shard"),
-                                        ("push_to_hub", True), ("auto_find_batch_size", True)])
+@pytest.mark.parametrize(
+    "name,value",
+    [("eval_use_gather_object", True), ("fsdp", "full_shard"), ("push_to_hub", True), ("auto_find_batch_size", True)],
+)
 def test_unsupported_training_arguments_are_refused_by_name(name, value):
     kwargs = {name: value}
     if name == "fsdp":
@@ -45,35 +61,40 @@ def test_unsupported_training_arguments_are_refused_by_name(name, value):
         TrainConfig.from_training_arguments(args)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(fp16=True, bf16=True), "fp16 and bf16"),
-    (dict(load_best_model_at_end=True), "needs evaluation"),
-    (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch"), "match"),
-    (dict(learning_rate=-1), "learning_rate"),
-    (dict(optim="adamw"), "did you mean"),
-    (dict(lr_scheduler_type="cosin"), "did you mean `cosine`"),
-    (dict(max_steps=0), "nothing to train"),
-    (dict(warmup_steps=2.5), "warmup_steps"),
-    (dict(ema_decay=1.0), "ema_decay"),
-    (dict(per_device_train_batch_size="four"), "not a valid int"),
-    (dict(save_strategy="best"), "needs evaluation"),
-    (dict(report_to="tensorbord"), "did you mean `tensorboard`"),
-    (dict(seed=-1), "seed must be in"),
-    (dict(data_seed=2 ** 32), "data_seed must be in"),
-    (dict(optim="sgd", optim_args="momentum=abc"), "momentum='abc' is not a number"),
-    (dict(optim="sgd", optim_args="momentum=0.9,nestrov=true"), "nestrov: optim sgd does not use it .Trainer would "
-                                                                 "ignore it.; it takes momentum, dampening"),
-    (dict(optim_args="beta1=0.95"), "optim adamw_torch_fused does not use it .* set adam_beta1"),
-    (dict(optim="sgd", optim_args="momentum"), "malformed"),
-    (dict(torch_compile_backend="inducto"), "is not a backend .did you mean `inductor`"),
-    (dict(torch_compile_mode="fast"), "torch_compile_mode='fast' is not supported; choose one of: default"),
-    (dict(dataloader_multiprocessing_context="bogus"), "choose one of: fork, spawn, forkserver"),
-    (dict(max_grad_norm=float("nan")), "max_grad_norm is nan"),
-    (dict(learning_rate="nan"), "learning_rate is nan"),
-    (dict(torch_empty_cache_steps=0), "torch_empty_cache_steps must be >= 1"),
-    (dict(eval_strategy="steps", eval_steps=-3), "needs eval_steps > 0"),
-    (dict(lr_scheduler_kwargs="notjson"), "lr_scheduler_kwargs='notjson' is not a valid dict"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fp16=True, bf16=True), "fp16 and bf16"),
+        (dict(load_best_model_at_end=True), "needs evaluation"),
+        (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch"), "match"),
+        (dict(learning_rate=-1), "learning_rate"),
+        (dict(optim="adamw"), "did you mean"),
+        (dict(lr_scheduler_type="cosin"), "did you mean `cosine`"),
+        (dict(max_steps=0), "nothing to train"),
+        (dict(warmup_steps=2.5), "warmup_steps"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(per_device_train_batch_size="four"), "not a valid int"),
+        (dict(save_strategy="best"), "needs evaluation"),
+        (dict(report_to="tensorbord"), "did you mean `tensorboard`"),
+        (dict(seed=-1), "seed must be in"),
+        (dict(data_seed=2**32), "data_seed must be in"),
+        (dict(optim="sgd", optim_args="momentum=abc"), "momentum='abc' is not a number"),
+        (
+            dict(optim="sgd", optim_args="momentum=0.9,nestrov=true"),
+            "nestrov: optim sgd does not use it .Trainer would ignore it.; it takes momentum, dampening",
+        ),
+        (dict(optim_args="beta1=0.95"), "optim adamw_torch_fused does not use it .* set adam_beta1"),
+        (dict(optim="sgd", optim_args="momentum"), "malformed"),
+        (dict(torch_compile_backend="inducto"), "is not a backend .did you mean `inductor`"),
+        (dict(torch_compile_mode="fast"), "torch_compile_mode='fast' is not supported; choose one of: default"),
+        (dict(dataloader_multiprocessing_context="bogus"), "choose one of: fork, spawn, forkserver"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm is nan"),
+        (dict(learning_rate="nan"), "learning_rate is nan"),
+        (dict(torch_empty_cache_steps=0), "torch_empty_cache_steps must be >= 1"),
+        (dict(eval_strategy="steps", eval_steps=-3), "needs eval_steps > 0"),
+        (dict(lr_scheduler_kwargs="notjson"), "lr_scheduler_kwargs='notjson' is not a valid dict"),
+    ],
+)
 def test_invalid_values_fail_at_construction(kwargs, match):
     with pytest.raises(loop.LoopError, match=match):
         TrainConfig(**kwargs)
@@ -123,7 +144,6 @@ def test_a_tracker_that_is_not_installed_and_an_output_dir_that_cannot_be_writte
     """accelerate only warns about a tracker it cannot find and trains without it; the loop refuses, as Trainer does.
     An output_dir that cannot be made fails before training, not at the first record."""
     import accelerate.tracking
-
     from helpers import LMData, tiny_gpt2
 
     (tmp_path / "a_file").write_text("")
@@ -137,12 +157,15 @@ def test_a_tracker_that_is_not_installed_and_an_output_dir_that_cannot_be_writte
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("rank0,local0,each_node,expect", [
-    (True, True, True, "INFO"),       # rank 0 logs
-    (False, True, True, "INFO"),      # the first process of node 1 logs too (log_on_each_node, Trainer's default)
-    (False, True, False, "ERROR"),    # ... but not with log_on_each_node false
-    (False, False, True, "ERROR"),    # any other process is a replica
-])
+@pytest.mark.parametrize(
+    "rank0,local0,each_node,expect",
+    [
+        (True, True, True, "INFO"),  # rank 0 logs
+        (False, True, True, "INFO"),  # the first process of node 1 logs too (log_on_each_node, Trainer's default)
+        (False, True, False, "ERROR"),  # ... but not with log_on_each_node false
+        (False, False, True, "ERROR"),  # any other process is a replica
+    ],
+)
 def test_log_levels_follow_trainers_process_rule(rank0, local0, each_node, expect):
     import logging
     from types import SimpleNamespace
@@ -157,8 +180,10 @@ def test_log_levels_follow_trainers_process_rule(rank0, local0, each_node, expec
         apply_log_level(config, SimpleNamespace(is_main_process=rank0, is_local_main_process=local0))
         assert hf_logging.get_verbosity() == getattr(logging, expect)
         hf_logging.set_verbosity(logging.CRITICAL)
-        apply_log_level(TrainConfig(log_level="passive", log_level_replica="passive"),
-                        SimpleNamespace(is_main_process=rank0, is_local_main_process=local0))
+        apply_log_level(
+            TrainConfig(log_level="passive", log_level_replica="passive"),
+            SimpleNamespace(is_main_process=rank0, is_local_main_process=local0),
+        )
         assert hf_logging.get_verbosity() == logging.CRITICAL  # passive leaves it alone
     finally:
         hf_logging.set_verbosity(before)
@@ -181,13 +206,34 @@ def test_eval_steps_defaults_to_logging_steps_and_ratio_steps():
     assert TrainConfig(warmup_steps=0.06).warmup_for(100) == 6
 
 
-def test_readme_coverage_table_is_the_generated_one():
-    """The README's table is `loop fields` output for the installed transformers (regenerate it when this fails)."""
+def test_docs_coverage_table_is_the_generated_one():
+    """docs/reference/training_arguments.md holds exactly `loop fields` output for the installed transformers: no row
+    missing, none stale, same order (regenerate with `loop fields` when this fails)."""
     import os
+    import re
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    for name, status, note in coverage():
-        assert f"| `{name}` | {status} | {note} |" in readme, name
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "reference", "training_arguments.md")
+    table = [line for line in open(path).read().splitlines() if re.match(r"^\| `", line)]
+    assert table == [f"| `{name}` | {status} | {note} |" for name, status, note in coverage()]
+
+
+def test_mirrored_fields_have_trainers_defaults():
+    """A field called mirrored (without a note) has TrainingArguments' name and default in TrainConfig."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    ta = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    ours = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for name, status, _ in coverage():
+        if status != "mirrored" or name not in ours or name == "output_dir":
+            continue
+        theirs = ta[name].default if ta[name].default is not dataclasses.MISSING else ta[name].default_factory()
+        mine = ours[name].default if ours[name].default is not dataclasses.MISSING else ours[name].default_factory()
+        assert mine == theirs or (not mine and not theirs), (name, mine, theirs)
+        checked += 1
+    assert checked > 50
 
 
 @pytest.mark.parametrize("user_set", [False, True])
@@ -207,7 +253,11 @@ def test_full_determinism_does_not_make_kernel_launches_blocking(monkeypatch, us
         monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
     else:
         monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
-    was = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    was = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     try:
         seed_everything(TrainConfig(output_dir="o", full_determinism=True))
         assert torch.are_deterministic_algorithms_enabled()

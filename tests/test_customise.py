@@ -9,16 +9,33 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    ClsData,
+    LMData,
+    SimpleClassifier,
+    assert_same,
+    clone,
+    comparable,
+    cross_entropy_over_items,
+    tiny_bert_classifier,
+    tiny_gpt2,
+)
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import loop
-from helpers import (ClsData, LMData, SimpleClassifier, clone, comparable, cross_entropy_over_items, tiny_bert_classifier,
-                     tiny_gpt2)
-from test_parity import assert_same
 
-BASE = dict(per_device_train_batch_size=4, per_device_eval_batch_size=5, learning_rate=1e-2, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, label_names=["labels"])
+BASE = dict(
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=5,
+    learning_rate=1e-2,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    label_names=["labels"],
+)
 
 
 def _args(tmp_path, name="trainer", **kw):
@@ -32,8 +49,14 @@ def _loop(tmp_path, args, model=None, train=None, eval_ds=None, **hooks):
 
 def sgd_with_groups(model):
     """SGD with momentum: the body at a tenth of the head's learning rate."""
-    return torch.optim.SGD([{"params": list(model.encoder.parameters()), "lr": 1e-3},
-                            {"params": list(model.classifier.parameters()), "lr": 1e-2}], lr=1e-2, momentum=0.9)
+    return torch.optim.SGD(
+        [
+            {"params": list(model.encoder.parameters()), "lr": 1e-3},
+            {"params": list(model.classifier.parameters()), "lr": 1e-2},
+        ],
+        lr=1e-2,
+        momentum=0.9,
+    )
 
 
 def halving_every_3(step):
@@ -44,8 +67,9 @@ def halving_every_3(step):
 def test_compute_loss_func_on_logits_only_model(tmp_path, ga):
     model, train, val = SimpleClassifier(), ClsData(38), ClsData(11, seed=1)  # 38 rows: a short last window
     args = _args(tmp_path, gradient_accumulation_steps=ga, num_train_epochs=2, eval_strategy="steps", eval_steps=2)
-    trainer = Trainer(model=clone(model), args=args, train_dataset=train, eval_dataset=val,
-                      compute_loss_func=cross_entropy_over_items)
+    trainer = Trainer(
+        model=clone(model), args=args, train_dataset=train, eval_dataset=val, compute_loss_func=cross_entropy_over_items
+    )
     trainer.train()
     got = _loop(tmp_path, args, clone(model), train, val, compute_loss_func=cross_entropy_over_items)
     assert_same(trainer.state.log_history, got)
@@ -58,13 +82,24 @@ def test_done_when_compute_loss_func_with_sgd_groups_and_lambda_lr_under_accumul
     args = _args(tmp_path, gradient_accumulation_steps=2, max_steps=9)
     m1 = clone(model)
     opt1 = sgd_with_groups(m1)
-    trainer = Trainer(model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
-                      optimizers=(opt1, torch.optim.lr_scheduler.LambdaLR(opt1, halving_every_3)))
+    trainer = Trainer(
+        model=m1,
+        args=args,
+        train_dataset=train,
+        compute_loss_func=cross_entropy_over_items,
+        optimizers=(opt1, torch.optim.lr_scheduler.LambdaLR(opt1, halving_every_3)),
+    )
     trainer.train()
     m2 = clone(model)
     opt2 = sgd_with_groups(m2)
-    got = _loop(tmp_path, args, m2, train, compute_loss_func=cross_entropy_over_items,
-                optimizers=(opt2, torch.optim.lr_scheduler.LambdaLR(opt2, halving_every_3)))
+    got = _loop(
+        tmp_path,
+        args,
+        m2,
+        train,
+        compute_loss_func=cross_entropy_over_items,
+        optimizers=(opt2, torch.optim.lr_scheduler.LambdaLR(opt2, halving_every_3)),
+    )
     assert_same(trainer.state.log_history, got)
     lrs = [r["learning_rate"] for r in got if "loss" in r]
     assert lrs[:4] == [1e-3, 1e-3, 1e-3, 5e-4]  # group 0 (the body), halved every 3 steps
@@ -75,12 +110,18 @@ def test_optimizer_given_without_scheduler_gets_trainers_schedule(tmp_path):
     model, train = SimpleClassifier(), ClsData(40)
     args = _args(tmp_path, max_steps=6, lr_scheduler_type="cosine", warmup_steps=2)
     m1 = clone(model)
-    trainer = Trainer(model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
-                      optimizers=(sgd_with_groups(m1), None))
+    trainer = Trainer(
+        model=m1,
+        args=args,
+        train_dataset=train,
+        compute_loss_func=cross_entropy_over_items,
+        optimizers=(sgd_with_groups(m1), None),
+    )
     trainer.train()
     m2 = clone(model)
-    got = _loop(tmp_path, args, m2, train, compute_loss_func=cross_entropy_over_items,
-                optimizers=(sgd_with_groups(m2), None))
+    got = _loop(
+        tmp_path, args, m2, train, compute_loss_func=cross_entropy_over_items, optimizers=(sgd_with_groups(m2), None)
+    )
     assert_same(trainer.state.log_history, got)
 
 
@@ -116,15 +157,23 @@ def test_param_groups_field_matches_trainer_with_the_same_groups(tmp_path):
     body = [p for n, p in m1.named_parameters() if n.startswith("encoder")]
     decay = [p for n, p in m1.named_parameters() if n.startswith("classifier") and "bias" not in n]
     no_decay = [p for n, p in m1.named_parameters() if n.startswith("classifier") and "bias" in n]
-    opt = torch.optim.AdamW([{"params": body, "lr": 1e-2, "weight_decay": 0.0},   # the default groups: learning_rate
-                             {"params": decay, "lr": 1e-1, "weight_decay": 0.05},
-                             {"params": no_decay, "lr": 1e-1, "weight_decay": 0.0}], lr=1e-2)
-    trainer = Trainer(model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
-                      optimizers=(opt, None))
+    opt = torch.optim.AdamW(
+        [
+            {"params": body, "lr": 1e-2, "weight_decay": 0.0},  # the default groups: learning_rate
+            {"params": decay, "lr": 1e-1, "weight_decay": 0.05},
+            {"params": no_decay, "lr": 1e-1, "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+    )
+    trainer = Trainer(
+        model=m1, args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items, optimizers=(opt, None)
+    )
     trainer.train()
     config = loop.TrainConfig.from_training_arguments(
-        args, output_dir=str(tmp_path / "loop"),
-        param_groups=[{"name": "head", "pattern": r"^classifier\.", "learning_rate": 0.1, "weight_decay": 0.05}])
+        args,
+        output_dir=str(tmp_path / "loop"),
+        param_groups=[{"name": "head", "pattern": r"^classifier\.", "learning_rate": 0.1, "weight_decay": 0.05}],
+    )
     got = loop.train(config, clone(model), train, compute_loss_func=cross_entropy_over_items).log_history
     strip = [{k: v for k, v in r.items() if not k.startswith("learning_rate/")} for r in got]
     assert_same(trainer.state.log_history, strip)
@@ -140,15 +189,21 @@ def test_param_groups_from_yaml_and_cli_and_bad_values(tmp_path):
     job.write_text("task: causal_lm\nparam_groups:\n  - {name: head, pattern: lm_head, learning_rate: 1e-4}\n")
     config, _, _ = build_job(["--config", str(job)])
     assert config.param_groups == [{"name": "head", "pattern": "lm_head", "learning_rate": 1e-4}]
-    config, _, _ = build_job(["--config", str(job), "--param_groups", '[{"pattern": "h\\\\.0\\\\.", "weight_decay": 0}]'])
+    config, _, _ = build_job(
+        ["--config", str(job), "--param_groups", '[{"pattern": "h\\\\.0\\\\.", "weight_decay": 0}]']
+    )
     assert config.param_groups == [{"pattern": "h\\.0\\.", "weight_decay": 0.0}]
-    for bad, needle in (([{"lr": 1}], "needs a `pattern`"), ([{"pattern": "(", "learning_rate": 1}], "regular expression"),
-                        ([{"pattern": "a", "learnig_rate": 1}], "did you mean `learning_rate`"),
-                        ([{"pattern": "a", "learning_rate": -1}], ">= 0")):
+    for bad, needle in (
+        ([{"lr": 1}], "needs a `pattern`"),
+        ([{"pattern": "(", "learning_rate": 1}], "regular expression"),
+        ([{"pattern": "a", "learnig_rate": 1}], "did you mean `learning_rate`"),
+        ([{"pattern": "a", "learning_rate": -1}], ">= 0"),
+    ):
         with pytest.raises(loop.LoopError, match=needle.replace("(", r"\(")):
             loop.TrainConfig(param_groups=bad)
-    config = loop.TrainConfig(output_dir=str(tmp_path / "x"), use_cpu=True, max_steps=1,
-                              param_groups=[{"pattern": "encodr"}])
+    config = loop.TrainConfig(
+        output_dir=str(tmp_path / "x"), use_cpu=True, max_steps=1, param_groups=[{"pattern": "encodr"}]
+    )
     with pytest.raises(loop.LoopError, match="matches no trainable parameter"):
         loop.train(config, SimpleClassifier(), ClsData(8), compute_loss_func=cross_entropy_over_items)
 
@@ -157,17 +212,21 @@ def test_bad_hook_combinations_give_one_line(tmp_path):
     config = loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1)
     m = SimpleClassifier()
     for kwargs, needle in (
-            (dict(model=m, model_init=SimpleClassifier), "either model or model_init"),
-            (dict(model=None), "needs a model"),
-            (dict(model=m, optimizers=(sgd_with_groups(m), None), optimizer_cls_and_kwargs=(torch.optim.SGD, {})),
-             "not both"),
-            (dict(model=m, optimizers=("adam", None)), "torch.optim.Optimizer"),
-            (dict(model=m, compute_loss_func="ce"), "must be a function")):
+        (dict(model=m, model_init=SimpleClassifier), "either model or model_init"),
+        (dict(model=None), "needs a model"),
+        (
+            dict(model=m, optimizers=(sgd_with_groups(m), None), optimizer_cls_and_kwargs=(torch.optim.SGD, {})),
+            "not both",
+        ),
+        (dict(model=m, optimizers=("adam", None)), "torch.optim.Optimizer"),
+        (dict(model=m, compute_loss_func="ce"), "must be a function"),
+    ):
         with pytest.raises(loop.LoopError, match=needle):
             loop.train(config, train_dataset=ClsData(8), **kwargs)
     with pytest.raises(loop.LoopError, match="returned no loss.*compute_loss_func"):
-        loop.train(config, SimpleClassifier(), ClsData(8), label_names=None) if False else \
-            loop.train(config, SimpleClassifier(), ClsData(8))
+        loop.train(config, SimpleClassifier(), ClsData(8), label_names=None) if False else loop.train(
+            config, SimpleClassifier(), ClsData(8)
+        )
 
 
 # ---------------------------------------------------------------------------------------------- ported subclasses
@@ -209,16 +268,19 @@ def test_port_custom_trainer_compute_loss(tmp_path):
 def test_port_custom_optimizer_trainer(tmp_path, how):
     model, train = SimpleClassifier(), ClsData(40)
     args = _args(tmp_path, max_steps=8, gradient_accumulation_steps=2, learning_rate=1e-3)
-    trainer = CustomOptimizerTrainer(model=clone(model), args=args, train_dataset=train,
-                                     compute_loss_func=cross_entropy_over_items)
+    trainer = CustomOptimizerTrainer(
+        model=clone(model), args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items
+    )
     trainer.train()
     if how == "optimizers":
         m = clone(model)
-        got = _loop(tmp_path, args, m, train, compute_loss_func=cross_entropy_over_items,
-                    optimizers=(sgd_with_groups(m), None))
+        got = _loop(
+            tmp_path, args, m, train, compute_loss_func=cross_entropy_over_items, optimizers=(sgd_with_groups(m), None)
+        )
     else:  # no code: optim, optim_args and param_groups in the config
         config = loop.TrainConfig.from_training_arguments(
-            args, output_dir=str(tmp_path / "loop"), param_groups=[{"pattern": "^classifier", "learning_rate": 1e-2}])
+            args, output_dir=str(tmp_path / "loop"), param_groups=[{"pattern": "^classifier", "learning_rate": 1e-2}]
+        )
         config.optim, config.optim_args = "sgd", "momentum=0.9"
         got = loop.train(config, clone(model), train, compute_loss_func=cross_entropy_over_items).log_history
         got = [{k: v for k, v in r.items() if not k.startswith("learning_rate/")} for r in got]
@@ -247,8 +309,9 @@ def test_port_ema_trainer(tmp_path):
     model, train = SimpleClassifier(), ClsData(40)
     args = _args(tmp_path, max_steps=10)
     cb = EMACallback(0.9)
-    trainer = Trainer(model=clone(model), args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items,
-                      callbacks=[cb])
+    trainer = Trainer(
+        model=clone(model), args=args, train_dataset=train, compute_loss_func=cross_entropy_over_items, callbacks=[cb]
+    )
     trainer.train()
     config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"), ema_decay=0.9)
     got = loop.train(config, clone(model), train, compute_loss_func=cross_entropy_over_items)
@@ -287,8 +350,12 @@ def test_evaluate_and_predict_match_trainer(tmp_path):
 
 
 def with_inputs_and_losses(p):  # include_for_metrics ["inputs", "loss"]: EvalPrediction carries both
-    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean()), "rows": len(p.inputs),
-            "input_sum": int(p.inputs.sum()), "loss_sum": float(p.losses.sum())}
+    return {
+        "accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean()),
+        "rows": len(p.inputs),
+        "input_sum": int(p.inputs.sum()),
+        "loss_sum": float(p.losses.sum()),
+    }
 
 
 def over_batches(p):  # eval_do_concat_batches false: one array a batch
@@ -314,12 +381,19 @@ class BatchAccuracy:
             return out
 
 
-@pytest.mark.parametrize("name,metrics,kw,expect", [
-    ("inputs_and_losses", with_inputs_and_losses, dict(include_for_metrics=["inputs", "loss"]), {"eval_rows": 23}),
-    ("not_concatenated", over_batches, dict(eval_do_concat_batches=False), {"eval_batches": 6}),
-    ("batch_metrics", BatchAccuracy(), dict(batch_eval_metrics=True, include_for_metrics=["loss"]),
-     {"eval_batches": 6}),
-])
+@pytest.mark.parametrize(
+    "name,metrics,kw,expect",
+    [
+        ("inputs_and_losses", with_inputs_and_losses, dict(include_for_metrics=["inputs", "loss"]), {"eval_rows": 23}),
+        ("not_concatenated", over_batches, dict(eval_do_concat_batches=False), {"eval_batches": 6}),
+        (
+            "batch_metrics",
+            BatchAccuracy(),
+            dict(batch_eval_metrics=True, include_for_metrics=["loss"]),
+            {"eval_batches": 6},
+        ),
+    ],
+)
 def test_metrics_options_match_trainer_in_training_evaluate_and_predict(tmp_path, name, metrics, kw, expect):
     """include_for_metrics, eval_do_concat_batches and batch_eval_metrics: the same log (evaluations during training
     included), evaluate() and predict() as Trainer's."""
@@ -342,8 +416,10 @@ def test_metrics_options_match_trainer_in_training_evaluate_and_predict(tmp_path
     assert same(got_eval) == same(expected_eval)
     assert same(got.metrics) == same(expected.metrics) and got.metrics["test_accuracy"] > 0
     predictions = np.concatenate(got.predictions) if isinstance(got.predictions, list) else got.predictions
-    np.testing.assert_array_equal(predictions, np.concatenate(expected.predictions)
-                                  if isinstance(expected.predictions, list) else expected.predictions)
+    np.testing.assert_array_equal(
+        predictions,
+        np.concatenate(expected.predictions) if isinstance(expected.predictions, list) else expected.predictions,
+    )
     assert predictions.shape == (23, 3)
 
 
@@ -356,16 +432,29 @@ def test_full_eval_casts_the_model_as_trainer_does(tmp_path, cast):
     config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"))
     cast_model, plain = clone(model), clone(model)
     got = loop.evaluate(config, cast_model, data, compute_metrics=accuracy)
-    fp32 = loop.evaluate(loop.TrainConfig(output_dir=str(tmp_path / "fp32"), use_cpu=True, report_to="none",
-                                          per_device_eval_batch_size=4), plain, data, compute_metrics=accuracy)
+    fp32 = loop.evaluate(
+        loop.TrainConfig(
+            output_dir=str(tmp_path / "fp32"), use_cpu=True, report_to="none", per_device_eval_batch_size=4
+        ),
+        plain,
+        data,
+        compute_metrics=accuracy,
+    )
     assert same(got) == same(expected)
     assert got["eval_loss"] != fp32["eval_loss"]
     assert next(cast_model.parameters()).dtype == (torch.bfloat16 if cast == "bf16_full_eval" else torch.float16)
 
 
 def test_batch_eval_metrics_needs_compute_result(tmp_path):
-    config = loop.TrainConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to="none",
-                              batch_eval_metrics=True, eval_strategy="steps", eval_steps=1)
+    config = loop.TrainConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        use_cpu=True,
+        report_to="none",
+        batch_eval_metrics=True,
+        eval_strategy="steps",
+        eval_steps=1,
+    )
     with pytest.raises(loop.LoopError, match="compute_result"):
         loop.train(config, tiny_bert_classifier(), ClsData(8), eval_dataset=ClsData(4), compute_metrics=accuracy)
     with pytest.raises(loop.LoopError, match="compute_result"):
@@ -397,13 +486,20 @@ def test_debug_underflow_overflow_stops_at_trainers_batch_with_trainers_report(t
     """debug underflow_overflow: a run blown up by its learning rate stops at the same forward as Trainer's, having
     printed the same frames; a healthy run logs Trainer's numbers, and the hooks are gone when training ends."""
     model, data = tiny_gpt2(), LMData(64)
-    args = _args(tmp_path, learning_rate=1e30, max_grad_norm=0, max_steps=8, gradient_accumulation_steps=2,
-                 debug="underflow_overflow")
+    args = _args(
+        tmp_path,
+        learning_rate=1e30,
+        max_grad_norm=0,
+        max_steps=8,
+        gradient_accumulation_steps=2,
+        debug="underflow_overflow",
+    )
     with pytest.raises(ValueError, match="DebugUnderflowOverflow: inf/nan detected"):
         Trainer(model=clone(model), args=args, train_dataset=data).train()
     expected = _report(capsys.readouterr().out)
-    config = loop.TrainConfig.from_training_arguments(args, output_dir=str(tmp_path / "loop"), save_steps=1,
-                                                      save_strategy="steps")
+    config = loop.TrainConfig.from_training_arguments(
+        args, output_dir=str(tmp_path / "loop"), save_steps=1, save_strategy="steps"
+    )
     assert config.debug == "underflow_overflow"
     diverged = clone(model)
     with pytest.raises(loop.LoopError, match=r"inf/nan in a forward of step 2 \(batch number 2;"):
@@ -423,10 +519,19 @@ def test_debug_underflow_overflow_stops_at_trainers_batch_with_trainers_report(t
     # packed rows (position_ids restarting): GPT-2 hands its blocks a boolean block mask, on which transformers'
     # class fails (abs() of a bool tensor); the loop reads it as 0/1, and the hooks do not change a number
     packed = [{**row, "position_ids": torch.arange(16) % 8} for row in LMData(16, seed=3)]
-    plain = loop.TrainConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, max_steps=3, logging_steps=1,
-                             per_device_train_batch_size=4, save_strategy="no", telemetry=False)
+    plain = loop.TrainConfig(
+        output_dir=str(tmp_path / "plain"),
+        use_cpu=True,
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        telemetry=False,
+    )
     checked = dataclasses.replace(plain, output_dir=str(tmp_path / "checked"), debug="underflow_overflow")
-    assert_same(loop.train(plain, clone(model), packed).log_history, loop.train(checked, clone(model), packed).log_history)
+    assert_same(
+        loop.train(plain, clone(model), packed).log_history, loop.train(checked, clone(model), packed).log_history
+    )
     assert "bool" not in capsys.readouterr().err
     with pytest.raises(loop.LoopError, match="does not run on TPUs"):
         loop.TrainConfig(debug="tpu_metrics_debug")
@@ -436,10 +541,10 @@ def test_debug_underflow_overflow_stops_at_trainers_batch_with_trainers_report(t
 
 # ---------------------------------------------------------------------------------------------- a replaceable step
 def _fgm():
-    from helpers import readme_block
+    from helpers import doc_block
 
     scope = {}
-    exec(readme_block("# fgm_step"), scope)  # the README's function, as printed there
+    exec(doc_block("# fgm_step"), scope)  # the README's function, as printed there
     return scope["fgm_step"]
 
 
@@ -451,12 +556,23 @@ def test_fgm_step_from_the_readme_trains_and_composes_the_default_pieces(tmp_pat
     train.y = train.x[:, 0] % 3  # learnable labels: the first token decides
 
     def run(step=None, lr=2e-3, name="x", epochs=4, optim="sgd"):
-        config = loop.TrainConfig(output_dir=str(tmp_path / name), use_cpu=True, per_device_train_batch_size=4,
-                                  num_train_epochs=epochs, logging_steps=1, optim=optim,
-                                  learning_rate=lr, max_grad_norm=0, save_strategy="no", disable_tqdm=True,
-                                  telemetry=False, lr_scheduler_type="constant")
-        return [r["loss"] for r in loop.train(config, clone(model), train, optimizer_step=step).log_history
-                if "loss" in r]
+        config = loop.TrainConfig(
+            output_dir=str(tmp_path / name),
+            use_cpu=True,
+            per_device_train_batch_size=4,
+            num_train_epochs=epochs,
+            logging_steps=1,
+            optim=optim,
+            learning_rate=lr,
+            max_grad_norm=0,
+            save_strategy="no",
+            disable_tqdm=True,
+            telemetry=False,
+            lr_scheduler_type="constant",
+        )
+        return [
+            r["loss"] for r in loop.train(config, clone(model), train, optimizer_step=step).log_history if "loss" in r
+        ]
 
     default = run(lr=0.2, name="default")
     # epsilon 0: the adversarial pass adds the clean gradient again, i.e. twice the gradient: the default step at 2x lr

@@ -3,11 +3,12 @@ same losses and grad norms as 1 process with 2B (relative 1e-5), eval (whose bat
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, launches and signals: left out of the quick loop (-m "not slow")
 
 HERE = os.path.dirname(__file__)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}  # every launch: one thread a rank
@@ -18,21 +19,43 @@ def _run(cmd):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("port,both,two_process_options", [
-    (29533, [], ["ddp_backend=gloo"]),  # Trainer's field, handed to accelerate's process group
-    (29546, [], ["fused_linear_cross_entropy=true", "dataset_on_device=true", "ddp_find_unused_parameters=false"]),
-    (29544, ["vocab=12000", "torch_compile_backend=aot_eager"], ["ddp_compile_overlap=false", "ddp_bucket_cap_mb=1"]),
-], ids=["default", "fast-parts", "compiled-no-overlap"])
+@pytest.mark.parametrize(
+    "port,both,two_process_options",
+    [
+        (29533, [], ["ddp_backend=gloo"]),  # Trainer's field, handed to accelerate's process group
+        (29546, [], ["fused_linear_cross_entropy=true", "dataset_on_device=true", "ddp_find_unused_parameters=false"]),
+        (
+            29544,
+            ["vocab=12000", "torch_compile_backend=aot_eager"],
+            ["ddp_compile_overlap=false", "ddp_bucket_cap_mb=1"],
+        ),
+    ],
+    ids=["default", "fast-parts", "compiled-no-overlap"],
+)
 def test_two_processes_match_one_with_double_batch(tmp_path, port, both, two_process_options):
     """DDP equivalence; with the fused loss, the training set on the device (each rank cuts its own share of the
     batches from it) and DDP without find_unused_parameters too (what `fast` adds); and compiled as one graph whose
     gradients are all-reduced after the backward (ddp_compile_overlap false) from several buckets: as many compiled
     graphs as in one process, where dynamo's DDP optimizer (the default) splits the model at the buckets; torch's
     process-wide setting is put back after the run."""
-    worker = os.path.join(HERE, "ddp_worker.py")
+    worker = os.path.join(HERE, "workers", "ddp_worker.py")
     _run([sys.executable, worker, str(tmp_path / "one"), "4", *both])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), worker,
-          str(tmp_path / "two"), "2", *both, *two_process_options])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            worker,
+            str(tmp_path / "two"),
+            "2",
+            *both,
+            *two_process_options,
+        ]
+    )
     if "ddp_compile_overlap=false" in two_process_options:
         one, two = (json.load(open(tmp_path / d / "compiled.json")) for d in ("one", "two"))
         assert two["optimize_ddp"] is False and two["aot_graphs"] == one["aot_graphs"], (one, two)
@@ -57,13 +80,25 @@ def test_two_processes_compute_loss_func_matches_trainer_and_predict_counts_each
     """Under 2 processes, Trainer and the loop with the same compute_loss_func log the same numbers; loop.predict
     gathers 11 samples from 2 ranks as 11 predictions, equal to one process's."""
     import numpy as np
+    from helpers import ClsData, SimpleClassifier, assert_same, cross_entropy_over_items
+
     import loop
-    from helpers import ClsData, SimpleClassifier, cross_entropy_over_items
-    from test_parity import assert_same
 
     for side in ("trainer", "loop"):
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-              os.path.join(HERE, "custom_worker.py"), str(tmp_path), side])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "29534",
+                os.path.join(HERE, "workers", "custom_worker.py"),
+                str(tmp_path),
+                side,
+            ]
+        )
     trainer, got = json.load(open(tmp_path / "trainer.json")), json.load(open(tmp_path / "loop.json"))
     assert trainer["world_size"] == got["world_size"] == 2
     assert len([r for r in got["log"] if "loss" in r]) == 5
@@ -71,24 +106,48 @@ def test_two_processes_compute_loss_func_matches_trainer_and_predict_counts_each
     strip = [{k: v for k, v in r.items() if k != "eval_loss"} for r in trainer["log"]]
     assert_same(strip, [{k: v for k, v in r.items() if k != "eval_loss"} for r in got["log"]])
     config = loop.TrainConfig(output_dir=str(tmp_path / "one"), use_cpu=True, per_device_eval_batch_size=3)
-    one = loop.predict(config, SimpleClassifier(seed=3), ClsData(11, seed=1), compute_loss_func=cross_entropy_over_items)
+    one = loop.predict(
+        config, SimpleClassifier(seed=3), ClsData(11, seed=1), compute_loss_func=cross_entropy_over_items
+    )
     assert np.asarray(got["predictions"]).shape == (11, 3)
     np.testing.assert_allclose(np.asarray(got["predictions"]), one.predictions, rtol=1e-5, atol=1e-6)
     assert got["label_ids"] == one.label_ids.tolist()
 
 
 def _torchrun(*args, port, nnodes=1, node_rank=0, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--node_rank",
+        str(node_rank),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        *args,
+    ]
 
 
 def test_two_nodes_on_one_host_match_one_node_with_two_processes(tmp_path):
     """Multi-node without a second machine: node ranks 0 and 1 (one process each, gloo, main process 127.0.0.1) log
     the same losses as one node of 2 processes."""
-    worker = os.path.join(HERE, "ddp_worker.py")
+    worker = os.path.join(HERE, "workers", "ddp_worker.py")
     _run(_torchrun(worker, str(tmp_path / "one"), "2", port=29535))
-    nodes = [subprocess.Popen(_torchrun(worker, str(tmp_path / "two"), "2", port=29536, nnodes=2, node_rank=r, nproc=1),
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            _torchrun(worker, str(tmp_path / "two"), "2", port=29536, nnodes=2, node_rank=r, nproc=1),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in nodes:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -102,15 +161,22 @@ def test_two_nodes_on_one_host_match_one_node_with_two_processes(tmp_path):
 def test_two_processes_killed_mid_step_resume_exactly(tmp_path):
     """SIGKILL the whole 2-process launch after step 8 (dropout on, per-rank RNG), resume 'latest': the log equals
     the uninterrupted 2-process run's."""
-    from test_resume import same_history
+    from helpers import same_history
 
-    worker = os.path.join(HERE, "resume_worker.py")
+    worker = os.path.join(HERE, "workers", "resume_worker.py")
     _run(_torchrun(worker, str(tmp_path / "ref"), port=29537))
-    killed = subprocess.run(_torchrun(worker, str(tmp_path / "run"), "kill_after_step=8", port=29538),
-                            capture_output=True, text=True, timeout=600, env=ENV)
+    killed = subprocess.run(
+        _torchrun(worker, str(tmp_path / "run"), "kill_after_step=8", port=29538),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "model.safetensors")
-    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == ["checkpoint-3",
-                                                                                             "checkpoint-6"]
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
     _run(_torchrun(worker, str(tmp_path / "run"), "resume=latest", port=29539))
     same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "run" / "checkpoint-6"))
@@ -120,17 +186,26 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resume_is_exact(tmp
     """enable_jit_checkpoint under 2 processes: SIGTERM reaches rank 1 only, after step 8. The ranks' vote stops both
     after step 8 with one complete checkpoint-8 (saved by both, as every checkpoint), no final model; resuming gives
     the uninterrupted 2-process run's log."""
-    from test_resume import same_history
+    from helpers import same_history
 
-    worker = os.path.join(HERE, "resume_worker.py")
+    worker = os.path.join(HERE, "workers", "resume_worker.py")
     _run(_torchrun(worker, str(tmp_path / "ref"), "enable_jit_checkpoint=true", port=29545))
-    stopped = subprocess.run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "term_after_step=8",
-                                       "term_rank=1", port=29548), capture_output=True, text=True, timeout=600,
-                             env=ENV)
+    stopped = subprocess.run(
+        _torchrun(
+            worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "term_after_step=8", "term_rank=1", port=29548
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert stopped.returncode != 0 and "SIGTERM: stopped at step 8 of 14" in stopped.stderr, stopped.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run" / "model.safetensors")
     assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == [
-        "checkpoint-3", "checkpoint-6", "checkpoint-8"]
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
     assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE"} <= set(os.listdir(tmp_path / "run" / "checkpoint-8"))
     _run(_torchrun(worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "resume=latest", port=29550))
     same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
@@ -144,14 +219,39 @@ def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")))
     (tmp_path / "train.txt").write_text("\n".join(open(f).read() for f in files))
     (tmp_path / "val.txt").write_text(open(files[0]).read())
-    env = {**ENV,
-           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(_torchrun("-m", "loop", "train", "--text_source", "none", "--train_file",
-                                    str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "val.txt"),
-                                    "--max_steps", "2", "--eval_strategy", "no", "--eval_on_start", "false",
-                                    "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm",
-                                    "--output_dir", str(tmp_path / "out"), port=29540),
-                          capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(HERE))
+    env = {**ENV, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        _torchrun(
+            "-m",
+            "loop",
+            "train",
+            "--text_source",
+            "none",
+            "--train_file",
+            str(tmp_path / "train.txt"),
+            "--validation_file",
+            str(tmp_path / "val.txt"),
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "no",
+            "--eval_on_start",
+            "false",
+            "--save_strategy",
+            "no",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "--output_dir",
+            str(tmp_path / "out"),
+            port=29540,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=os.path.dirname(HERE),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     bars = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
     assert sum(line.startswith("tokenizing train: 100%") for line in bars) == 1
@@ -160,21 +260,50 @@ def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
 
 def test_a_single_process_state_made_before_the_loop_is_refused(tmp_path):
     script = tmp_path / "early.py"
-    script.write_text("import sys; sys.path.insert(0, %r)\n" % HERE +
-                      "from accelerate import PartialState; PartialState()  # no cpu=True: one process on a CPU\n"
-                      "import loop; from helpers import LMData, tiny_gpt2\n"
-                      "loop.train(loop.TrainConfig(output_dir=%r, use_cpu=True, max_steps=1), tiny_gpt2(), LMData(8))\n"
-                      % str(tmp_path / "out"))
+    script.write_text(
+        "import sys; sys.path.insert(0, %r)\n"
+        % HERE
+        + "from accelerate import PartialState; PartialState()  # no cpu=True: one process on a CPU\n"
+        "import loop; from helpers import LMData, tiny_gpt2\n"
+        "loop.train(loop.TrainConfig(output_dir=%r, use_cpu=True, max_steps=1), tiny_gpt2(), LMData(8))\n"
+        % str(tmp_path / "out")
+    )
     proc = subprocess.run(_torchrun(str(script), port=29541), capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode != 0 and "launched as one of 2 but accelerate's state says 1" in proc.stderr
 
 
 def test_loop_compare_under_a_two_process_launch(tmp_path):
     """`loop compare` under torchrun: both sides data-parallel in one process each rank, the same per-step numbers."""
-    proc = subprocess.run(_torchrun("-m", "loop", "compare", "--max_steps", "6", "--logging_steps", "1", "--eval_steps",
-                                    "3", "--save_strategy", "no", "--eval_on_start", "false", "--max_docs", "60",
-                                    "--use_cpu", "true", "--disable_tqdm", "--output_dir", str(tmp_path), port=29542),
-                          capture_output=True, text=True, timeout=600, env=ENV, cwd=os.path.dirname(HERE))
+    proc = subprocess.run(
+        _torchrun(
+            "-m",
+            "loop",
+            "compare",
+            "--max_steps",
+            "6",
+            "--logging_steps",
+            "1",
+            "--eval_steps",
+            "3",
+            "--save_strategy",
+            "no",
+            "--eval_on_start",
+            "false",
+            "--max_docs",
+            "60",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "--output_dir",
+            str(tmp_path),
+            port=29542,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        cwd=os.path.dirname(HERE),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.load(open(tmp_path / "compare.json"))
     assert report["parity"] and report["world_size"] == 2 and report["identical_initial_weights"]
@@ -185,10 +314,31 @@ def test_loop_compare_under_a_two_process_launch(tmp_path):
 def test_loop_bench_under_a_two_process_launch(tmp_path):
     """`loop bench` under torchrun: each side's processes form their own group; rank 0 reports rates for both
     processes together, and on CPU in fp32 the two sides end on the same loss."""
-    proc = subprocess.run(_torchrun("-m", "loop", "bench", "--workload", "tiny-gpt2", "--sides", "trainer,loop",
-                                    "--steps", "6", "--logging_steps", "2", "--use_cpu", "true", "--output_dir",
-                                    str(tmp_path), port=29543),
-                          capture_output=True, text=True, timeout=900, env=ENV, cwd=os.path.dirname(HERE))
+    proc = subprocess.run(
+        _torchrun(
+            "-m",
+            "loop",
+            "bench",
+            "--workload",
+            "tiny-gpt2",
+            "--sides",
+            "trainer,loop",
+            "--steps",
+            "6",
+            "--logging_steps",
+            "2",
+            "--use_cpu",
+            "true",
+            "--output_dir",
+            str(tmp_path),
+            port=29543,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=ENV,
+        cwd=os.path.dirname(HERE),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "bench.json"))
     trainer, ours = report["sides"]
@@ -206,8 +356,13 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
 def test_ema_over_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
     """FSDP2 on 2 CPU processes: each rank keeps the EMA of its own shards, gathered it equals the unsharded EMA,
     it round-trips through the per-rank checkpoint files, and swapping it in and out is exact."""
-    proc = subprocess.run(_torchrun(os.path.join(HERE, "fsdp_ema_worker.py"), str(tmp_path), port=29547),
-                          capture_output=True, text=True, timeout=600, env=ENV)
+    proc = subprocess.run(
+        _torchrun(os.path.join(HERE, "workers", "fsdp_ema_worker.py"), str(tmp_path), port=29547),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2
     assert sorted(os.listdir(tmp_path)) == ["ema_shards_0.safetensors", "ema_shards_1.safetensors"]
@@ -217,11 +372,15 @@ def test_fused_loss_over_fsdp2_shards_equals_the_unsharded_fused_loss(tmp_path):
     """FSDP2 on 2 CPU processes: GPT-2 (tied head) trained with the fused linear cross-entropy gives, bit for bit, the
     losses and weights of the same model unsharded; evaluation still returns real logits. And `loop compare`'s hash
     of the initial weights works on the DTensor shards."""
-    proc = subprocess.run(_torchrun(os.path.join(HERE, "fsdp_fused_worker.py"), port=29549),
-                          capture_output=True, text=True, timeout=600, env=ENV)
+    proc = subprocess.run(
+        _torchrun(os.path.join(HERE, "workers", "fsdp_fused_worker.py"), port=29549),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2
-
 
 
 def test_save_on_each_node_two_nodes_without_a_shared_folder_resume_from_a_step_whole_on_both(tmp_path):
@@ -230,18 +389,26 @@ def test_save_on_each_node_two_nodes_without_a_shared_folder_resume_from_a_step_
     after step 8 and with node 1's checkpoint-6 corrupted (same size, one byte flipped), a resume naming checkpoint-6
     is refused on both nodes, and resume 'latest' agrees on checkpoint-3 on both nodes and logs the uninterrupted 2-process run's numbers; both nodes write the same final
     model. One folder shared by both nodes is refused before anything is written."""
-    from test_resume import same_history
+    from helpers import same_history
 
-    worker = os.path.join(HERE, "resume_worker.py")
+    worker = os.path.join(HERE, "workers", "resume_worker.py")
 
     def two_nodes(port, *args, shared=False):
         """[(exit status, stderr)] of node ranks 0 and 1, and their working directories."""
         dirs = [tmp_path / ("shared" if shared else f"node{r}") for r in (0, 1)]
         for d in dirs:
             d.mkdir(exist_ok=True)
-        nodes = [subprocess.Popen(_torchrun(worker, "out", "save_on_each_node=true", *args, port=port, nnodes=2,
-                                            node_rank=r, nproc=1), cwd=dirs[r], env=ENV, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        nodes = [
+            subprocess.Popen(
+                _torchrun(worker, "out", "save_on_each_node=true", *args, port=port, nnodes=2, node_rank=r, nproc=1),
+                cwd=dirs[r],
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in (0, 1)
+        ]
         return [(p.wait(timeout=600), p.communicate()[1]) for p in nodes], [d / "out" for d in dirs]
 
     _run(_torchrun(worker, str(tmp_path / "ref"), port=29551))
@@ -259,8 +426,13 @@ def test_save_on_each_node_two_nodes_without_a_shared_folder_resume_from_a_step_
     weights.write_bytes(bytes(data))
 
     ran, _ = two_nodes(29555, "resume=out/checkpoint-6")  # named: whole on node 0 only, so refused on both
-    assert all(code != 0 and "out/checkpoint-6 cannot be resumed on every node: on process 1 "
-               "model.safetensors does not match its checksum" in err for code, err in ran), ran
+    assert all(
+        code != 0
+        and "out/checkpoint-6 cannot be resumed on every node: on process 1 "
+        "model.safetensors does not match its checksum"
+        in err
+        for code, err in ran
+    ), ran
     ran, _ = two_nodes(29553, "resume=latest")
     assert all(code == 0 for code, _ in ran), ran[0][1][-3000:] + ran[1][1][-3000:]
     assert "resuming from out/checkpoint-3, the newest checkpoint whole on every node" in ran[0][1]

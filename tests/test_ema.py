@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from helpers import LMData, tiny_gpt2
 from torch import nn
 
 import loop
-from helpers import LMData, tiny_gpt2
 
 
 class Recorder(loop.Callback):
@@ -35,9 +35,19 @@ def closed_form(weights, decay, warmup=False, start=0):
 @pytest.mark.parametrize("warmup,start", [(False, 0), (True, 0), (False, 3)])
 def test_ema_equals_closed_form(tmp_path, warmup, start):
     rec = Recorder()
-    config = loop.TrainConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2,
-                              save_strategy="no", use_cpu=True, disable_tqdm=True, ema_decay=0.9, ema_warmup=warmup,
-                              ema_start_step=start, logging_steps=4)
+    config = loop.TrainConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=1e-2,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        ema_decay=0.9,
+        ema_warmup=warmup,
+        ema_start_step=start,
+        logging_steps=4,
+    )
     loop.train(config, tiny_gpt2(), LMData(40), callbacks=[rec])
     expected = closed_form(rec.weights, 0.9, warmup, start)
     for e, got in zip(expected, rec.ema):
@@ -49,9 +59,19 @@ def test_ema_equals_closed_form(tmp_path, warmup, start):
 def test_ema_eval_final_save_and_reload(tmp_path):
     from transformers import GPT2LMHeadModel
 
-    config = loop.TrainConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
-                              save_strategy="no", use_cpu=True, disable_tqdm=True, ema_decay=0.8, logging_steps=3,
-                              eval_strategy="steps", eval_steps=3)
+    config = loop.TrainConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        ema_decay=0.8,
+        logging_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+    )
     model = tiny_gpt2()
     result = loop.train(config, model, LMData(40), eval_dataset=LMData(8, seed=1))
     evals = [r for r in result.log_history if "eval_ema_loss" in r]
@@ -64,12 +84,18 @@ def test_ema_eval_final_save_and_reload(tmp_path):
 
 
 def test_plain_module_ema_is_saved_as_safetensors(tmp_path):
+    from helpers import PlainRegressor, RegData
     from safetensors.torch import load_file
 
-    from helpers import PlainRegressor, RegData
-
-    config = loop.TrainConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
-                              save_strategy="no", use_cpu=True, disable_tqdm=True, ema_decay=0.5)
+    config = loop.TrainConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        ema_decay=0.5,
+    )
     loop.train(config, PlainRegressor(), RegData(20))
     weights = load_file(os.path.join(tmp_path, "ema", "model.safetensors"))
     assert set(weights) == {n for n, _ in PlainRegressor().named_parameters()}
@@ -77,9 +103,18 @@ def test_plain_module_ema_is_saved_as_safetensors(tmp_path):
 
 def test_ema_resumes_exactly(tmp_path):
     def cfg(**kw):
-        return loop.TrainConfig(output_dir=str(tmp_path / kw.pop("name")), per_device_train_batch_size=4,
-                                max_steps=8, save_steps=4, learning_rate=1e-2, use_cpu=True, disable_tqdm=True,
-                                ema_decay=0.9, logging_steps=1, **kw)
+        return loop.TrainConfig(
+            output_dir=str(tmp_path / kw.pop("name")),
+            per_device_train_batch_size=4,
+            max_steps=8,
+            save_steps=4,
+            learning_rate=1e-2,
+            use_cpu=True,
+            disable_tqdm=True,
+            ema_decay=0.9,
+            logging_steps=1,
+            **kw,
+        )
 
     full = Recorder()
     loop.train(cfg(name="a"), tiny_gpt2(), LMData(40), callbacks=[full])

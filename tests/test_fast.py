@@ -11,7 +11,7 @@ import loop.step
 from loop import TrainConfig
 from loop.errors import LoopError
 from loop.fused_loss import linear_cross_entropy
-from tests.helpers import LMData, ClsData, PackedLM, clone, cross_entropy_over_items, tiny_bert_classifier, tiny_gpt2
+from tests.helpers import ClsData, LMData, PackedLM, clone, cross_entropy_over_items, tiny_bert_classifier, tiny_gpt2
 
 
 @pytest.mark.parametrize("num_items", [None, 250.0])
@@ -37,9 +37,21 @@ def test_fused_linear_cross_entropy_equals_plain_loss_and_gradients(num_items, c
 
 
 def _train(tmp_path, name, model, **overrides):
-    cfg = dict(output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=4,
-               gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, eval_strategy="steps",
-               eval_steps=3, save_strategy="no", use_cpu=True, disable_tqdm=True, report_to="none", telemetry=False)
+    cfg = dict(
+        output_dir=str(tmp_path / name),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        telemetry=False,
+    )
     cfg.update(overrides)
     data = LMData(48, ragged=True)
     return loop.train(TrainConfig(**cfg), model, train_dataset=data, eval_dataset=LMData(12, seed=1))
@@ -77,12 +89,30 @@ def test_fused_loss_trains_like_the_model_own_loss_and_leaves_evaluation_and_wei
 
 def test_fused_loss_is_refused_with_one_line_where_it_cannot_be_exact(tmp_path):
     with pytest.raises(LoopError, match="fused_linear_cross_entropy cannot be used here: it supports causal LMs"):
-        loop.train(TrainConfig(output_dir=str(tmp_path / "cls"), max_steps=1, use_cpu=True, report_to="none",
-                               fused_linear_cross_entropy=True), tiny_bert_classifier(), train_dataset=ClsData(8))
+        loop.train(
+            TrainConfig(
+                output_dir=str(tmp_path / "cls"),
+                max_steps=1,
+                use_cpu=True,
+                report_to="none",
+                fused_linear_cross_entropy=True,
+            ),
+            tiny_bert_classifier(),
+            train_dataset=ClsData(8),
+        )
     with pytest.raises(LoopError, match="cannot serve a compute_loss_func or label_smoothing_factor"):
-        loop.train(TrainConfig(output_dir=str(tmp_path / "own"), max_steps=1, use_cpu=True, report_to="none",
-                               fused_linear_cross_entropy=True, label_smoothing_factor=0.1), tiny_gpt2(),
-                   train_dataset=LMData(8))
+        loop.train(
+            TrainConfig(
+                output_dir=str(tmp_path / "own"),
+                max_steps=1,
+                use_cpu=True,
+                report_to="none",
+                fused_linear_cross_entropy=True,
+                label_smoothing_factor=0.1,
+            ),
+            tiny_gpt2(),
+            train_dataset=LMData(8),
+        )
     assert not (tmp_path / "cls" / "model.safetensors").exists()
 
 
@@ -97,8 +127,12 @@ def test_fast_preset_sets_its_fields_and_skips_what_does_not_apply(tmp_path):
     class Acc:  # the bits of an Accelerator that use_fused_loss reads
         distributed_type = type("T", (), {"name": "NO"})()
 
-    run = Run(config, tiny_bert_classifier(), type("A", (Acc,), {"device": torch.device("cpu")})(),
-              compute_loss_func=cross_entropy_over_items)
+    run = Run(
+        config,
+        tiny_bert_classifier(),
+        type("A", (Acc,), {"device": torch.device("cpu")})(),
+        compute_loss_func=cross_entropy_over_items,
+    )
     assert use_fused_loss(run) is False
     gpt = tiny_gpt2()
     assert use_fused_loss(Run(config, gpt, type("A", (Acc,), {"device": torch.device("cpu")})())) is True
@@ -110,8 +144,17 @@ def test_compiled_model_loads_its_best_checkpoint_and_saves_plain_weights(tmp_pa
     module itself (no `_orig_mod.` keys). Seen on a GPU: load_best_model_at_end failed under torch_compile."""
     from transformers import GPT2LMHeadModel
 
-    result = _train(tmp_path, "compiled", tiny_gpt2(), torch_compile=True, max_steps=4, eval_steps=2,
-                    save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    result = _train(
+        tmp_path,
+        "compiled",
+        tiny_gpt2(),
+        torch_compile=True,
+        max_steps=4,
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+    )
     evals = [r for r in result.log_history if "eval_loss" in r]
     best = str(tmp_path / "compiled" / f"checkpoint-{min(evals, key=lambda r: r['eval_loss'])['step']}")
     assert len(evals) == 2 and os.path.isdir(best)
@@ -146,8 +189,11 @@ def test_fast_preset_end_to_end_matches_the_default_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluation, "forward_loss", spy)
     trained = []
-    monkeypatch.setattr(loop.step, "forward_loss", lambda run, m, *a, **k: trained.append(type(m).__name__) or
-                        plain_forward_loss(run, m, *a, **k))
+    monkeypatch.setattr(
+        loop.step,
+        "forward_loss",
+        lambda run, m, *a, **k: trained.append(type(m).__name__) or plain_forward_loss(run, m, *a, **k),
+    )
     _train(tmp_path, "spied", clone(model), fast=True, max_steps=3)
     assert seen and "OptimizedModule" not in seen and set(seen) == {"GPT2LMHeadModel"}
     # and training did run compiled, although earlier runs in this process were not (accelerate's process-wide
@@ -160,8 +206,9 @@ class RaggedText(torch.utils.data.Dataset):
 
     def __init__(self, n, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.rows = [torch.randint(1, 50, (int(k),), generator=g).tolist()
-                     for k in torch.randint(3, 21, (n,), generator=g)]
+        self.rows = [
+            torch.randint(1, 50, (int(k),), generator=g).tolist() for k in torch.randint(3, 21, (n,), generator=g)
+        ]
         self.y = torch.randint(0, 3, (n,), generator=g).tolist()
 
     def __len__(self):
@@ -174,12 +221,28 @@ class RaggedText(torch.utils.data.Dataset):
 def _train_cls(tmp_path, name, resume=None, data=None, collator=None, dropout=0.1, **overrides):
     from loop.tasks.text_classification import pad_collator
 
-    cfg = dict(output_dir=str(tmp_path / name), num_train_epochs=2, per_device_train_batch_size=5,
-               gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="steps",
-               save_steps=5, use_cpu=True, disable_tqdm=True, report_to="none", seed=3)
+    cfg = dict(
+        output_dir=str(tmp_path / name),
+        num_train_epochs=2,
+        per_device_train_batch_size=5,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=5,
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        seed=3,
+    )
     cfg.update(overrides)
-    return loop.train(TrainConfig(**cfg), tiny_bert_classifier(dropout=dropout), train_dataset=data or RaggedText(47),
-                      data_collator=collator or pad_collator(4), resume_from_checkpoint=resume)
+    return loop.train(
+        TrainConfig(**cfg),
+        tiny_bert_classifier(dropout=dropout),
+        train_dataset=data or RaggedText(47),
+        data_collator=collator or pad_collator(4),
+        resume_from_checkpoint=resume,
+    )
 
 
 def test_dataset_on_device_gives_the_default_loaders_batches_and_numbers_and_resumes_exactly(tmp_path, monkeypatch):
@@ -190,8 +253,11 @@ def test_dataset_on_device_gives_the_default_loaders_batches_and_numbers_and_res
 
     widths = []
     cut = loop.data.DeviceTable.__call__
-    monkeypatch.setattr(loop.data.DeviceTable, "__call__",
-                        lambda self, p: (lambda b: widths.append(b["input_ids"].shape[1]) or b)(cut(self, p)))
+    monkeypatch.setattr(
+        loop.data.DeviceTable,
+        "__call__",
+        lambda self, p: (lambda b: widths.append(b["input_ids"].shape[1]) or b)(cut(self, p)),
+    )
     plain = _train_cls(tmp_path, "plain")
     assert not widths  # off by default
     table = _train_cls(tmp_path, "table", dataset_on_device=True)
@@ -269,10 +335,22 @@ def test_fast_records_the_eager_step_instead_of_compiling_when_widths_vary(tmp_p
 
     def build(name, data, collator, **cfg):
         config = TrainConfig(output_dir=str(tmp_path / name), fast=True, use_cpu=True, report_to="none", **cfg)
-        run = loop.fit.build(config, model=tiny_bert_classifier(), model_init=None, train_dataset=data,
-                             eval_dataset=None, data_collator=collator, compute_metrics=None, callbacks=[],
-                             processing_class=None, preprocess_logits_for_metrics=None, compute_loss_func=None,
-                             optimizers=(None, None), optimizer_cls_and_kwargs=None, optimizer_step=None)
+        run = loop.fit.build(
+            config,
+            model=tiny_bert_classifier(),
+            model_init=None,
+            train_dataset=data,
+            eval_dataset=None,
+            data_collator=collator,
+            compute_metrics=None,
+            callbacks=[],
+            processing_class=None,
+            preprocess_logits_for_metrics=None,
+            compute_loss_func=None,
+            optimizers=(None, None),
+            optimizer_cls_and_kwargs=None,
+            optimizer_step=None,
+        )
         assert run.loader.device_table is not None  # dataset_on_device, through `fast`
         return isinstance(run.model, OptimizedModule), run.accelerator.state.dynamo_plugin
 
@@ -296,16 +374,22 @@ def test_attention_backends_hold_in_training_evaluation_and_loop_evaluate(tmp_pa
     seen, plain_sdpa = [], F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
-        seen.append((sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(), sdp.cudnn_sdp_enabled(),
-                     sdp.math_sdp_enabled()))
+        seen.append(
+            (sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(), sdp.cudnn_sdp_enabled(), sdp.math_sdp_enabled())
+        )
         return plain_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = tiny_gpt2()
     model.config._attn_implementation = "sdpa"
     _train(tmp_path, "math", model, attention_backends="math", max_steps=3)
-    config = TrainConfig(output_dir=str(tmp_path / "ev"), use_cpu=True, report_to="none", disable_tqdm=True,
-                         attention_backends="efficient,math")
+    config = TrainConfig(
+        output_dir=str(tmp_path / "ev"),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        attention_backends="efficient,math",
+    )
     n = len(seen)
     loop.evaluate(config, model, LMData(8))
     assert n > 6 and set(seen[:n]) == {(False, False, False, True)}
@@ -339,10 +423,10 @@ def test_graph_step_bookkeeping_trains_like_the_eager_step_and_resumes_exactly(t
 
     ema = [load_file(str(tmp_path / name / "ema" / "model.safetensors")) for name in ("plain", "graphed")]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
-    resumed = _train_cls(tmp_path, "graphed", resume=str(tmp_path / "graphed" / "checkpoint-10"), cuda_graph_step=True,
-                         **common)
+    resumed = _train_cls(
+        tmp_path, "graphed", resume=str(tmp_path / "graphed" / "checkpoint-10"), cuda_graph_step=True, **common
+    )
     assert [key(r) for r in resumed.log_history if "loss" in r][-10:] == a[-10:]
-
 
 
 def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips_it(tmp_path, monkeypatch):
@@ -359,39 +443,67 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
     # `fast` on a CPU keeps the eager step
     from loop.tasks.text_classification import pad_collator
 
-    run = loop.fit.build(TrainConfig(output_dir=str(tmp_path / "f"), fast=True, use_cpu=True, report_to="none"),
-                         model=tiny_bert_classifier(), model_init=None, train_dataset=RaggedText(9), eval_dataset=None,
-                         data_collator=pad_collator(4), compute_metrics=None, callbacks=[], processing_class=None,
-                         preprocess_logits_for_metrics=None, compute_loss_func=None, optimizers=(None, None),
-                         optimizer_cls_and_kwargs=None, optimizer_step=None)
+    run = loop.fit.build(
+        TrainConfig(output_dir=str(tmp_path / "f"), fast=True, use_cpu=True, report_to="none"),
+        model=tiny_bert_classifier(),
+        model_init=None,
+        train_dataset=RaggedText(9),
+        eval_dataset=None,
+        data_collator=pad_collator(4),
+        compute_metrics=None,
+        callbacks=[],
+        processing_class=None,
+        preprocess_logits_for_metrics=None,
+        compute_loss_func=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        optimizer_step=None,
+    )
     assert run.step_fn is optimizer_step
 
     def fake(device="cuda", procs=1, precision="bf16", optimizer=None, topology="NO", **cfg):
         p = torch.nn.Parameter(torch.zeros(2))
         opt = optimizer or torch.optim.AdamW([p], fused=False)
-        config = SimpleNamespace(mixed_precision=precision, torch_compile_mode=None, gradient_checkpointing=False,
-                                 **{"dataloader_pin_memory": True, "debug": "", **cfg})
-        return SimpleNamespace(config=config, optimizer=opt, loader=SimpleNamespace(device_table=object()),
-                               accelerator=SimpleNamespace(device=torch.device(device), num_processes=procs,
-                                                           distributed_type=SimpleNamespace(name=topology)))
+        config = SimpleNamespace(
+            mixed_precision=precision,
+            torch_compile_mode=None,
+            gradient_checkpointing=False,
+            **{"dataloader_pin_memory": True, "debug": "", **cfg},
+        )
+        return SimpleNamespace(
+            config=config,
+            optimizer=opt,
+            loader=SimpleNamespace(device_table=object()),
+            accelerator=SimpleNamespace(
+                device=torch.device(device), num_processes=procs, distributed_type=SimpleNamespace(name=topology)
+            ),
+        )
 
     assert gs.why_not(fake(), custom_step=False) is None
     unpinned = fake(dataloader_pin_memory=False)
     unpinned.loader.device_table = None
     assert gs.why_not(unpinned, custom_step=False) is None  # asked for: allowed (unverified on a GPU) ...
-    for run, says in ((fake(), "not a custom optimizer_step"), (fake(procs=2), "runs on one process"),
-                      (fake(topology="DEEPSPEED"), "not DeepSpeed's engine"),
-                      (fake(precision="fp16"), "fp16's loss scaler"),
-                      (fake(debug="underflow_overflow"), "debug underflow_overflow checks every module's output"),
-                      (SimpleNamespace(**{**vars(fake()), "loader": SimpleNamespace(device_table=None)}),
-                       "with pinned host batches"),
-                      (fake(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)),
-                       "SGD cannot: use optim adamw_torch_fused")):
+    for run, says in (
+        (fake(), "not a custom optimizer_step"),
+        (fake(procs=2), "runs on one process"),
+        (fake(topology="DEEPSPEED"), "not DeepSpeed's engine"),
+        (fake(precision="fp16"), "fp16's loss scaler"),
+        (fake(debug="underflow_overflow"), "debug underflow_overflow checks every module's output"),
+        (SimpleNamespace(**{**vars(fake()), "loader": SimpleNamespace(device_table=None)}), "with pinned host batches"),
+        (
+            fake(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)),
+            "SGD cannot: use optim adamw_torch_fused",
+        ),
+    ):
         assert says in gs.why_not(run, custom_step=says.startswith("not a custom"))
     # ... but `fast` takes it only where it was verified: batches cut from the device table (compiled or eager)
     monkeypatch.setattr(gs, "GraphStep", lambda run: "graphed")  # no CUDA stream to make on a CPU
-    for table, compiled, debug, taken in ((object(), True, "", True), (None, True, "", False), (object(), False, "", True),
-                                         (object(), True, "underflow_overflow", False)):
+    for table, compiled, debug, taken in (
+        (object(), True, "", True),
+        (None, True, "", False),
+        (object(), False, "", True),
+        (object(), True, "underflow_overflow", False),
+    ):
         run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled, debug=debug)
         run.loader.device_table = table
         assert gs.use_graph_step(run, custom_step=False) is taken
@@ -452,29 +564,51 @@ def test_varlen_attention_is_the_block_diagonal_attention_of_packed_rows():
     mask[0, 11:] = 0
     mask[1, :5] = 0
     with torch.no_grad():
-        x, y = sdpa(batch["input_ids"], attention_mask=mask).logits, varlen(batch["input_ids"], attention_mask=mask).logits
+        x, y = (
+            sdpa(batch["input_ids"], attention_mask=mask).logits,
+            varlen(batch["input_ids"], attention_mask=mask).logits,
+        )
     assert torch.isfinite(y).all() and (x - y)[mask.bool()].abs().max().item() <= 1e-5
 
 
-def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_where_it_cannot_run(tmp_path,
-                                                                                                    monkeypatch):
+def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_where_it_cannot_run(
+    tmp_path, monkeypatch
+):
     from types import SimpleNamespace
 
     from loop import varlen_attention as va
 
-    common = dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3,
-                  logging_steps=1, eval_strategy="steps", eval_steps=3, save_strategy="no", use_cpu=True,
-                  disable_tqdm=True, report_to="none", telemetry=False)
+    common = dict(
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        telemetry=False,
+    )
 
     def train(name, **overrides):
         model = tiny_gpt2()
         model.config.use_cache = False
-        return loop.train(TrainConfig(output_dir=str(tmp_path / name), **common, **overrides), model,
-                          train_dataset=PackedLM(60), eval_dataset=PackedLM(20, seed=1)), model
+        return loop.train(
+            TrainConfig(output_dir=str(tmp_path / name), **common, **overrides),
+            model,
+            train_dataset=PackedLM(60),
+            eval_dataset=PackedLM(20, seed=1),
+        ), model
 
     # asked for on a CPU: one line, nothing written
-    with pytest.raises(LoopError, match="^varlen_attention cannot be used here: it runs PyTorch's flash-attention "
-                                        "kernel, which needs a CUDA device; set varlen_attention false$"):
+    with pytest.raises(
+        LoopError,
+        match="^varlen_attention cannot be used here: it runs PyTorch's flash-attention "
+        "kernel, which needs a CUDA device; set varlen_attention false$",
+    ):
         train("cpu", varlen_attention=True, bf16=True)
     assert not (tmp_path / "cpu" / "model.safetensors").exists()
     # by default the model's attention is left as it is, and `fast` leaves it so where the kernel cannot run (a CPU)
@@ -483,17 +617,27 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
     from loop.run import use_varlen_attention
 
     gpt = tiny_gpt2()
-    fast = SimpleNamespace(config=TrainConfig(output_dir=str(tmp_path / "f"), fast=True, bf16=True),
-                           loader=SimpleNamespace(device_table=None), unwrapped=gpt,
-                           accelerator=SimpleNamespace(device=torch.device("cpu")))
+    fast = SimpleNamespace(
+        config=TrainConfig(output_dir=str(tmp_path / "f"), fast=True, bf16=True),
+        loader=SimpleNamespace(device_table=None),
+        unwrapped=gpt,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
     assert use_varlen_attention(fast, PackedLM(60), torch.utils.data.default_collate) is False
     assert gpt.config._attn_implementation != va.NAME
     # where it applies (the CUDA checks waived, the per-document maths on CPU): the same run, step for step
     monkeypatch.setattr(va, "why_not", lambda *a: None)
     seen = []
-    monkeypatch.setattr(loop.fit, "log_loss", lambda run, real=loop.fit.log_loss: (seen.append(
-        (run.unwrapped.config._attn_implementation, run.unwrapped.transformer.h[0].attn._loop_varlen_segments)),
-        real(run))[1])
+    monkeypatch.setattr(
+        loop.fit,
+        "log_loss",
+        lambda run, real=loop.fit.log_loss: (
+            seen.append(
+                (run.unwrapped.config._attn_implementation, run.unwrapped.transformer.h[0].attn._loop_varlen_segments)
+            ),
+            real(run),
+        )[1],
+    )
     varlen, model = train("varlen", varlen_attention=True)
     rows = torch.stack([r["position_ids"] for r in PackedLM(60)])
     assert set(seen) == {(va.NAME, va.segment_bound(va.count_documents([{"position_ids": rows}]), 4))}
@@ -507,11 +651,12 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
     packed = {"input_ids": 0, "position_ids": 0}
     cuda = torch.device("cuda")
     for model, precision, batch, says in (
-            (tiny_bert_classifier(), "bf16", packed, "not 'bert'"),
-            (tiny_gpt2(), "bf16", {"input_ids": 0, "position_ids": 0, "attention_mask": 0}, "not packed rows"),
-            (tiny_gpt2(), "bf16", {"input_ids": 0}, "not packed rows"),
-            (tiny_gpt2(), "no", packed, "bf16/fp16 only"),
-            (tiny_gpt2(), "bf16", packed, None)):
+        (tiny_bert_classifier(), "bf16", packed, "not 'bert'"),
+        (tiny_gpt2(), "bf16", {"input_ids": 0, "position_ids": 0, "attention_mask": 0}, "not packed rows"),
+        (tiny_gpt2(), "bf16", {"input_ids": 0}, "not packed rows"),
+        (tiny_gpt2(), "no", packed, "bf16/fp16 only"),
+        (tiny_gpt2(), "bf16", packed, None),
+    ):
         why = va.why_not(model, torch.device("cpu") if says is None else cuda, precision, batch)
         assert (says or "needs a CUDA device") in why
     odd = tiny_gpt2()
@@ -528,8 +673,12 @@ def test_fast_compiles_one_graph_under_ddp_unless_overlap_is_asked_for():
     from loop.run import ddp_overlap_setting
 
     before = _dynamo.config.optimize_ddp
-    for kwargs, inside in ((dict(fast=True), False), (dict(fast=True, ddp_compile_overlap=True), True),
-                           (dict(torch_compile=True), before), (dict(torch_compile=True, ddp_compile_overlap=False), False)):
+    for kwargs, inside in (
+        (dict(fast=True), False),
+        (dict(fast=True, ddp_compile_overlap=True), True),
+        (dict(torch_compile=True), before),
+        (dict(torch_compile=True, ddp_compile_overlap=False), False),
+    ):
         with ddp_overlap_setting(TrainConfig(**kwargs)):
             assert _dynamo.config.optimize_ddp == inside, kwargs
         assert _dynamo.config.optimize_ddp == before

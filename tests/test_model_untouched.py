@@ -9,7 +9,7 @@ import torch
 import loop
 from loop import TrainConfig
 from loop.errors import LoopError
-from tests.helpers import LMData, PackedLM, tiny_bert_classifier, tiny_gpt2, ClsData
+from tests.helpers import ClsData, LMData, PackedLM, tiny_bert_classifier, tiny_gpt2
 
 _TENSORS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
 
@@ -18,8 +18,11 @@ def fingerprint(model):
     """Everything but the tensors: each module's attributes (by identity or value), its hooks, its config."""
     out = []
     for name, module in model.named_modules():
-        attrs = {k: (v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
-                 for k, v in vars(module).items() if k not in _TENSORS}
+        attrs = {
+            k: (v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
+            for k, v in vars(module).items()
+            if k not in _TENSORS
+        }
         hooks = {k: sorted(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
         out.append((name, type(module).__name__, attrs, hooks))
     config = getattr(model, "config", None)
@@ -27,9 +30,18 @@ def fingerprint(model):
 
 
 def cfg(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
-                learning_rate=1e-3, save_strategy="no", use_cpu=True, disable_tqdm=True, report_to="none",
-                telemetry=False)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        learning_rate=1e-3,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        telemetry=False,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -42,21 +54,28 @@ def plain_lm_forward_works(model):
     assert torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("feature", [
-    dict(fused_linear_cross_entropy=True),
-    dict(neftune_noise_alpha=5.0),
-    dict(debug="underflow_overflow"),
-    dict(gradient_checkpointing=True),
-    dict(bf16=True),  # accelerate's autocast forward wrapper
-    dict(ema_decay=0.9, eval_strategy="steps", eval_steps=2),
-    dict(use_cache=True),
-])
+@pytest.mark.parametrize(
+    "feature",
+    [
+        dict(fused_linear_cross_entropy=True),
+        dict(neftune_noise_alpha=5.0),
+        dict(debug="underflow_overflow"),
+        dict(gradient_checkpointing=True),
+        dict(bf16=True),  # accelerate's autocast forward wrapper
+        dict(ema_decay=0.9, eval_strategy="steps", eval_steps=2),
+        dict(use_cache=True),
+    ],
+)
 def test_train_leaves_the_model_as_it_was_but_for_its_weights(tmp_path, feature):
     model = tiny_gpt2()
     before = fingerprint(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    loop.train(cfg(tmp_path, **feature), model, train_dataset=LMData(16, ragged=True),
-               eval_dataset=LMData(8, seed=1) if "eval_strategy" in feature else None)
+    loop.train(
+        cfg(tmp_path, **feature),
+        model,
+        train_dataset=LMData(16, ragged=True),
+        eval_dataset=LMData(8, seed=1) if "eval_strategy" in feature else None,
+    )
     assert fingerprint(model) == before
     assert any(not torch.equal(weights[k], v) for k, v in model.state_dict().items())  # it did train
     plain_lm_forward_works(model)
@@ -71,8 +90,12 @@ def test_fused_loss_is_taken_off_when_the_run_raises(tmp_path):
     model = tiny_gpt2()
     before = fingerprint(model)
     with pytest.raises(RuntimeError, match="boom"):
-        loop.train(cfg(tmp_path, fused_linear_cross_entropy=True, gradient_checkpointing=True), model,
-                   train_dataset=LMData(16), callbacks=[Boom()])
+        loop.train(
+            cfg(tmp_path, fused_linear_cross_entropy=True, gradient_checkpointing=True),
+            model,
+            train_dataset=LMData(16),
+            callbacks=[Boom()],
+        )
     assert fingerprint(model) == before
     plain_lm_forward_works(model)
 
@@ -85,8 +108,11 @@ def test_varlen_attention_is_switched_back_after_training(tmp_path, monkeypatch)
     model.config.use_cache = False
     before = fingerprint(model)
     seen = []
-    monkeypatch.setattr(loop.fit, "log_loss", lambda run, real=loop.fit.log_loss: (seen.append(
-        run.unwrapped.config._attn_implementation), real(run))[1])
+    monkeypatch.setattr(
+        loop.fit,
+        "log_loss",
+        lambda run, real=loop.fit.log_loss: (seen.append(run.unwrapped.config._attn_implementation), real(run))[1],
+    )
     loop.train(cfg(tmp_path, varlen_attention=True), model, train_dataset=PackedLM(40))
     assert set(seen) == {va.NAME}  # it was on during training
     assert fingerprint(model) == before and model.config._attn_implementation != va.NAME
@@ -105,8 +131,13 @@ def test_a_failing_ema_evaluation_leaves_the_trained_weights_in_the_model(tmp_pa
         raise ValueError("metric failed")
 
     with pytest.raises(ValueError, match="metric failed"):
-        loop.train(cfg(tmp_path, ema_decay=0.5, eval_strategy="steps", eval_steps=2, learning_rate=1e-2), model,
-                   train_dataset=ClsData(16), eval_dataset=ClsData(8, seed=1), compute_metrics=metrics)
+        loop.train(
+            cfg(tmp_path, ema_decay=0.5, eval_strategy="steps", eval_steps=2, learning_rate=1e-2),
+            model,
+            train_dataset=ClsData(16),
+            eval_dataset=ClsData(8, seed=1),
+            compute_metrics=metrics,
+        )
     assert len(calls) == 2
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in trained.items())
@@ -127,6 +158,9 @@ def test_a_refused_run_leaves_the_model_as_it_was(tmp_path):
     model = tiny_gpt2()
     before = fingerprint(model)
     with pytest.raises(LoopError, match="fused_linear_cross_entropy"):
-        loop.train(cfg(tmp_path, fused_linear_cross_entropy=True, label_smoothing_factor=0.1,
-                       gradient_checkpointing=True), model, train_dataset=LMData(16))
+        loop.train(
+            cfg(tmp_path, fused_linear_cross_entropy=True, label_smoothing_factor=0.1, gradient_checkpointing=True),
+            model,
+            train_dataset=LMData(16),
+        )
     assert fingerprint(model) == before

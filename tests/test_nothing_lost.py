@@ -5,17 +5,27 @@ import os
 
 import pytest
 import torch
+from helpers import LMData, assert_one_line_error, tiny_gpt2
+from helpers import run_loop as run
 from safetensors.torch import load_file
 
 import loop
-from helpers import LMData, tiny_gpt2
-from test_cli import assert_one_line_error, run
 
 
 def _diverging(tmp_path, **kw):
-    return loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, max_steps=40,
-                            learning_rate=1e3, max_grad_norm=0, logging_steps=4, save_steps=4, disable_tqdm=True,
-                            optim="sgd", **kw)
+    return loop.TrainConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=40,
+        learning_rate=1e3,
+        max_grad_norm=0,
+        logging_steps=4,
+        save_steps=4,
+        disable_tqdm=True,
+        optim="sgd",
+        **kw,
+    )
 
 
 def test_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_path):
@@ -41,16 +51,35 @@ def test_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(tmp_path)
 
 
 def test_diverging_default_job_exits_non_zero_with_one_line(tmp_path):
-    proc = run("train", "--learning_rate", "1e3", "--max_grad_norm", "0", "--max_steps", "60", "--output_dir",
-               str(tmp_path), "--disable_tqdm")
+    proc = run(
+        "train",
+        "--learning_rate",
+        "1e3",
+        "--max_grad_norm",
+        "0",
+        "--max_steps",
+        "60",
+        "--output_dir",
+        str(tmp_path),
+        "--disable_tqdm",
+    )
     assert_one_line_error(proc, "training diverged", "non-finite at step")
     assert not os.path.exists(tmp_path / "model.safetensors") and "done" not in proc.stdout
 
 
 def _run(out, **kw):
-    config = loop.TrainConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=4, max_steps=12,
-                              logging_steps=2, save_steps=4, disable_tqdm=True, telemetry=False, learning_rate=1e-3,
-                              **kw)
+    config = loop.TrainConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=12,
+        logging_steps=2,
+        save_steps=4,
+        disable_tqdm=True,
+        telemetry=False,
+        learning_rate=1e-3,
+        **kw,
+    )
     return loop.train(config, tiny_gpt2(), LMData(40)).log_history
 
 
@@ -107,11 +136,18 @@ def test_final_save_where_only_the_main_process_receives_the_gathered_weights(tm
     shadow = [t.clone() for t in ema.shadow]
 
     def fake_run(main):
-        acc = SimpleNamespace(is_main_process=main, wait_for_everyone=lambda: None,
-                              get_state_dict=lambda m: {f"module.{k}": v for k, v in m.state_dict().items()} if main
-                              else None)
-        return SimpleNamespace(accelerator=acc, config=SimpleNamespace(output_dir=str(tmp_path), save_on_each_node=False),
-                               model=model, unwrapped=model, ema=ema)
+        acc = SimpleNamespace(
+            is_main_process=main,
+            wait_for_everyone=lambda: None,
+            get_state_dict=lambda m: {f"module.{k}": v for k, v in m.state_dict().items()} if main else None,
+        )
+        return SimpleNamespace(
+            accelerator=acc,
+            config=SimpleNamespace(output_dir=str(tmp_path), save_on_each_node=False),
+            model=model,
+            unwrapped=model,
+            ema=ema,
+        )
 
     save_model(fake_run(main=False))  # another rank: no error, nothing written, the weights left as they were
     assert not os.path.exists(tmp_path / "model.safetensors") and not os.path.exists(tmp_path / "ema")
@@ -129,9 +165,19 @@ def test_final_save_where_only_the_main_process_receives_the_gathered_weights(tm
 def test_save_final_model_false_trains_and_checkpoints_the_same_but_writes_no_final_model(tmp_path):
     """`loop bench` and `loop compare` keep no final model (Trainer's train() writes none; a 1.5B model's is 6 GB).
     The run, its records and its checkpoints are those of the default run; only model.safetensors and ema/ are absent."""
+
     def config(out, **kw):
-        return loop.TrainConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=4, max_steps=6,
-                                logging_steps=2, save_steps=3, disable_tqdm=True, ema_decay=0.9, **kw)
+        return loop.TrainConfig(
+            output_dir=str(out),
+            use_cpu=True,
+            per_device_train_batch_size=4,
+            max_steps=6,
+            logging_steps=2,
+            save_steps=3,
+            disable_tqdm=True,
+            ema_decay=0.9,
+            **kw,
+        )
 
     kept = loop.train(config(tmp_path / "kept"), tiny_gpt2(), LMData(64))
     skipped = loop.train(config(tmp_path / "skipped", save_final_model=False), tiny_gpt2(), LMData(64))
@@ -140,8 +186,10 @@ def test_save_final_model_false_trains_and_checkpoints_the_same_but_writes_no_fi
     assert os.path.exists(tmp_path / "kept" / "model.safetensors") and os.path.isdir(tmp_path / "kept" / "ema")
     assert not os.path.exists(tmp_path / "skipped" / "model.safetensors")
     assert not os.path.exists(tmp_path / "skipped" / "ema")
-    assert sorted(n for n in os.listdir(tmp_path / "skipped") if n.startswith("checkpoint-")) == \
-        ["checkpoint-3", "checkpoint-6"]
+    assert sorted(n for n in os.listdir(tmp_path / "skipped") if n.startswith("checkpoint-")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
 
 
 def test_one_process_reads_the_checksums_and_every_rank_takes_its_verdict(tmp_path, monkeypatch):
@@ -162,8 +210,9 @@ def test_one_process_reads_the_checksums_and_every_rank_takes_its_verdict(tmp_pa
         (folder / "COMPLETE").write_text(json.dumps({"step": step, "files": ckpt.manifest(str(folder))}))
     reads = []
     real_damage = ckpt.damage
-    monkeypatch.setattr(ckpt, "damage", lambda path, checksums=False: reads.append(path) if checksums else
-                        real_damage(path))
+    monkeypatch.setattr(
+        ckpt, "damage", lambda path, checksums=False: reads.append(path) if checksums else real_damage(path)
+    )
     rank1 = SimpleNamespace(is_main_process=False, is_local_main_process=False, num_processes=2)
     rank0_says = iter([[3, 6], "model.safetensors does not match its checksum (corrupted)", None])  # 6 is damaged
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [next(rank0_says), mine[0]])
@@ -172,6 +221,10 @@ def test_one_process_reads_the_checksums_and_every_rank_takes_its_verdict(tmp_pa
     assert reads == []  # rank 1 read no checksum
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: ["it does not match", mine[0]])
     with pytest.raises(loop.LoopError, match="checkpoint-6 cannot be resumed: it does not match"):
-        ckpt.verify_resume(rank1, ckpt.precheck_resume(str(tmp_path / "checkpoint-6"), str(tmp_path)), str(tmp_path),
-                           save_on_each_node=False)
+        ckpt.verify_resume(
+            rank1,
+            ckpt.precheck_resume(str(tmp_path / "checkpoint-6"), str(tmp_path)),
+            str(tmp_path),
+            save_on_each_node=False,
+        )
     assert reads == []

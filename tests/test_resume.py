@@ -8,18 +8,25 @@ import sys
 import time
 
 import pytest
+from helpers import LMData, same_history, tiny_gpt2
 
 import loop
 import loop.checkpoint as ckpt
-from helpers import LMData, comparable, tiny_gpt2
+
+pytestmark = pytest.mark.slow  # subprocesses, launches and signals: left out of the quick loop (-m "not slow")
 
 HERE = os.path.dirname(__file__)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
 
 
 def run_worker(out, *args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "resume_worker.py"), str(out), *args],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "workers", "resume_worker.py"), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def worker(out, *args, expect_kill=False):
@@ -29,13 +36,6 @@ def worker(out, *args, expect_kill=False):
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.load(open(os.path.join(out, "result.json")))
-
-
-def same_history(a, b):
-    a, b = [comparable(r) for r in a], [comparable(r) for r in b]
-    assert len(a) == len(b), (len(a), len(b))
-    for x, y in zip(a, b):
-        assert x == y, (x, y)
 
 
 def metrics_lines(out):
@@ -48,8 +48,10 @@ SCENARIOS = {
     "kill_after_step_mid_epoch": ([], ["kill_after_step=8"]),
     "kill_mid_accumulation_window": ([], ["kill_in_microbatch=19"]),
     "kill_while_saving": ([], ["kill_in_save=9"]),
-    "epoch_end_checkpoints_with_workers": (["save_strategy=epoch", "dataloader_num_workers=2", "max_steps=-1",
-                                            "num_train_epochs=3"], ["kill_after_step=8"]),
+    "epoch_end_checkpoints_with_workers": (
+        ["save_strategy=epoch", "dataloader_num_workers=2", "max_steps=-1", "num_train_epochs=3"],
+        ["kill_after_step=8"],
+    ),
     "save_mid_window_logging_every_4": (["logging_steps=4"], ["kill_after_step=7"]),
 }
 
@@ -96,7 +98,8 @@ def test_sigterm_saves_a_checkpoint_and_stops_then_resume_is_exact(tmp_path, ref
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: SIGTERM: stopped at step {step} of 14 and saved {tmp_path / f'checkpoint-{step}'}; continue with "
-        "--resume_from_checkpoint latest")
+        "--resume_from_checkpoint latest"
+    )
     assert ckpt.list_checkpoints(str(tmp_path))[-1] == (step, str(tmp_path / f"checkpoint-{step}"))
     assert not os.path.exists(tmp_path / "model.safetensors"), "a preempted run must not look finished"
     assert [line["step"] for line in metrics_lines(tmp_path) if line.get("event") == "preempted"] == [step]
@@ -139,15 +142,30 @@ def test_partial_and_junk_checkpoints_are_skipped_with_a_warning(tmp_path, refer
 
 
 def _train(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, logging_steps=1,
-                save_steps=2, learning_rate=1e-3, use_cpu=True, disable_tqdm=True, telemetry=False)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        logging_steps=1,
+        save_steps=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        disable_tqdm=True,
+        telemetry=False,
+    )
     base.update(kw)
     return loop.TrainConfig(**base)
 
 
 def test_rotation_keeps_best_and_newest(tmp_path):
-    config = _train(tmp_path, save_total_limit=1, eval_strategy="steps", eval_steps=2,
-                    metric_for_best_model="loss", learning_rate=5e-2)
+    config = _train(
+        tmp_path,
+        save_total_limit=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        metric_for_best_model="loss",
+        learning_rate=5e-2,
+    )
     # a large learning rate makes the eval loss go up after a while, so the best is not the newest
     result = loop.train(config, tiny_gpt2(), LMData(40), eval_dataset=LMData(8, seed=1))
     evals = [(r["step"], r["eval_loss"]) for r in result.log_history if "eval_loss" in r]
@@ -191,12 +209,17 @@ def test_disk_full_during_save_fails_loudly_and_keeps_previous(tmp_path, monkeyp
 def test_changed_batch_geometry_is_refused_unless_overridden(tmp_path):
     loop.train(_train(tmp_path, max_steps=2), tiny_gpt2(), LMData(40))
     with pytest.raises(loop.LoopError, match="per_device_train_batch_size 4 -> 2"):
-        loop.train(_train(tmp_path, per_device_train_batch_size=2), tiny_gpt2(), LMData(40),
-                   resume_from_checkpoint="latest")
+        loop.train(
+            _train(tmp_path, per_device_train_batch_size=2), tiny_gpt2(), LMData(40), resume_from_checkpoint="latest"
+        )
     with pytest.raises(loop.LoopError, match="train_examples 40 -> 44"):
         loop.train(_train(tmp_path), tiny_gpt2(), LMData(44), resume_from_checkpoint="latest")
-    result = loop.train(_train(tmp_path, per_device_train_batch_size=2, allow_inexact_resume=True), tiny_gpt2(),
-                        LMData(40), resume_from_checkpoint="latest")
+    result = loop.train(
+        _train(tmp_path, per_device_train_batch_size=2, allow_inexact_resume=True),
+        tiny_gpt2(),
+        LMData(40),
+        resume_from_checkpoint="latest",
+    )
     assert result.global_step == 8
 
 
@@ -232,7 +255,9 @@ class _FirstStepTimer(loop.Callback):
 def test_time_to_resume_does_not_grow_with_the_step(tmp_path):
     n = 2_000_000
     config = _train(tmp_path, max_steps=400_000, save_steps=1, per_device_train_batch_size=4)
-    stop = type("Stop", (loop.Callback,), {"on_step_end": lambda self, run: "stop" if run.state.global_step >= 1 else None})
+    stop = type(
+        "Stop", (loop.Callback,), {"on_step_end": lambda self, run: "stop" if run.state.global_step >= 1 else None}
+    )
     loop.train(config, tiny_gpt2(), _Big(n), callbacks=[stop()])
     early = tmp_path / "checkpoint-1"
     late = tmp_path / "checkpoint-450000"
@@ -246,16 +271,21 @@ def test_time_to_resume_does_not_grow_with_the_step(tmp_path):
     timings = {}
     for name, path in (("early", early), ("late", late)):
         timer = _FirstStepTimer()
-        loop.train(_train(tmp_path, max_steps=450_010, save_strategy="no", per_device_train_batch_size=4),
-                   tiny_gpt2(), _Big(n), callbacks=[timer, stop()] if name == "early" else [timer],
-                   resume_from_checkpoint=str(path))
+        loop.train(
+            _train(tmp_path, max_steps=450_010, save_strategy="no", per_device_train_batch_size=4),
+            tiny_gpt2(),
+            _Big(n),
+            callbacks=[timer, stop()] if name == "early" else [timer],
+            resume_from_checkpoint=str(path),
+        )
         timings[name] = timer.elapsed
     assert timings["late"] < 3 * timings["early"] + 1.0, timings
 
 
 def test_best_checkpoint_survives_resume(tmp_path):
-    config = _train(tmp_path, eval_strategy="steps", eval_steps=2, metric_for_best_model="loss",
-                    learning_rate=5e-2, max_steps=8)
+    config = _train(
+        tmp_path, eval_strategy="steps", eval_steps=2, metric_for_best_model="loss", learning_rate=5e-2, max_steps=8
+    )
     stop = type("S", (loop.Callback,), {"on_step_end": lambda s, run: "stop" if run.state.global_step == 6 else None})
     loop.train(config, tiny_gpt2(), LMData(40), eval_dataset=LMData(8, seed=1), callbacks=[stop()])
     saved = ckpt.read_state(str(tmp_path / "checkpoint-6"))

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import torch
+from helpers import tiny_gpt2
 
 import loop
-from helpers import tiny_gpt2
 from loop.tasks import causal_lm, text_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def test_pack_restarts_positions_and_never_targets_a_document_start():
     docs = _docs()
     rows = causal_lm.pack(docs, 16, pad_id=63)
     flat_ids = sum(rows["input_ids"], [])
-    assert flat_ids[:sum(map(len, docs))] == sum(docs, [])
+    assert flat_ids[: sum(map(len, docs))] == sum(docs, [])
     for ids, pos, lab in zip(rows["input_ids"], rows["position_ids"], rows["labels"]):
         assert len(ids) == len(pos) == len(lab) == 16
         for i, p in enumerate(pos):
@@ -37,8 +37,9 @@ def _sum_loss(model, batch):
     # use_cache=False as in training: with a KV cache transformers does not look for packed sequences
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return nll, int((labels != -100).sum())
 
 
@@ -76,11 +77,41 @@ def test_causal_lm_trains_packed_and_unpacked_from_local_text(tmp_path):
             f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n")
     for packing in ("true", "false"):
         out = tmp_path / f"out_{packing}"
-        proc = subprocess.run([sys.executable, "-m", "loop", "train", "--text_source", "none", "--train_file", str(text),
-                               "--max_steps", "20", "--packing", packing, "--block_size", "64", "--output_dir", str(out),
-                               "--eval_steps", "10", "--save_strategy", "no", "--disable_tqdm", "true",
-                               "--max_docs", "none", "--logging_steps", "10"],
-                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loop",
+                "train",
+                "--text_source",
+                "none",
+                "--train_file",
+                str(text),
+                "--max_steps",
+                "20",
+                "--packing",
+                packing,
+                "--block_size",
+                "64",
+                "--output_dir",
+                str(out),
+                "--eval_steps",
+                "10",
+                "--save_strategy",
+                "no",
+                "--disable_tqdm",
+                "true",
+                "--max_docs",
+                "none",
+                "--logging_steps",
+                "10",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]
         assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -92,9 +123,17 @@ def _tiny_encoder(folder):
     words = ["good", "great", "fun", "bad", "awful", "dull", "movie", "the", "a", "was", "plot", "acting"]
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64,
-                                                     max_position_embeddings=64, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(words) + 5,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return words
@@ -120,12 +159,26 @@ def test_text_classification_learns_tiny_sentiment_from_tsv(tmp_path):
     _tiny_encoder(model_dir)
     _sentiment_tsv(tmp_path / "train.tsv", 200, 0)
     _sentiment_tsv(tmp_path / "validation.tsv", 60, 1)
-    task = text_classification.Task(model_name_or_path=str(model_dir), train_file=str(tmp_path / "train.tsv"),
-                                    validation_file=str(tmp_path / "validation.tsv"))
-    config = loop.TrainConfig(output_dir=str(tmp_path / "out"), num_train_epochs=4, per_device_train_batch_size=16,
-                              learning_rate=3e-3, eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
-                              metric_for_best_model="accuracy", load_best_model_at_end=True, use_cpu=True,
-                              disable_tqdm=True, train_sampling_strategy="group_by_length", logging_steps=5)
+    task = text_classification.Task(
+        model_name_or_path=str(model_dir),
+        train_file=str(tmp_path / "train.tsv"),
+        validation_file=str(tmp_path / "validation.tsv"),
+    )
+    config = loop.TrainConfig(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=4,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        metric_for_best_model="accuracy",
+        load_best_model_at_end=True,
+        use_cpu=True,
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length",
+        logging_steps=5,
+    )
     built = text_classification.build(task, config)
     assert 1 not in built["train_dataset"][0]["input_ids"]  # no [UNK]: the tokenizer knows the words
     result = loop.train(config, **built)
@@ -140,8 +193,12 @@ def test_text_classification_learns_tiny_sentiment_from_tsv(tmp_path):
 def test_accuracy_f1():
     from transformers.trainer_utils import EvalPrediction
 
-    m = text_classification.accuracy_f1(EvalPrediction(predictions=torch.tensor([[1., 0], [0, 1], [0, 1], [1, 0]]).numpy(),
-                                                       label_ids=torch.tensor([0, 1, 0, 0]).numpy()))
+    m = text_classification.accuracy_f1(
+        EvalPrediction(
+            predictions=torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0]]).numpy(),
+            label_ids=torch.tensor([0, 1, 0, 0]).numpy(),
+        )
+    )
     assert m["accuracy"] == 0.75
     assert abs(m["f1"] - (0.8 + 2 / 3) / 2) < 1e-9
 
@@ -177,26 +234,63 @@ def test_task_options_that_would_hang_or_fail_deep_are_refused_in_one_line(tmp_p
     cases = [
         (causal_lm, dict(text_source="stdlib", block_size=0), "block_size must be >= 2 tokens, got 0"),
         (causal_lm, dict(text_source="stdlib", validation_split_percentage=100), "between 1 and 99, got 100"),
-        (causal_lm, dict(text_source="stdlib", block_size=128, model_config=small),
-         "block_size 128 is longer than the model's 64 positions; use --block_size 64"),
-        (text_classification, dict(train_file=train, validation_file=train, model_config={}, max_length=1),
-         "max_length must be >= 2"),
-        (text_classification, dict(train_file=train, validation_file=train, model_config={}, num_labels=2),
-         "class ids from 0 to 2, but they must be 0..num_labels-1 .num_labels 2.: set --num_labels 3"),
-        (text_classification, dict(train_file=train, validation_file=unlabelled, model_config={}),
-         "class ids from -1 to 2.*an unlabelled test split holds -1"),
-        (text_classification, dict(train_file=long, validation_file=long, tokenizer_name="bytes",
-                                   model_config={"max_position_embeddings": 64, "num_hidden_layers": 1,
-                                                 "hidden_size": 16, "num_attention_heads": 2,
-                                                 "intermediate_size": 32, "vocab_size": 300}),
-         "the longest tokenized row has 128 tokens, more than the model's 64 positions; use --max_length 64"),
+        (
+            causal_lm,
+            dict(text_source="stdlib", block_size=128, model_config=small),
+            "block_size 128 is longer than the model's 64 positions; use --block_size 64",
+        ),
+        (
+            text_classification,
+            dict(train_file=train, validation_file=train, model_config={}, max_length=1),
+            "max_length must be >= 2",
+        ),
+        (
+            text_classification,
+            dict(train_file=train, validation_file=train, model_config={}, num_labels=2),
+            "class ids from 0 to 2, but they must be 0..num_labels-1 .num_labels 2.: set --num_labels 3",
+        ),
+        (
+            text_classification,
+            dict(train_file=train, validation_file=unlabelled, model_config={}),
+            "class ids from -1 to 2.*an unlabelled test split holds -1",
+        ),
+        (
+            text_classification,
+            dict(
+                train_file=long,
+                validation_file=long,
+                tokenizer_name="bytes",
+                model_config={
+                    "max_position_embeddings": 64,
+                    "num_hidden_layers": 1,
+                    "hidden_size": 16,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 32,
+                    "vocab_size": 300,
+                },
+            ),
+            "the longest tokenized row has 128 tokens, more than the model's 64 positions; use --max_length 64",
+        ),
         # RoBERTa's position ids start after its padding index: of 66 embeddings, 64 hold tokens
-        (text_classification, dict(train_file=long, validation_file=long, tokenizer_name="bytes", max_length=65,
-                                   model_type="roberta",
-                                   model_config={"max_position_embeddings": 66, "num_hidden_layers": 1,
-                                                 "hidden_size": 16, "num_attention_heads": 2,
-                                                 "intermediate_size": 32, "vocab_size": 300}),
-         "the longest tokenized row has 65 tokens, more than the model's 64 positions"),
+        (
+            text_classification,
+            dict(
+                train_file=long,
+                validation_file=long,
+                tokenizer_name="bytes",
+                max_length=65,
+                model_type="roberta",
+                model_config={
+                    "max_position_embeddings": 66,
+                    "num_hidden_layers": 1,
+                    "hidden_size": 16,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 32,
+                    "vocab_size": 300,
+                },
+            ),
+            "the longest tokenized row has 65 tokens, more than the model's 64 positions",
+        ),
     ]
     for module, fields, match in cases:
         with pytest.raises(loop.LoopError, match=match):

@@ -4,7 +4,7 @@ next 10. It prints a breakdown of the step from the kernels' own timestamps (com
 hidden behind them, GPU idle) and the CUDA kernels that take the most device time. Run by `tests/gpu_scale.sh
 profile` (on 1 GPU and on GPUS) and `ddp-at-one`, or directly:
 
-    accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 tests/profile_ddp.py [job args]
+    accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 benchmarks/profile_ddp.py [job args]
 """
 
 import os
@@ -31,8 +31,11 @@ TIMED = int(os.environ.get("TIMED", "5"))  # steps timed unprofiled, after 20 wa
 PROFILE_STEPS = 10  # then profiled
 START, PROFILED = 20, 20 + TIMED
 END = PROFILED + PROFILE_STEPS
-argv = WORKLOADS["gpt2-124m"] + ["--fast", "true", "--max_steps", str(END + 1), "--disable_tqdm", "true",
-                                 "--output_dir", "outputs/profile-ddp"] + sys.argv[1:]
+argv = (
+    WORKLOADS["gpt2-124m"]
+    + ["--fast", "true", "--max_steps", str(END + 1), "--disable_tqdm", "true", "--output_dir", "outputs/profile-ddp"]
+    + sys.argv[1:]
+)
 config, module, task = build_job(argv)
 sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 rank = int(os.environ.get("RANK", "0"))
@@ -50,8 +53,11 @@ def busy(intervals):
 
 def breakdown(events, steps):
     """Per step, in ms: compute kernels busy, NCCL kernels busy, communication not overlapped by compute, GPU idle."""
-    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower()) for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [
+        (e.time_range.start, e.time_range.end, "nccl" in e.name.lower())
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
     if not kernels:
         return None
     compute = [(a, b) for a, b, comm in kernels if not comm]
@@ -75,10 +81,14 @@ class Profile(loop.Callback):
                 print(f"model: {type(run.model).__name__} of {type(inner).__name__}", flush=True)
             self.t = time.perf_counter()
         elif step == PROFILED:
-            print(f"rank {rank}: {(time.perf_counter() - self.t) / TIMED * 1e3:.1f} ms/step unprofiled "
-                  f"(steps {START + 1}-{PROFILED})", flush=True)
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                            if torch.cuda.is_available() else [])
+            print(
+                f"rank {rank}: {(time.perf_counter() - self.t) / TIMED * 1e3:.1f} ms/step unprofiled "
+                f"(steps {START + 1}-{PROFILED})",
+                flush=True,
+            )
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
             self.t = time.perf_counter()
@@ -89,13 +99,17 @@ class Profile(loop.Callback):
                 events = self.prof.key_averages()
                 gpu = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
                 nccl = sum(e.device_time_total for e in events if "nccl" in e.key.lower())
-                print(f"profiled: {dt * 1e3:.1f} ms/step; CUDA kernel time {gpu / 1e4:.1f} ms a step summed over "
-                      f"streams, of which NCCL {nccl / 1e4:.1f} ms")
+                print(
+                    f"profiled: {dt * 1e3:.1f} ms/step; CUDA kernel time {gpu / 1e4:.1f} ms a step summed over "
+                    f"streams, of which NCCL {nccl / 1e4:.1f} ms"
+                )
                 parts = breakdown(self.prof.events(), PROFILE_STEPS)
                 if parts:
-                    print("per step, from kernel timestamps: {window:.1f} ms on the GPU = compute kernels busy "
-                          "{compute:.1f} + communication not overlapped {exposed_comm:.1f} + idle {idle:.1f} "
-                          "(NCCL kernels busy {nccl:.1f} ms in all)".format(**parts))
+                    print(
+                        "per step, from kernel timestamps: {window:.1f} ms on the GPU = compute kernels busy "
+                        "{compute:.1f} + communication not overlapped {exposed_comm:.1f} + idle {idle:.1f} "
+                        "(NCCL kernels busy {nccl:.1f} ms in all)".format(**parts)
+                    )
                 print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=70))
 
 

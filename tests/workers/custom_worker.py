@@ -6,32 +6,53 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 import torch  # noqa: E402
+from helpers import ClsData, SimpleClassifier, cross_entropy_over_items  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import loop  # noqa: E402
-from helpers import ClsData, SimpleClassifier, cross_entropy_over_items  # noqa: E402
 
 out, side = sys.argv[1], sys.argv[2]
-args = TrainingArguments(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=3,
-                         gradient_accumulation_steps=2, max_steps=5, logging_steps=1, learning_rate=1e-2,
-                         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
-                         label_names=["labels"], eval_strategy="steps", eval_steps=5, per_device_eval_batch_size=3)
+args = TrainingArguments(
+    output_dir=os.path.join(out, "trainer"),
+    per_device_train_batch_size=3,
+    gradient_accumulation_steps=2,
+    max_steps=5,
+    logging_steps=1,
+    learning_rate=1e-2,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    label_names=["labels"],
+    eval_strategy="steps",
+    eval_steps=5,
+    per_device_eval_batch_size=3,
+)
 train, val = ClsData(40), ClsData(11, seed=1)
 result = {"world_size": None}
 if side == "trainer":
-    trainer = Trainer(model=SimpleClassifier(), args=args, train_dataset=train, eval_dataset=val,
-                      compute_loss_func=cross_entropy_over_items)
+    trainer = Trainer(
+        model=SimpleClassifier(),
+        args=args,
+        train_dataset=train,
+        eval_dataset=val,
+        compute_loss_func=cross_entropy_over_items,
+    )
     trainer.train()
     result.update(log=trainer.state.log_history, world_size=args.world_size)
 else:
     config = loop.TrainConfig.from_training_arguments(args, output_dir=os.path.join(out, "loop"))
     run = loop.train(config, SimpleClassifier(), train, eval_dataset=val, compute_loss_func=cross_entropy_over_items)
     pred = loop.predict(config, SimpleClassifier(seed=3), val, compute_loss_func=cross_entropy_over_items)
-    result.update(log=run.log_history, predictions=pred.predictions.tolist(), label_ids=pred.label_ids.tolist(),
-                  world_size=torch.distributed.get_world_size())
+    result.update(
+        log=run.log_history,
+        predictions=pred.predictions.tolist(),
+        label_ids=pred.label_ids.tolist(),
+        world_size=torch.distributed.get_world_size(),
+    )
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, f"{side}.json"), "w") as f:
         json.dump(result, f)

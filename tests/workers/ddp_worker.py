@@ -4,22 +4,36 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+
+from helpers import LMData, tiny_gpt2  # noqa: E402
 
 import loop  # noqa: E402
-from helpers import LMData, tiny_gpt2  # noqa: E402
 
 out, batch = sys.argv[1], int(sys.argv[2])
 extra = dict(a.split("=", 1) for a in sys.argv[3:])
 vocab = int(extra.pop("vocab", 64))  # a larger vocabulary makes the model span several 1 MB DDP buckets
-config = loop.TrainConfig(output_dir=os.path.join(out, "run"), per_device_train_batch_size=batch,
-                          gradient_accumulation_steps=2, max_steps=6, logging_steps=1, learning_rate=1e-3,
-                          save_strategy="no", use_cpu=True, disable_tqdm=True, telemetry=False,
-                          eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=3, **extra)
+config = loop.TrainConfig(
+    output_dir=os.path.join(out, "run"),
+    per_device_train_batch_size=batch,
+    gradient_accumulation_steps=2,
+    max_steps=6,
+    logging_steps=1,
+    learning_rate=1e-3,
+    save_strategy="no",
+    use_cpu=True,
+    disable_tqdm=True,
+    telemetry=False,
+    eval_strategy="steps",
+    eval_steps=3,
+    per_device_eval_batch_size=3,
+    **extra,
+)
 
 
 class SeenDuringTheRun(loop.Callback):
     """torch's process-wide optimize_ddp as the run's steps see it (ddp_compile_overlap sets it for the run only)."""
+
     optimize_ddp = None
 
     def on_step_end(self, run):
@@ -28,8 +42,13 @@ class SeenDuringTheRun(loop.Callback):
         SeenDuringTheRun.optimize_ddp = torch._dynamo.config.optimize_ddp
 
 
-result = loop.train(config, tiny_gpt2(vocab=vocab), LMData(48, ragged=True), eval_dataset=LMData(12, seed=1, ragged=True),
-                    callbacks=[SeenDuringTheRun()])
+result = loop.train(
+    config,
+    tiny_gpt2(vocab=vocab),
+    LMData(48, ragged=True),
+    eval_dataset=LMData(12, seed=1, ragged=True),
+    callbacks=[SeenDuringTheRun()],
+)
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, "log.json"), "w") as f:
         json.dump(result.log_history, f)
@@ -37,9 +56,14 @@ if int(os.environ.get("RANK", "0")) == 0:
         import torch._dynamo
 
         with open(os.path.join(out, "compiled.json"), "w") as f:
-            json.dump({"optimize_ddp": SeenDuringTheRun.optimize_ddp,
-                       "optimize_ddp_after": torch._dynamo.config.optimize_ddp,
-                       "aot_graphs": torch._dynamo.utils.counters["aot_autograd"]["total"]}, f)
+            json.dump(
+                {
+                    "optimize_ddp": SeenDuringTheRun.optimize_ddp,
+                    "optimize_ddp_after": torch._dynamo.config.optimize_ddp,
+                    "aot_graphs": torch._dynamo.utils.counters["aot_autograd"]["total"],
+                },
+                f,
+            )
 from loop.cli import leave_process_group  # noqa: E402
 
 leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)

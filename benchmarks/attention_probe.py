@@ -4,7 +4,7 @@ FlashAttention-2 variable-length kernel (what `varlen_attention` uses) against c
 and with the cumulative lengths padded by empty sequences as the loop pads them. Then cuDNN's output and gradients
 against FlashAttention's at dropout 0. Not a test (no assertion): a measurement for the README (Speed).
 
-    python tests/attention_probe.py
+    python benchmarks/attention_probe.py
 """
 
 import torch
@@ -12,7 +12,7 @@ import torch
 torch.manual_seed(0)
 dev, A = "cuda", torch.ops.aten
 B, T, H, D = 16, 1024, 12, 64  # 16 packed rows of 1024 tokens, 12 heads of 64
-scale = D ** -0.5
+scale = D**-0.5
 g = torch.Generator().manual_seed(1)
 bounds = [0]  # documents of long-tailed lengths (mean ~300 before cutting), cut at row boundaries
 for r in range(B):
@@ -29,9 +29,12 @@ grad_out = torch.randn_like(q)
 
 
 def flash(cu, p):
-    out, lse, rng, unused, _ = A._flash_attention_forward(q, k, v, cu, cu, longest, longest, p, True, False, scale=scale)
-    grads = A._flash_attention_backward(grad_out, q, k, v, out, lse, cu, cu, longest, longest, p, True, rng, unused,
-                                        scale=scale)
+    out, lse, rng, unused, _ = A._flash_attention_forward(
+        q, k, v, cu, cu, longest, longest, p, True, False, scale=scale
+    )
+    grads = A._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu, cu, longest, longest, p, True, rng, unused, scale=scale
+    )
     return (out, *grads)
 
 
@@ -59,6 +62,8 @@ for name, fn in (("flash", flash), ("cudnn", cudnn)):
             print(f"{name} {label} cu_seqlens, dropout {p}: {t:.3f} ms a layer, {12 * t:.2f} ms for 12 layers")
 for label, cu in (("exact", cu_exact), ("padded", cu_padded)):
     for part, a, b in zip(("out", "dq", "dk", "dv"), flash(cu, 0.0), cudnn(cu, 0.0)):
-        print(f"cudnn vs flash, {label}, {part}: max abs difference {(a.float() - b.float()).abs().max().item():.3e} "
-              f"(largest |flash| {a.float().abs().max().item():.3e})")
+        print(
+            f"cudnn vs flash, {label}, {part}: max abs difference {(a.float() - b.float()).abs().max().item():.3e} "
+            f"(largest |flash| {a.float().abs().max().item():.3e})"
+        )
 print(torch.__version__, "cuDNN", torch.backends.cudnn.version(), torch.cuda.get_device_name())

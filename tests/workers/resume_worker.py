@@ -11,11 +11,12 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+
+from helpers import LMData, tiny_gpt2  # noqa: E402
 
 import loop  # noqa: E402
 import loop.checkpoint  # noqa: E402
-from helpers import LMData, tiny_gpt2  # noqa: E402
 
 out = sys.argv[1]
 opts = dict(a.split("=", 1) for a in sys.argv[2:])
@@ -27,9 +28,21 @@ term_rank = opts.pop("term_rank", None)
 term_in_final_save = opts.pop("term_in_final_save", None)
 resume = opts.pop("resume", None)
 n_train = int(opts.pop("n_train", 40))
-base = dict(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=14,
-            logging_steps=1, save_steps=3, eval_strategy="steps", eval_steps=4, learning_rate=1e-3,
-            use_cpu=True, disable_tqdm=True, telemetry=False, per_device_eval_batch_size=4)
+base = dict(
+    output_dir=out,
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=2,
+    max_steps=14,
+    logging_steps=1,
+    save_steps=3,
+    eval_strategy="steps",
+    eval_steps=4,
+    learning_rate=1e-3,
+    use_cpu=True,
+    disable_tqdm=True,
+    telemetry=False,
+    per_device_eval_batch_size=4,
+)
 base.update(opts)
 config = loop.TrainConfig(**base)
 
@@ -77,8 +90,14 @@ if term_in_final_save:
 from loop.cli import leave_process_group  # noqa: E402
 
 try:
-    result = loop.train(config, model, LMData(n_train, ragged=True), eval_dataset=LMData(10, seed=1),
-                        callbacks=[Killer()], resume_from_checkpoint=resume)
+    result = loop.train(
+        config,
+        model,
+        LMData(n_train, ragged=True),
+        eval_dataset=LMData(10, seed=1),
+        callbacks=[Killer()],
+        resume_from_checkpoint=resume,
+    )
 except loop.Preempted as e:
     print(f"error: {e}", file=sys.stderr)
     leave_process_group(143)

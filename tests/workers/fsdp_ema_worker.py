@@ -8,14 +8,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
+from helpers import tiny_gpt2  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from helpers import tiny_gpt2  # noqa: E402
 from loop.checkpoint import ema_file_name  # noqa: E402
 from loop.ema import EMA  # noqa: E402
 

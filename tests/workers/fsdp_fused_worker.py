@@ -10,13 +10,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
+from helpers import tiny_gpt2  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from helpers import tiny_gpt2  # noqa: E402
 from loop import fused_loss  # noqa: E402
 from loop.compare import _weights_sha  # noqa: E402
 
@@ -67,8 +67,9 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from loop.errors import LoopError  # noqa: E402
 
-untied = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                    tie_word_embeddings=False))
+untied = GPT2LMHeadModel(
+    GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=False)
+)
 fused_loss.enable(untied, "FSDP")
 for module in (untied.lm_head, *untied.transformer.h, untied):
     fully_shard(module, mesh=mesh)

@@ -1,7 +1,7 @@
 """What the link between the GPUs gives: all-reduce time and bandwidth for 25, 150 and 500 MB of fp32, one process per
 GPU (GPT-2 124M's gradients are 498 MB). Run by `tests/gpu_scale.sh profile`:
 
-    torchrun --nproc_per_node 2 tests/allreduce_probe.py
+    torchrun --nproc_per_node 2 benchmarks/allreduce_probe.py
 """
 
 import time
@@ -23,6 +23,9 @@ for mb in (25, 150, 500):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / 10
     if rank == 0:
-        print(f"all_reduce {mb} MB fp32 over {dist.get_world_size()} GPUs: {dt * 1e3:.2f} ms, "
-              f"algbw {mb / 1024 / dt:.1f} GB/s", flush=True)
+        print(
+            f"all_reduce {mb} MB fp32 over {dist.get_world_size()} GPUs: {dt * 1e3:.2f} ms, "
+            f"algbw {mb / 1024 / dt:.1f} GB/s",
+            flush=True,
+        )
 dist.destroy_process_group()

@@ -1,0 +1,116 @@
+"""The docs run as written: every shell and Python block of README.md and docs/ is run by a test (here, or by the
+test named in RUN_ELSEWHERE), or is marked as needing a GPU (`<!-- gpu -->`) or a manual setup
+(`<!-- manual: why -->`) on the line before it. The README stays a README (at most 300 lines)."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import doc_block, doc_blocks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
+
+# blocks run by another test, by their first line
+RUN_ELSEWHERE = {
+    "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
+    "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
+    "# fgm_step": "tests/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
+    "# my_lab/my_task.py": "tests/test_cli.py::test_own_task_module_from_the_readme_trains_compares_evaluates",
+    "loop train --config my_lab/my_task.yaml": "tests/test_cli.py::test_own_task_module_from_the_readme_trains_compares_evaluates",
+}
+# blocks this module runs, by their first line
+PYTHON_HERE = (
+    "import torch\nfrom transformers import GPT2Config",
+    "class StopAtLoss(loop.Callback):",
+    "class Classifier(torch.nn.Module):",
+)
+SHELL_HERE = (
+    "loop train --max_steps 20 --eval_steps 10 --save_steps 10 --output_dir outputs/small",
+    "loop train --max_steps 20 --eval_steps 10 --save_steps 10 --ema_decay 0.99",
+)
+
+
+def test_every_shell_and_python_block_is_run_or_marked():
+    unrun = []
+    for path, lang, body, marker in doc_blocks():
+        if lang not in ("bash", "sh", "python"):
+            continue
+        ours = any(body.startswith(first) for first in PYTHON_HERE + SHELL_HERE + tuple(RUN_ELSEWHERE))
+        if not ours and not marker.startswith(("<!-- gpu", "<!-- manual:")):
+            unrun.append(f"{path}: {body.splitlines()[0]}")
+    assert not unrun, (
+        "blocks no test runs (run them in a test, or mark <!-- gpu --> / <!-- manual: why -->):\n" + "\n".join(unrun)
+    )
+
+
+def test_readme_is_short_and_starts_with_install_first_run_and_tests():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.splitlines()) <= 300
+    first_screen = "\n".join(text.splitlines()[:40])
+    assert "pip install -e" in first_screen and "loop train" in first_screen and "pytest" in first_screen
+
+
+def test_the_install_block_is_what_ci_runs():
+    block = doc_block("python3 -m venv .venv")
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    for line in block.splitlines():
+        command = line.split("#")[0].strip()
+        if command and command != "loop train":  # the default job: tests/test_cli.py::test_default_job...
+            for part in command.split("&&"):
+                assert part.strip() in ci, part
+
+
+def test_python_examples_run_as_written(tmp_path, monkeypatch):
+    """The README's example, then docs/api.md's, in one namespace (the API page continues from the README)."""
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "__docs__"}
+    exec(doc_block(PYTHON_HERE[0]), scope)
+    assert scope["result"].global_step == 20
+    assert any("eval_ema_loss" in r for r in scope["result"].log_history)
+    assert (tmp_path / "outputs" / "api" / "model.safetensors").exists()
+    exec(doc_block(PYTHON_HERE[1]), scope)
+    assert scope["result"].global_step <= 30
+    exec(doc_block(PYTHON_HERE[2]), scope)
+
+
+def _run_shell_block(first_line, cwd):
+    for line in doc_block(first_line).splitlines():
+        command = line.split("  #")[0].strip()
+        if not command:
+            continue
+        argv = shlex.split(command)
+        assert argv[0] == "loop", command
+        proc = subprocess.run(
+            [sys.executable, "-m", "loop", *argv[1:], "--disable_tqdm", "true"],
+            cwd=cwd,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        yield command, proc
+
+
+@pytest.mark.slow
+def test_readme_cli_block_runs_as_written(tmp_path):
+    """`loop train` (then again into the same folder, which --overwrite_output_dir allows) and `loop compare`."""
+    ran = list(_run_shell_block(SHELL_HERE[0], tmp_path))
+    assert len(ran) == 2
+    records = [json.loads(line) for line in open(tmp_path / "outputs" / "small" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 10, 20]  # one run's records only
+    assert "verdict: PARITY" in ran[1][1].stdout
+    assert (tmp_path / "outputs" / "compare" / "compare.json").exists()
+
+
+@pytest.mark.slow
+def test_api_page_train_then_evaluate_runs_as_written(tmp_path):
+    ran = list(_run_shell_block(SHELL_HERE[1], tmp_path))
+    assert len(ran) == 2
+    assert "eval_ema_loss" in ran[1][1].stdout
+    assert (tmp_path / "outputs" / "small-eval" / "eval_results.json").exists()
