@@ -204,7 +204,7 @@ def cmd_bench(argv) -> int:
         if side.endswith("-compiled"):
             config.torch_compile = True
         if side == "loop-fast":
-            config = dataclasses.replace(config, fast=True)  # re-runs the preset in __post_init__
+            config = dataclasses.replace(config, fast=True)  # the levers are decided in the run (loop/fast.py)
         result = _run_side(side.split("-")[0], config, module, task, skip)
         with open(result_file, "w") as f:
             json.dump(result, f, default=str)
@@ -271,6 +271,7 @@ def cmd_bench(argv) -> int:
                 "curve": curve,  # the logged losses, by step
                 "eval_s": summary.get("eval_runtime_s"),
                 "features": got.get("features"),
+                "fast": got.get("fast"),
                 "params": shape["params"],
                 "flops_per_token": flops,
                 "processes": world,

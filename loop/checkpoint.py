@@ -9,6 +9,7 @@ Layout of `<output_dir>/checkpoint-<global_step>/`:
     ema.safetensors          EMA weights (with ema_decay > 0); under FSDP2 ema_shards_<rank>.safetensors per rank
     loop_state.json          TrainState: step, data position, best metric, log history, callback state
     train_config.json        the TrainConfig the checkpoint was made with
+    fast_plan.json           what `fast` and the levers' own fields turned on for the run, and why the rest stayed off
     COMPLETE                 written last: the step and every file's size and crc32. A folder without it, or
                              whose files differ from it (truncated copy, bit rot), is never resumed from nor counted
 
@@ -398,6 +399,9 @@ def save(run) -> str:
                 f.write(state.to_json())
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
+            if run.fast is not None:  # what `fast` and the levers' fields turned on for this run, and why not the rest
+                with open(os.path.join(tmp, "fast_plan.json"), "w") as f:
+                    json.dump(run.fast.to_dict(), f, indent=1)
         acc.wait_for_everyone()
         if writer:
             files = manifest(tmp)  # every file with its size and checksum: resume verifies them

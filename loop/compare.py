@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from . import fast
+
 
 def _peak_gb(device):
     if device.type == "cuda":
@@ -217,16 +219,22 @@ def _run_side(side, config, module, task, skip):
             **built,
         )
         history, steps, model = result.log_history, result.global_step, clock.model
+        features = config.loop_features() + result.fast.report()
+        plan = result.fast.to_dict()
     else:
         kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}
         trainer = Trainer(
             model=built.get("model"),
-            args=config.to_training_arguments(output_dir=os.path.join(config.output_dir, "trainer")),
+            # under `fast`, Trainer is compiled and given the same optimizer (fast.trainer_settings)
+            args=config.to_training_arguments(
+                output_dir=os.path.join(config.output_dir, "trainer"), **fast.trainer_settings(config)
+            ),
             callbacks=[trainer_cb],
             **kwargs,
         )
         trainer.train()
         history, steps, model = trainer.state.log_history, trainer.state.global_step, trainer.model
+        features, plan = (["torch_compile"] if trainer.args.torch_compile else []), None
     wall = time.time() - start
     device = next(model.parameters()).device
     tokens = _tokens_of(built, config, steps)
@@ -235,14 +243,8 @@ def _run_side(side, config, module, task, skip):
         "summary": _summary(history, wall, tokens, steps, device, clock),
         "initial_weights_sha": clock.initial_sha,
         "shape": model_shape(model),
-        "features": config.loop_features()
-        + (
-            ["fused_linear_cross_entropy in use"]
-            if getattr(getattr(model, "get_output_embeddings", lambda: None)(), "_loop_fused", False)
-            else []
-        )
-        if side == "loop"
-        else ([] if not config.torch_compile else ["torch_compile"]),
+        "features": features,
+        "fast": plan,  # every lever, on or off and why (loop side)
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
@@ -366,7 +368,8 @@ def cmd_compare(argv) -> int:
         "trainer": trainer_run_list[0]["summary"],
         "loop": loop_run["summary"],
         "difference": diff,
-        "loop_only_features_on": config.loop_features(),
+        "loop_only_features_on": loop_run["features"],
+        "fast": loop_run.get("fast"),
         "steady_skip": skip,
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,

@@ -342,13 +342,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self._coerce_types()
-        if self.fast:  # the preset's config-level parts; the fused loss is decided per model (run.use_fused_loss)
-            self.torch_compile = True
-            if self.optim == "adamw_torch":  # the same AdamW, one fused kernel instead of a dozen foreach passes
-                self.optim = "adamw_torch_fused"
-            if self.ddp_find_unused_parameters is None:
-                self.ddp_find_unused_parameters = False
-        self.validate()
+        self.validate()  # what `fast` turns on is decided per run, in loop/fast.py: the fields keep what was asked
 
     # ------------------------------------------------------------------ validation (runs before any model is touched)
     def _coerce_types(self):
@@ -575,25 +569,6 @@ class TrainConfig:
             on.append("telemetry (extra loop/ keys in records; numbers unchanged)")
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
-        if self.fast:
-            on.append(
-                "fast (torch_compile unless widths vary under cuda_graph_step, fused AdamW for adamw_torch, "
-                "fused_linear_cross_entropy, dataset_on_device, "
-                "varlen_attention and cuda_graph_step where they apply, DDP without find_unused_parameters, "
-                "gradient_as_bucket_view, one compiled graph under DDP)"
-            )
-        if self.fused_linear_cross_entropy:
-            on.append("fused_linear_cross_entropy")
-        if self.dataset_on_device:
-            on.append("dataset_on_device")
-        if self.cuda_graph_step:
-            on.append("cuda_graph_step")
-        if self.varlen_attention:
-            on.append("varlen_attention")
-        if self.attention_backends:
-            on.append(f"attention_backends {self.attention_backends}")
-        if self.ddp_compile_overlap is not None and self.torch_compile:
-            on.append(f"ddp_compile_overlap {str(self.ddp_compile_overlap).lower()}")
         if self.param_groups:
             on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on

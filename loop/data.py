@@ -120,9 +120,9 @@ def _loader_kwargs(config, collator, batch_size):
     return kw
 
 
-def train_loader(config, dataset, collator, accelerator, model_input_name="input_ids"):
+def train_loader(config, dataset, collator, accelerator, table=None, model_input_name="input_ids"):
+    """The training DataLoader, prepared; with a DeviceTable (fast.resolve decides) its batches are cut on the device."""
     kw = _loader_kwargs(config, collator, config.per_device_train_batch_size)
-    table = on_device_table(config, dataset, collator, accelerator.device, model_input_name)
     if table is not None:  # same sampler over positions; batches are cut from the table on the device
         dataset = Positions(len(dataset))
         kw.update(collate_fn=table, num_workers=0, pin_memory=False, persistent_workers=False, prefetch_factor=None)
@@ -211,17 +211,18 @@ class DeviceTable:
         return {k: (v[:, :width] if k in self.seq_keys else v).index_select(0, index) for k, v in self.columns.items()}
 
 
-def on_device_table(config, dataset, collator, device, main_input="input_ids"):
-    """A DeviceTable for `dataset` when dataset_on_device asks for it (or `fast`, where it applies), else None.
-    Asked for explicitly, a dataset it cannot serve is refused with the reason; under `fast` it is skipped."""
-    if not (config.dataset_on_device or config.fast):
+def on_device_table(config, dataset, collator, device, main_input="input_ids", wanted=True, required=None):
+    """A DeviceTable for `dataset` when `wanted` (dataset_on_device, or `fast`: fast.resolve decides), else None.
+    `required` (asked for explicitly; default: config.dataset_on_device): a dataset it cannot serve is refused with the
+    reason; otherwise it is skipped."""
+    if not wanted:
         return None
     table, why = (
         (None, "group_by_length samples by the dataset's lengths")
         if config.train_sampling_strategy == "group_by_length"
         else _build_table(dataset, collator, device, main_input)
     )
-    if table is None and config.dataset_on_device:
+    if table is None and (config.dataset_on_device if required is None else required):
         raise LoopError(f"dataset_on_device: {why}; set dataset_on_device false")
     return table
 

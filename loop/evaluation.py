@@ -50,7 +50,7 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     from transformers.trainer_utils import EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
     acc, model, cfg = run.accelerator, run.model, run.config
-    if cfg.fast and hasattr(model, "_orig_mod"):
+    if run.evaluate_eagerly and hasattr(model, "_orig_mod"):
         # `fast` evaluates without compilation: evaluation's shapes (eval batch size, a short last batch, other
         # lengths) each cost a compilation, which on SST-2 took longer than evaluating eagerly ever would
         model = model._orig_mod
@@ -179,7 +179,8 @@ def _inference_run(
     changes,
 ):
     from .data import default_collator, eval_loader, prepare_dataset
-    from .run import Run, attention_context, place_model, start
+    from .fast import attention_context, evaluates_eagerly
+    from .run import Run, place_model, start
 
     if dataset is None:
         raise LoopError(f"{what} needs a dataset")
@@ -202,7 +203,8 @@ def _inference_run(
         dataset, default_collator(data_collator, processing_class), model, config, run.label_names, what
     )
     loader = eval_loader(config, ds, collate, acc)
-    run.attention = attention_context(config)  # attention_backends, as in training
+    run.attention = attention_context(config.attention_backends)  # as in training
+    run.evaluate_eagerly = evaluates_eagerly(config)
     run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     return run, loader

@@ -11,6 +11,7 @@ Host-device syncs happen only where a record is written (log boundaries, evaluat
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -22,21 +23,18 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint as ckpt
+from . import fast
 from .callbacks import Callback, fire
 from .config import TrainConfig
 from .data import default_collator, eval_loader, has_length, prepare_dataset, train_loader
 from .errors import LoopError
 from .evaluation import check_metrics_function, evaluate_metrics
-from .graph_step import use_graph_step
 from .model_changes import ModelChanges
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .preempt import Preempted, preemption
 from .run import (
     Run,
-    attention_context,
     call_model_init,
-    compile_settings,
-    ddp_overlap_setting,
     noisy_embeddings,
     overflow_debugging,
     place_model,
@@ -44,8 +42,6 @@ from .run import (
     require_config,
     start,
     topology,
-    use_fused_loss,
-    use_varlen_attention,
 )
 from .telemetry import Telemetry
 
@@ -57,6 +53,7 @@ class TrainResult:
     metrics: dict
     log_history: list = field(default_factory=list)
     output_dir: str = ""
+    fast: object = None  # the levers the run used and, for each one off, why (fast.Plan)
 
 
 @dataclass
@@ -111,7 +108,7 @@ def train(
     )
     # everything the run changes on the model (fused head, attention implementation, hooks, wrappers, settings) is
     # put back when it returns or raises: the caller's model is theirs (model_changes.py)
-    with ddp_overlap_setting(config), ModelChanges() as changes:
+    with ModelChanges() as changes, contextlib.ExitStack() as for_the_run:
         run = build(
             config,
             model,
@@ -130,6 +127,7 @@ def train(
             changes,
             resume_path is not None,
         )
+        for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
         with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
             with noisy_embeddings(run), overflow_debugging(run):
                 saved_rng = resume(run, resume_path)
@@ -246,28 +244,33 @@ def build(
     run = Run(
         config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func, optimizer_step
     )
-    use_fused_loss(run)
-
     collator = default_collator(data_collator, processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
     eval_ds, eval_collate = prepare_dataset(eval_dataset, collator, model, config, run.label_names, "eval")
     main_input = getattr(model, "main_input_name", "input_ids")
-    run.loader = train_loader(config, train_ds, train_collate, acc, main_input)
-    use_varlen_attention(run, train_ds, train_collate)
-    run.attention = attention_context(config, run.loader.device_table)
-    run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
-    run.plan = plan = make_plan(config, run.loader)
-
     if acc.distributed_type.name == "DEEPSPEED":
         deepspeed_follows(config, acc)
     optimizer, scheduler = optimizers
     if optimizer is None:
         optimizer = build_optimizer(config, model, optimizer_cls_and_kwargs)
         run.group_names = parameter_groups(config, model)[1] if config.param_groups else []
-    # before prepare(), which compiles: whether the step is recorded decides whether `fast` compiles at all
     run.optimizer = optimizer
-    recorded = use_graph_step(run, custom_step=optimizer_step is not None)
-    compile_settings(run, run.loader.device_table, recorded)
+    # what `fast` and the levers' own fields turn on, decided once (fast.py), then applied before prepare()
+    run.fast, table = fast.resolve(
+        config,
+        acc,
+        model,
+        train_ds,
+        train_collate,
+        optimizer,
+        own_loss=run.owns_loss,
+        custom_step=optimizer_step is not None,
+        main_input=main_input,
+    )
+    run.loader = train_loader(config, train_ds, train_collate, acc, table)
+    run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
+    run.plan = plan = make_plan(config, run.loader)
+    fast.apply(run.fast, run)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
@@ -646,7 +649,7 @@ def finish(run, processing_class=None) -> TrainResult:
     if cfg.report_to:
         acc.end_training()
     acc.wait_for_everyone()
-    return TrainResult(state.global_step, train_loss, metrics, state.log_history, cfg.output_dir)
+    return TrainResult(state.global_step, train_loss, metrics, state.log_history, cfg.output_dir, run.fast)
 
 
 def save_model(run, processing_class=None):

@@ -160,7 +160,7 @@ class _FusedLoss:
         return linear_cross_entropy(logits, weight, shift_labels, num_items_in_batch)
 
 
-def _refusal(model, distributed_type: str):
+def refusal(model, distributed_type: str):
     """Why the fused loss cannot serve this model on this topology exactly, or None."""
     from torch import nn
 
@@ -179,13 +179,13 @@ def _refusal(model, distributed_type: str):
 
 
 def applies(model, distributed_type: str = "NO") -> bool:
-    return _refusal(model, distributed_type) is None
+    return refusal(model, distributed_type) is None
 
 
 def enable(model, distributed_type: str = "NO") -> None:
     """Make `model` (a transformers causal LM) compute its training loss with linear_cross_entropy. Refuses, with one
     line, a model or a topology it cannot serve exactly."""
-    why = _refusal(model, distributed_type)
+    why = refusal(model, distributed_type)
     if why:
         raise LoopError(f"fused_linear_cross_entropy cannot be used here: {why}; set fused_linear_cross_entropy false")
     head = model.get_output_embeddings()
@@ -203,4 +203,4 @@ def enable(model, distributed_type: str = "NO") -> None:
     model.loss_function = _FusedLoss(head, model.loss_function)
 
 
-__all__ = ["linear_cross_entropy", "enable", "applies", "SUPPORTED"]
+__all__ = ["linear_cross_entropy", "enable", "applies", "refusal", "SUPPORTED"]

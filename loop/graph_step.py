@@ -47,9 +47,8 @@ WARMUP = 2  # eager windows of a shape before it is recorded: a recompilation (a
 MAX_GRAPHS = 64  # shapes beyond this many keep running eagerly (each graph holds its activations in the pool)
 
 
-def why_not(run, custom_step: bool) -> str | None:
+def why_not(config, acc, opt, device_table, custom_step: bool) -> str | None:
     """Why the graphed step cannot serve this run (one line with the fix), or None when it can."""
-    config, acc, opt = run.config, run.accelerator, run.optimizer
     if custom_step:
         return "cuda_graph_step records the loop's own step, not a custom optimizer_step; set cuda_graph_step false"
     if acc.device.type != "cuda":
@@ -61,7 +60,7 @@ def why_not(run, custom_step: bool) -> str | None:
             "cuda_graph_step runs on one process (the gradient all-reduce is not recorded); set cuda_graph_step "
             "false under DDP, FSDP or DeepSpeed"
         )
-    if run.loader.device_table is None and config.dataloader_pin_memory:
+    if device_table is None and config.dataloader_pin_memory:
         return (
             "cuda_graph_step with pinned host batches: the DataLoader's pin-memory thread makes CUDA calls while "
             "the graph records, and such captures failed on an H100; set dataset_on_device true (or "
@@ -91,22 +90,6 @@ def why_not(run, custom_step: bool) -> str | None:
             "set cuda_graph_step false"
         )
     return None
-
-
-def use_graph_step(run, custom_step: bool) -> bool:
-    """cuda_graph_step, asked for (refused in one line where it cannot serve) or through `fast` (where it applies;
-    cuda_graph_step false keeps it off under fast)."""
-    config = run.config
-    if not (config.cuda_graph_step or config.fast and config.cuda_graph_step is None):
-        return False
-    reason = why_not(run, custom_step)
-    if reason is not None and config.cuda_graph_step:
-        raise LoopError(reason)
-    verified = run.loader.device_table is not None  # where it ran on a GPU (compiled or eager)
-    if reason is not None or not (config.cuda_graph_step or verified):  # `fast` takes it only where verified
-        return False
-    run.step_fn = GraphStep(run)
-    return True
 
 
 def _shape_key(window):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .errors import LoopError
+from .fast import optimizer_name
 
 # Trainer's rule: no weight decay on biases, LayerNorm weights, or anything whose name says norm.
 _NO_DECAY = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
@@ -114,7 +115,7 @@ def build_optimizer(config, model: nn.Module, optimizer_cls_and_kwargs=None) -> 
         cls, kwargs = optimizer_cls_and_kwargs
         return cls(groups, **dict(kwargs))
     kwargs = {"lr": config.learning_rate}
-    name = config.optim
+    name = optimizer_name(config)  # adamw_torch_fused for adamw_torch under fast (fast.py)
     if name in ("adamw_torch", "adamw_torch_fused"):
         kwargs.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
         if name == "adamw_torch_fused":

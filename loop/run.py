@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import os
 
@@ -52,7 +51,9 @@ class Run:
         self.watch_nonfinite = config.stop_on_nonfinite and config.mixed_precision != "fp16"
         self.nonfinite_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.telemetry = None
-        self.attention = contextlib.nullcontext  # around every forward: the SDPA kernels allowed (attention_context)
+        self.attention = contextlib.nullcontext  # around every forward: the SDPA kernels allowed (fast.Plan.attention)
+        self.fast = None  # the levers this run uses (fast.Plan), resolved in build()
+        self.evaluate_eagerly = False  # evaluation runs the uncompiled model (fast.evaluates_eagerly)
         # the training loop's own bookkeeping (fit.py)
         self.plan = self.loader = self.evaluator = self.records = None
         self.grad_norm, self.stop, self.start_time, self.start_step = None, False, None, 0
@@ -70,6 +71,7 @@ class Run:
             # would drop it as an unused column and call compute_loss_func with labels=None)
             self.label_names = ["labels"]
         self.label_smoother = None
+        self.owns_loss = compute_loss_func is not None or config.label_smoothing_factor != 0  # not the model's loss
         if config.label_smoothing_factor != 0:
             from transformers.trainer_pt_utils import LabelSmoother
 
@@ -161,8 +163,6 @@ def make_accelerator(config):
     for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
         if getattr(config, f"ddp_{name}") is not None:
             ddp[name] = getattr(config, f"ddp_{name}")
-    if config.fast:  # gradients live in DDP's buckets: no copy into them after backward, one gradient-sized buffer less
-        ddp["gradient_as_bucket_view"] = True
     kwargs = {}
     if config.torch_compile:
         from accelerate.utils import TorchDynamoPlugin
@@ -306,85 +306,6 @@ def topology(acc) -> str:
     return "DEEPSPEED_ZERO3" if name == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3 else name
 
 
-def use_fused_loss(run) -> bool:
-    """fused_linear_cross_entropy, asked for or through `fast` where it applies: patch the model before prepare()."""
-    from . import fused_loss
-
-    config, where = run.config, topology(run.accelerator)
-    own_loss = run.compute_loss_func is not None or run.label_smoother is not None
-    if config.fused_linear_cross_entropy and own_loss:
-        raise LoopError(
-            "fused_linear_cross_entropy computes the model's own loss; it cannot serve a "
-            "compute_loss_func or label_smoothing_factor; set fused_linear_cross_entropy false"
-        )
-    # asked for: enable() refuses what it cannot serve; through `fast`: only where it applies
-    if not config.fused_linear_cross_entropy and not (
-        config.fast and not own_loss and fused_loss.applies(run.unwrapped, where)
-    ):
-        return False
-    fused_loss.enable(run.unwrapped, where)
-    return True
-
-
-def use_varlen_attention(run, dataset, collate) -> bool:
-    """varlen_attention, asked for or through `fast` where it applies: before prepare(), once the data is known. The
-    per-batch document bound is counted over the collated training set: the device table, or collated here."""
-    from . import varlen_attention as va
-    from .data import collated_chunks, is_map_style
-
-    config = run.config
-    if config.varlen_attention is False or (config.varlen_attention is None and not config.fast):
-        return False
-    table = run.loader.device_table
-    batches = (
-        iter([table.columns])
-        if table is not None
-        else collated_chunks(dataset, collate)
-        if is_map_style(dataset)
-        else None
-    )
-    if batches is None:
-        why = "the training set is iterable, so the documents in a batch cannot be counted beforehand"
-    elif (first := next(batches, None)) is None:
-        why = "the training set is empty"
-    else:
-        why = va.why_not(run.unwrapped, run.accelerator.device, config.mixed_precision, first)
-    if why:
-        if config.varlen_attention:
-            raise LoopError(f"varlen_attention cannot be used here: {why}; set varlen_attention false")
-        return False
-    counts = va.count_documents([first, *batches])
-    va.enable(run.unwrapped, va.segment_bound(counts, config.per_device_train_batch_size))
-    return True
-
-
-SDPA_BACKENDS = {
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-    "math": "MATH",
-}
-
-
-def attention_context(config, device_table=None):
-    """The context every forward runs in: torch.nn.attention.sdpa_kernel(attention_backends), or nothing. `fast`
-    leaves cuDNN attention out when the training batches vary in width: cuDNN builds an execution plan for every new
-    shape, which took most of an SST-2 step's host time (README)."""
-    names = config.attention_backends
-    if names is None and config.fast and widths_vary(device_table):
-        names = "flash,efficient,math"
-    if not names:
-        return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return functools.partial(sdpa_kernel, [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names.split(",")])
-
-
-def widths_vary(device_table) -> bool:
-    """Training batches of varying width (dynamic padding), as the device table knows them."""
-    return getattr(device_table, "lengths", None) is not None
-
-
 @contextlib.contextmanager
 def noisy_embeddings(run):
     """neftune_noise_alpha: Trainer's own NEFTune hook on the input embeddings for the length of training, removed
@@ -446,55 +367,3 @@ def overflow_debugging(run):
             for key, hook in list(module._forward_hooks.items()):
                 if getattr(hook, "__self__", None) is debug:
                     del module._forward_hooks[key]
-
-
-def ddp_overlap_setting(config: TrainConfig):
-    """ddp_compile_overlap, for the length of one train() call: torch's setting is process-wide (read when the compiled
-    model first runs under DDP, and at any recompilation), so it is put back afterwards, as the user had it."""
-    overlap = config.ddp_compile_overlap
-    if overlap is None and config.fast:  # one graph: 41.4 against 46.4 ms a step on 2 H200s (README, "2 GPUs, DDP")
-        overlap = False
-    if not config.torch_compile or overlap is None:
-        return contextlib.nullcontext()
-    from torch import _dynamo
-
-    return _dynamo.config.patch(optimize_ddp=overlap)
-
-
-def compile_settings(run, device_table, recorded: bool):
-    """Under torch_compile, before prepare(): what the device table tells about the batches, used so that the model
-    compiles once, or not at all.
-
-    `fast` with varying widths and a recorded step (cuda_graph_step) does not compile unless a compile mode or backend
-    is named: compiling with dynamic shapes costs ~40 s on a cold cache and saves ~1 ms a step (SST-2 on an H100: 56.9 s
-    in all compiled, 17.9 s recorded eager), so it pays only past ~40,000 steps. Otherwise, with `fast` and varying
-    widths: torch.compile(dynamic=True); by default it compiles the first width statically and everything again with
-    dynamic shapes at the second (39 s + 53 s for MiniLM on a CPU). And transformers' sequence-classification heads set
-    config.problem_type at their first forward (from num_labels and the labels' dtype); under torch.compile that
-    mutation fails a guard and the whole model is compiled a second time. It is set beforehand by the same rule from
-    the table's labels, so the first forward finds it set."""
-    config = run.config
-    plugin = getattr(run.accelerator.state, "dynamo_plugin", None)
-    if not config.torch_compile or plugin is None or device_table is None:
-        return
-    if config.fast and widths_vary(device_table):
-        if recorded and config.torch_compile_mode is None and config.torch_compile_backend is None:
-            from accelerate.utils import DynamoBackend
-
-            plugin.backend = DynamoBackend.NO  # prepare() leaves the model as it is; the recorded step is eager
-            return
-        plugin.dynamic = True
-    model_config, labels = getattr(run.unwrapped, "config", None), device_table.columns.get("labels")
-    if (
-        labels is not None
-        and hasattr(model_config, "problem_type")
-        and model_config.problem_type is None
-        and type(run.unwrapped).__name__.endswith("ForSequenceClassification")
-    ):
-        model_config.problem_type = (
-            "regression"
-            if model_config.num_labels == 1
-            else "single_label_classification"
-            if labels.dtype in (torch.long, torch.int)
-            else "multi_label_classification"
-        )

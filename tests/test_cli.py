@@ -209,6 +209,8 @@ def test_compare_on_default_job_reports_exact_parity_on_cpu(tmp_path):
     assert report["trainer"]["final_eval"]["eval_loss"] == report["loop"]["final_eval"]["eval_loss"]
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert "verdict: PARITY" in proc.stdout
+    # the report holds the run's plan: every lever off, and why (the default path)
+    assert report["fast"]["fast"] is False and report["fast"]["cuda_graph_step"] == "off (not asked for)"
 
 
 def _write_my_task(root):

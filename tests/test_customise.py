@@ -498,7 +498,7 @@ def test_debug_underflow_overflow_stops_at_trainers_batch_with_trainers_report(t
         Trainer(model=clone(model), args=args, train_dataset=data).train()
     expected = _report(capsys.readouterr().out)
     config = loop.TrainConfig.from_training_arguments(
-        args, output_dir=str(tmp_path / "loop"), save_steps=1, save_strategy="steps"
+        args, output_dir=str(tmp_path / "diverged"), save_steps=1, save_strategy="steps"
     )
     assert config.debug == "underflow_overflow"
     diverged = clone(model)
@@ -507,8 +507,10 @@ def test_debug_underflow_overflow_stops_at_trainers_batch_with_trainers_report(t
     got = capsys.readouterr().out
     assert "Detected inf/nan during batch_number=2" in got and got == expected
     assert not any(m._forward_hooks for m in diverged.modules())
-    assert sorted(p.name for p in (tmp_path / "loop").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
-    assert not (tmp_path / "loop" / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "diverged").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-1"
+    ]
+    assert not (tmp_path / "diverged" / "model.safetensors").exists()
 
     healthy = _args(tmp_path, name="healthy", max_steps=4, gradient_accumulation_steps=2, debug="underflow_overflow")
     trainer = Trainer(model=clone(model), args=healthy, train_dataset=data)

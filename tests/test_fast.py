@@ -11,7 +11,7 @@ import loop.step
 from loop import TrainConfig
 from loop.errors import LoopError
 from loop.fused_loss import linear_cross_entropy
-from tests.helpers import ClsData, LMData, PackedLM, clone, cross_entropy_over_items, tiny_bert_classifier, tiny_gpt2
+from tests.helpers import ClsData, LMData, PackedLM, clone, tiny_bert_classifier, tiny_gpt2
 
 
 @pytest.mark.parametrize("num_items", [None, 250.0])
@@ -116,27 +116,52 @@ def test_fused_loss_is_refused_with_one_line_where_it_cannot_be_exact(tmp_path):
     assert not (tmp_path / "cls" / "model.safetensors").exists()
 
 
-def test_fast_preset_sets_its_fields_and_skips_what_does_not_apply(tmp_path):
-    config = TrainConfig(output_dir=str(tmp_path), fast=True)
-    assert config.torch_compile and config.ddp_find_unused_parameters is False
-    assert TrainConfig(fast=True, ddp_find_unused_parameters=True).ddp_find_unused_parameters is True
-    assert any(f.startswith("fast") for f in config.loop_features())
-    # a classifier with a compute_loss_func: `fast` keeps its loss as it is (the fused loss does not apply)
-    from loop.run import Run, use_fused_loss
+def test_fast_is_resolved_once_into_a_plan_and_the_config_keeps_what_was_asked(tmp_path):
+    """TrainConfig rewrites nothing under `fast` (replace(cfg, fast=False) is the default path again); fast.resolve
+    decides every lever for the run, with the reason for each one off, and the config's own fields win."""
+    import dataclasses
+    import json
 
-    class Acc:  # the bits of an Accelerator that use_fused_loss reads
-        distributed_type = type("T", (), {"name": "NO"})()
+    from transformers import default_data_collator
 
-    run = Run(
-        config,
-        tiny_bert_classifier(),
-        type("A", (Acc,), {"device": torch.device("cpu")})(),
-        compute_loss_func=cross_entropy_over_items,
-    )
-    assert use_fused_loss(run) is False
-    gpt = tiny_gpt2()
-    assert use_fused_loss(Run(config, gpt, type("A", (Acc,), {"device": torch.device("cpu")})())) is True
-    assert gpt.lm_head._loop_fused
+    from loop import fast
+
+    config = TrainConfig(output_dir=str(tmp_path), fast=True, use_cpu=True, report_to="none", optim="adamw_torch")
+    assert not config.torch_compile and config.optim == "adamw_torch" and config.ddp_find_unused_parameters is None
+    assert fast.optimizer_name(config) == "adamw_torch_fused"
+    assert fast.optimizer_name(dataclasses.replace(config, fast=False)) == "adamw_torch"
+    assert fast.trainer_settings(config) == {
+        "torch_compile": True,
+        "optim": "adamw_torch_fused",
+        "ddp_find_unused_parameters": False,
+    }
+    acc = loop.run.start(config)
+
+    def plan(model, data, own_loss=False, **fields):
+        cfg = dataclasses.replace(config, **fields)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return fast.resolve(
+            cfg, acc, model, data, default_data_collator, optimizer, own_loss=own_loss, custom_step=False
+        )[0]
+
+    lm = plan(tiny_gpt2(), LMData(16))
+    assert lm.fused_linear_cross_entropy.on and lm.torch_compile.on and lm.dataset_on_device.on
+    assert not lm.cuda_graph_step.on and "CUDA device" in lm.cuda_graph_step.why
+    assert not lm.varlen_attention.on and "packed rows" in lm.varlen_attention.why
+    assert lm.ddp_find_unused_parameters is False and lm.gradient_as_bucket_view and lm.ddp_compile_overlap is False
+    assert lm.evaluate_eagerly and lm.optim == "adamw_torch_fused"
+    assert "fused_linear_cross_entropy" in lm.report() and json.loads(json.dumps(lm.to_dict()))["fast"] is True
+    # a classifier with its own loss function: the fused loss does not apply, and says why
+    cls = plan(tiny_bert_classifier(), ClsData(16), own_loss=True)
+    assert not cls.fused_linear_cross_entropy.on and "compute_loss_func" in cls.fused_linear_cross_entropy.why
+    # the fields win over `fast`
+    kept = plan(tiny_gpt2(), LMData(16), ddp_find_unused_parameters=True, ddp_compile_overlap=True)
+    assert kept.ddp_find_unused_parameters is True and kept.ddp_compile_overlap is True
+    # without `fast`, nothing is on and each lever says it was not asked for
+    off = plan(tiny_gpt2(), LMData(16), fast=False)
+    levers = [v for v in vars(off).values() if isinstance(v, fast.Lever)]
+    assert len(levers) == 5 and all(not v.on and v.why == "not asked for" for v in levers)
+    assert off.report() == [] and not off.gradient_as_bucket_view and off.ddp_find_unused_parameters is None
 
 
 def test_compiled_model_loads_its_best_checkpoint_and_saves_plain_weights(tmp_path):
@@ -328,10 +353,12 @@ def test_fast_records_the_eager_step_instead_of_compiling_when_widths_vary(tmp_p
     from accelerate.utils import DynamoBackend
     from torch._dynamo.eval_frame import OptimizedModule
 
+    import loop.graph_step as gs
     from loop.tasks.text_classification import pad_collator
 
-    recorded = []
-    monkeypatch.setattr(loop.fit, "use_graph_step", lambda run, custom_step: bool(recorded))
+    recorded = []  # a recorded step (CUDA only) faked: its checks pass, and the eager step stands in for the graph
+    monkeypatch.setattr(gs, "why_not", lambda *a: None if recorded else "not recorded here")
+    monkeypatch.setattr(gs, "GraphStep", lambda run: loop.step.optimizer_step)
 
     def build(name, data, collator, **cfg):
         config = TrainConfig(output_dir=str(tmp_path / name), fast=True, use_cpu=True, report_to="none", **cfg)
@@ -407,7 +434,7 @@ def test_graph_step_bookkeeping_trains_like_the_eager_step_and_resumes_exactly(t
     import loop.graph_step as gs
 
     made = []
-    monkeypatch.setattr(gs, "why_not", lambda run, custom_step: None)
+    monkeypatch.setattr(gs, "why_not", lambda *args: None)
     monkeypatch.setattr(gs, "WARMUP", 1)  # record at a shape's second window: more replays in a short run
     real = gs.GraphStep
     monkeypatch.setattr(gs, "GraphStep", lambda run: made.append(real(run, record=False)) or made[-1])
@@ -479,10 +506,13 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
             ),
         )
 
-    assert gs.why_not(fake(), custom_step=False) is None
+    def why(run, custom_step=False):
+        return gs.why_not(run.config, run.accelerator, run.optimizer, run.loader.device_table, custom_step)
+
+    assert why(fake()) is None
     unpinned = fake(dataloader_pin_memory=False)
     unpinned.loader.device_table = None
-    assert gs.why_not(unpinned, custom_step=False) is None  # asked for: allowed (unverified on a GPU) ...
+    assert why(unpinned) is None  # asked for: allowed (unverified on a GPU) ...
     for run, says in (
         (fake(), "not a custom optimizer_step"),
         (fake(procs=2), "runs on one process"),
@@ -495,9 +525,8 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
             "SGD cannot: use optim adamw_torch_fused",
         ),
     ):
-        assert says in gs.why_not(run, custom_step=says.startswith("not a custom"))
+        assert says in why(run, custom_step=says.startswith("not a custom"))
     # ... but `fast` takes it only where it was verified: batches cut from the device table (compiled or eager)
-    monkeypatch.setattr(gs, "GraphStep", lambda run: "graphed")  # no CUDA stream to make on a CPU
     for table, compiled, debug, taken in (
         (object(), True, "", True),
         (None, True, "", False),
@@ -505,8 +534,8 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
         (object(), True, "underflow_overflow", False),
     ):
         run = fake(dataloader_pin_memory=False, fast=True, cuda_graph_step=None, torch_compile=compiled, debug=debug)
-        run.loader.device_table = table
-        assert gs.use_graph_step(run, custom_step=False) is taken
+        lever = loop.fast.graph_lever(run.config, run.accelerator, run.optimizer, table, custom_step=False)
+        assert lever.on is taken and (taken or lever.why)
 
 
 def test_graph_step_feeds_the_schedule_to_the_recorded_optimizer_through_its_lr_tensors():
@@ -614,16 +643,16 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
     # by default the model's attention is left as it is, and `fast` leaves it so where the kernel cannot run (a CPU)
     plain, plain_model = train("plain")
     assert plain_model.config._attn_implementation != va.NAME
-    from loop.run import use_varlen_attention
-
     gpt = tiny_gpt2()
-    fast = SimpleNamespace(
-        config=TrainConfig(output_dir=str(tmp_path / "f"), fast=True, bf16=True),
-        loader=SimpleNamespace(device_table=None),
-        unwrapped=gpt,
-        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    lever, segments = loop.fast.varlen_lever(
+        TrainConfig(output_dir=str(tmp_path / "f"), fast=True, bf16=True),
+        SimpleNamespace(device=torch.device("cpu")),
+        gpt,
+        None,
+        PackedLM(60),
+        torch.utils.data.default_collate,
     )
-    assert use_varlen_attention(fast, PackedLM(60), torch.utils.data.default_collate) is False
+    assert not lever.on and "needs a CUDA device" in lever.why and segments is None
     assert gpt.config._attn_implementation != va.NAME
     # where it applies (the CUDA checks waived, the per-document maths on CPU): the same run, step for step
     monkeypatch.setattr(va, "why_not", lambda *a: None)
@@ -668,9 +697,17 @@ def test_fast_compiles_one_graph_under_ddp_unless_overlap_is_asked_for():
     """`fast` turns dynamo's DDP optimizer off for the run (one compiled graph, the all-reduce after the backward:
     41.4 against 46.4 ms a step for GPT-2 124M on 2 H200s); ddp_compile_overlap set either way wins, and torch's
     process-wide setting is put back after the run."""
+    from types import SimpleNamespace
+
     from torch import _dynamo
 
-    from loop.run import ddp_overlap_setting
+    from loop.fast import Lever, ddp_levers
+
+    def ddp_overlap_setting(config):
+        plan = SimpleNamespace(
+            torch_compile=Lever(config.torch_compile or config.fast, ""), ddp_compile_overlap=ddp_levers(config)[2]
+        )
+        return loop.fast.Plan.ddp_overlap(plan)
 
     before = _dynamo.config.optimize_ddp
     for kwargs, inside in (
