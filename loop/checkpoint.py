@@ -364,44 +364,8 @@ def save(run) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        if _sharded(acc) and not cfg.save_only_model:
-            acc.save_state(tmp)  # sharded model and optimizer; the scheduler is the loop's own (not prepared)
-            if writer:
-                torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        else:
-            weights = acc.get_state_dict(run.model)  # unwrapped: no module./_orig_mod. prefixes
-            if writer:
-                save_weights(weights, os.path.join(tmp, "model.safetensors"))
-                if not cfg.save_only_model:
-                    torch.save(run.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                    torch.save(run.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-                    if acc.scaler is not None:
-                        torch.save(acc.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-        if not cfg.save_only_model:
-            # per rank: RNG now and at the epoch's start, and this rank's loss accumulator since the last log
-            torch.save(
-                {**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()},
-                os.path.join(tmp, f"rng_state_{acc.process_index}.pth"),
-            )
-        if run.ema is not None and (run.ema.sharded or writer):
-            from safetensors.torch import save_file
-
-            # whole EMA from the main process; under FSDP2 each rank's own shards
-            save_file(
-                {k: v.contiguous() for k, v in run.ema.state_dict().items()},
-                os.path.join(tmp, ema_file_name(run.ema, acc.process_index)),
-            )
-        if writer:
-            state.callback_states = {
-                type(cb).__name__: cb.state_dict() for cb in run.callbacks if hasattr(cb, "state_dict")
-            }
-            with open(os.path.join(tmp, "loop_state.json"), "w") as f:
-                f.write(state.to_json())
-            with open(os.path.join(tmp, "train_config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1)
-            if run.fast is not None:  # what `fast` and the levers' fields turned on for this run, and why not the rest
-                with open(os.path.join(tmp, "fast_plan.json"), "w") as f:
-                    json.dump(run.fast.to_dict(), f, indent=1)
+        for part in PARTS:  # the same table load() walks
+            part.save(run, tmp, writer)
         acc.wait_for_everyone()
         if writer:
             files = manifest(tmp)  # every file with its size and checksum: resume verifies them
@@ -490,39 +454,154 @@ def _is_tied(model, key, weights) -> bool:
 
 
 def load(run, path: str):
-    """Restore everything but the RNG (restored by the loop at the data position). Returns the saved RNG dict."""
-    acc = run.accelerator
-    if _sharded(acc) and not os.path.exists(os.path.join(path, "optimizer.pt")):  # written by accelerate save_state
-        acc.load_state(path)
-        if os.path.exists(os.path.join(path, "scheduler.pt")):
-            run.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-    else:
-        load_weights(acc.unwrap_model(run.model, keep_torch_compile=False), path)
-        if not os.path.exists(os.path.join(path, "optimizer.pt")):
+    """Restore every part of the run from `path` (the table save() writes). The RNG is handed to the loop as
+    run.saved_rng: it is set at the data position, not here (fit._epoch_batches)."""
+    for part in PARTS:
+        part.load(run, path)
+
+
+# ---------------------------------------------------------------------------------------------- the run's state
+# What a checkpoint holds: one table of stateful parts, each writing and reading its own files, walked in the same
+# order by save() and load(). What is fixed after build() (the model's shape, the plan, the data) is not here; what
+# changes every step is. Resume is the geometry check (fit.resume) plus load().
+def _path(folder, name):
+    return os.path.join(folder, name)
+
+
+def _torch_load(path, **kw):
+    return torch.load(path, weights_only=False, **kw)
+
+
+class ModelAndOptimizer:
+    """The weights (unwrapped safetensors) and the optimizer; under FSDP/DeepSpeed both sharded, through accelerate's
+    save_state/load_state (which also carries the fp16 scaler there). save_only_model: the weights alone."""
+
+    def save(self, run, folder, writer):
+        acc, cfg = run.accelerator, run.config
+        if _sharded(acc) and not cfg.save_only_model:
+            acc.save_state(folder)  # collective
+            return
+        weights = acc.get_state_dict(run.model)  # collective; unwrapped: no module./_orig_mod. prefixes
+        if writer:
+            save_weights(weights, _path(folder, "model.safetensors"))
+            if not cfg.save_only_model:
+                torch.save(run.optimizer.state_dict(), _path(folder, "optimizer.pt"))
+
+    def load(self, run, folder):
+        acc = run.accelerator
+        if _sharded(acc) and not os.path.exists(_path(folder, "optimizer.pt")):  # written by accelerate save_state
+            acc.load_state(folder)
+            return
+        load_weights(acc.unwrap_model(run.model, keep_torch_compile=False), folder)
+        if not os.path.exists(_path(folder, "optimizer.pt")):
             raise LoopError(
-                f"{path} holds only the model (save_only_model); it can initialise a new run but not resume one"
+                f"{folder} holds only the model (save_only_model); it can initialise a new run but not resume one"
             )
-        run.optimizer.load_state_dict(
-            torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
-        )
-        run.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-        if acc.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
-            acc.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))
-    if run.ema is not None:
-        ema_file = os.path.join(path, ema_file_name(run.ema, acc.process_index))
+        run.optimizer.load_state_dict(_torch_load(_path(folder, "optimizer.pt"), map_location="cpu"))
+
+
+class Scheduler:
+    def save(self, run, folder, writer):
+        if writer and not run.config.save_only_model:
+            torch.save(run.scheduler.state_dict(), _path(folder, "scheduler.pt"))
+
+    def load(self, run, folder):
+        if os.path.exists(_path(folder, "scheduler.pt")):
+            run.scheduler.load_state_dict(_torch_load(_path(folder, "scheduler.pt")))
+
+
+class Scaler:
+    """fp16's loss scaler (unsharded runs; accelerate's save_state carries it under FSDP/DeepSpeed)."""
+
+    def save(self, run, folder, writer):
+        acc = run.accelerator
+        if writer and acc.scaler is not None and not run.config.save_only_model and not _sharded(acc):
+            torch.save(acc.scaler.state_dict(), _path(folder, "scaler.pt"))
+
+    def load(self, run, folder):
+        acc = run.accelerator
+        if acc.scaler is not None and os.path.exists(_path(folder, "scaler.pt")) and not _sharded(acc):
+            acc.scaler.load_state_dict(_torch_load(_path(folder, "scaler.pt")))
+
+
+class EMAWeights:
+    """The whole EMA from the writing process; under FSDP2 each rank's own shards."""
+
+    def save(self, run, folder, writer):
+        if run.ema is not None and (run.ema.sharded or writer):
+            from safetensors.torch import save_file
+
+            name = ema_file_name(run.ema, run.accelerator.process_index)
+            save_file({k: v.contiguous() for k, v in run.ema.state_dict().items()}, _path(folder, name))
+
+    def load(self, run, folder):
+        if run.ema is None:
+            return
+        ema_file = _path(folder, ema_file_name(run.ema, run.accelerator.process_index))
         if os.path.exists(ema_file):
             from safetensors.torch import load_file
 
             run.ema.load_state_dict(load_file(ema_file))
         else:
-            warnings.warn(f"{path} has no EMA weights; the EMA restarts from the current weights")
-    rng_file = os.path.join(path, f"rng_state_{acc.process_index}.pth")
-    if not os.path.exists(rng_file):
-        warnings.warn(f"{rng_file} is missing (different world size?); random streams will differ")
-        return None
-    saved = torch.load(rng_file, weights_only=False)
-    run.tr_loss.copy_(saved["tr_loss"])
-    return saved
+            warnings.warn(f"{folder} has no EMA weights; the EMA restarts from the current weights")
+
+
+class RankState:
+    """Per rank: the random streams now and at the epoch's start, and the loss accumulated since the last log."""
+
+    def save(self, run, folder, writer):
+        if not run.config.save_only_model:
+            state = {**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()}
+            torch.save(state, _path(folder, f"rng_state_{run.accelerator.process_index}.pth"))
+
+    def load(self, run, folder):
+        rng_file = _path(folder, f"rng_state_{run.accelerator.process_index}.pth")
+        run.saved_rng = None
+        if not os.path.exists(rng_file):
+            warnings.warn(f"{rng_file} is missing (different world size?); random streams will differ")
+            return
+        run.saved_rng = _torch_load(rng_file)
+        run.tr_loss.copy_(run.saved_rng["tr_loss"])
+
+
+class Progress:
+    """The TrainState (step, data position, best metric, log history) and every stateful callback's state. On load the
+    run keeps its own geometry and length (checked against the saved ones before anything is loaded)."""
+
+    def save(self, run, folder, writer):
+        if writer:
+            run.state.callback_states = {
+                type(cb).__name__: cb.state_dict() for cb in run.callbacks if hasattr(cb, "state_dict")
+            }
+            with open(_path(folder, "loop_state.json"), "w") as f:
+                f.write(run.state.to_json())
+
+    def load(self, run, folder):
+        saved = read_state(folder)
+        saved.geometry, saved.max_steps = run.state.geometry, run.state.max_steps
+        run.state = saved
+        for cb in run.callbacks:
+            if hasattr(cb, "load_state_dict") and type(cb).__name__ in saved.callback_states:
+                cb.load_state_dict(saved.callback_states[type(cb).__name__])
+
+
+class Settings:
+    """What the run was made with, for the record: the TrainConfig and the fast plan. Nothing is loaded from them (a
+    resume runs with its own settings; fit.resume checks the geometry)."""
+
+    def save(self, run, folder, writer):
+        if writer:
+            with open(_path(folder, "train_config.json"), "w") as f:
+                json.dump(run.config.to_dict(), f, indent=1)
+            if run.fast is not None:  # what `fast` and the levers' fields turned on, and why not the rest
+                with open(_path(folder, "fast_plan.json"), "w") as f:
+                    json.dump(run.fast.to_dict(), f, indent=1)
+
+    def load(self, run, folder):
+        pass
+
+
+PARTS = (ModelAndOptimizer(), Scheduler(), Scaler(), EMAWeights(), RankState(), Progress(), Settings())
 
 
 def read_state(path: str):

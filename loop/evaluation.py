@@ -79,7 +79,7 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
             if has_labels:
                 # per-batch mean over this rank's targets: unlike Trainer, eval_loss does not depend on world size
                 n = window_item_count(run, [batch], across_ranks=False)
-                loss, outputs = forward_loss(run, model, batch, n, across_ranks=False)
+                loss, outputs = forward_loss(run, model, batch, n)
                 loss = loss.detach().mean()
                 logits = _predictions(run, outputs, ignore + ["loss"])
             else:

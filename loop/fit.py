@@ -347,36 +347,32 @@ def make_plan(config, loader) -> Plan:
 
 # ====================================================================================== 3. resume
 def resume(run, resume_path):
-    """Load the checkpoint's state, weights, optimizer, scheduler, EMA and callbacks. Returns the saved RNG (or None)."""
+    """The geometry check, then every stateful part loaded from the checkpoint (checkpoint.PARTS, the table save
+    writes). Returns the saved RNG (or None): the loop sets it at the data position."""
     acc, config = run.accelerator, run.config
-    saved_rng = None
+    run.saved_rng = None
     if resume_path is not None:
         # checksums read once per filesystem, one verdict for all ranks
         resume_path = ckpt.verify_resume(acc, resume_path, config.output_dir, config.save_on_each_node)
-        saved = ckpt.read_state(resume_path)
+        saved = ckpt.read_state(resume_path).geometry
         geometry = run.state.geometry
-        changed = {k: (saved.geometry.get(k), v) for k, v in geometry.items() if saved.geometry.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in geometry.items() if saved.get(k) != v}
         if changed and not config.allow_inexact_resume:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise LoopError(
                 f"cannot resume {resume_path} exactly: {what}; restore those settings, or pass "
                 "--allow_inexact_resume true to accept an approximate data position"
             )
-        run.state = state = saved
-        state.geometry, state.max_steps = geometry, run.plan.max_steps
-        saved_rng = ckpt.load(run, resume_path)
-        for cb in run.callbacks:
-            if hasattr(cb, "load_state_dict") and type(cb).__name__ in state.callback_states:
-                cb.load_state_dict(state.callback_states[type(cb).__name__])
+        ckpt.load(run, resume_path)
         if changed:  # inexact: keep the epoch, restart its data
-            state.batches_in_epoch = 0
+            run.state.batches_in_epoch = 0
     run.start_step = run.state.global_step
     run.records = _Records(run, run.plan.max_steps, run.start_step)
     if ckpt.writes(acc, config):
         ckpt.clean_stale(config.output_dir)
     if resume_path is not None:
         run.records.out.note({"event": "resumed", "from": resume_path, "step": run.state.global_step})
-    return saved_rng
+    return run.saved_rng
 
 
 # ====================================================================================== 4. the epochs

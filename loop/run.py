@@ -46,6 +46,7 @@ class Run:
         self.tr_loss = torch.tensor(0.0, device=accelerator.device)  # summed window losses since the last log
         self.last_lr, self.group_names, self.last_group_lrs = None, [], []
         self.epoch_start_rng = None
+        self.saved_rng = None  # the random streams a resumed checkpoint holds (checkpoint.RankState)
         # the first step (1-based) whose loss or grad norm was non-finite, 0 if none: kept on device, read at
         # log/eval/save boundaries only. fp16 overflows are skipped by the scaler and are not watched.
         self.watch_nonfinite = config.stop_on_nonfinite and config.mixed_precision != "fp16"

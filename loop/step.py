@@ -58,8 +58,8 @@ def window_item_count(run, window, across_ranks=True):
     return n
 
 
-def forward_loss(run, model, batch, num_items, across_ranks=True):
-    """The micro-batch loss as Trainer's compute_loss returns it, and the model outputs."""
+def forward_loss(run, model, batch, num_items):
+    """The micro-batch loss as Trainer's compute_loss returns it (not yet scaled for the window), and the outputs."""
     labels = None
     if (run.label_smoother is not None or run.compute_loss_func is not None) and "labels" in batch:
         batch = dict(batch)
@@ -98,14 +98,20 @@ def forward_loss(run, model, batch, num_items, across_ranks=True):
                 f"the model returned no loss (got {got}); give the batch a `labels` column, make forward "
                 "return the scalar loss first (a dict with 'loss', or a tuple), or pass compute_loss_func"
             )
-    if (
-        across_ranks
-        and run.config.average_tokens_across_devices
-        and num_items is not None
-        and (run.accepts_loss_kwargs or run.loss_func_takes_items)
-    ):
-        loss = loss * run.accelerator.num_processes  # undo DDP's gradient average (see the module docstring)
     return loss, outputs
+
+
+def window_share(run, loss, num_items, window_size: int) -> torch.Tensor:
+    """The one rule that scales a micro-batch's loss so that the window's gradients, summed over its micro-batches and
+    averaged by DDP over R ranks, are those of the whole window's mean (the module docstring's L):
+      * normalised by N already (the model took num_items_in_batch, or a compute_loss_func that takes it): times R
+        when N was counted over every rank (average_tokens_across_devices), undoing DDP's average;
+      * otherwise a per-micro-batch mean: divided by W, as Trainer divides a subclass's loss."""
+    counted = num_items is not None and (run.accepts_loss_kwargs or run.loss_func_takes_items)
+    if counted and run.config.average_tokens_across_devices:
+        loss = loss * run.accelerator.num_processes
+    by_items = (run.accepts_loss_kwargs and num_items is not None) or run.loss_func_takes_items
+    return loss if by_items else loss / window_size
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -125,9 +131,7 @@ def grad_sync(run, sync: bool):
 def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:
     """The loss of one micro-batch, scaled so that the window's gradients sum to those of the whole-window mean."""
     loss, _ = forward_loss(run, run.model, batch, num_items)
-    # normalised by N already (by the model or compute_loss_func); otherwise a per-batch mean: divide by W
-    scaled = (run.accepts_loss_kwargs and num_items is not None) or run.loss_func_takes_items
-    return loss if scaled else loss / window_size
+    return window_share(run, loss, num_items, window_size)
 
 
 def track_loss(run, loss: torch.Tensor, batch):

@@ -124,6 +124,24 @@ class PackedLM(torch.utils.data.Dataset):
         return {k: torch.tensor(v[i]) for k, v in self.rows.items()}
 
 
+_TENSORS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+
+
+def fingerprint(model):
+    """Everything but the tensors: each module's attributes (by identity or value), its hooks, its config."""
+    out = []
+    for name, module in model.named_modules():
+        attrs = {
+            k: (v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
+            for k, v in vars(module).items()
+            if k not in _TENSORS
+        }
+        hooks = {k: sorted(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
+        out.append((name, type(module).__name__, attrs, hooks))
+    config = getattr(model, "config", None)
+    return out, (config.to_dict() if config is not None else None, getattr(config, "_attn_implementation", None))
+
+
 def clone(model):
     return copy.deepcopy(model)
 

@@ -9,24 +9,7 @@ import torch
 import loop
 from loop import TrainConfig
 from loop.errors import LoopError
-from tests.helpers import ClsData, LMData, PackedLM, tiny_bert_classifier, tiny_gpt2
-
-_TENSORS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
-
-
-def fingerprint(model):
-    """Everything but the tensors: each module's attributes (by identity or value), its hooks, its config."""
-    out = []
-    for name, module in model.named_modules():
-        attrs = {
-            k: (v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
-            for k, v in vars(module).items()
-            if k not in _TENSORS
-        }
-        hooks = {k: sorted(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
-        out.append((name, type(module).__name__, attrs, hooks))
-    config = getattr(model, "config", None)
-    return out, (config.to_dict() if config is not None else None, getattr(config, "_attn_implementation", None))
+from tests.helpers import ClsData, LMData, PackedLM, fingerprint, tiny_bert_classifier, tiny_gpt2
 
 
 def cfg(tmp_path, **overrides):
