@@ -28,6 +28,7 @@ PYTHON_HERE = (
     "import torch\nfrom transformers import GPT2Config",
     "class StopAtLoss(loop.Callback):",
     "class Classifier(torch.nn.Module):",
+    "# the plan of a fast run on a CPU",
 )
 SHELL_HERE = (
     "loop train --max_steps 20 --eval_steps 10 --save_steps 10 --output_dir outputs/small",
@@ -76,6 +77,16 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch):
     exec(doc_block(PYTHON_HERE[1]), scope)
     assert scope["result"].global_step <= 30
     exec(doc_block(PYTHON_HERE[2]), scope)
+
+
+def test_fast_path_example_prints_its_plan(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "__docs__"}
+    exec(doc_block(PYTHON_HERE[3]), scope)
+    plan = scope["plan"]
+    assert not plan.cuda_graph_step.on and "CUDA device" in plan.cuda_graph_step.why
+    assert plan.fused_linear_cross_entropy.on and plan.torch_compile.on and plan.dataset_on_device.on
+    assert plan.report()[:3] == ["dataset_on_device", "fused_linear_cross_entropy", "torch_compile"]
 
 
 def _run_shell_block(first_line, cwd):
