@@ -2,11 +2,15 @@
 
 Fields come in two groups. The *Trainer* group mirrors a TrainingArguments field of the same name, default and
 meaning, so that `TrainConfig.from_training_arguments(args)` and `.to_training_arguments()` round-trip. The *loop*
-group holds what Trainer does not have (EMA, telemetry, resume policy); each is off or inert by default so that a
-config built from TrainingArguments reproduces Trainer's numbers.
+group holds what Trainer does not have (EMA, telemetry, resume policy, the fast path's levers); each is off or inert
+by default so that a config built from TrainingArguments reproduces Trainer's numbers.
 
-TrainingArguments fields the loop does not implement are listed in `REFUSED`: setting one to a non-default value
-raises a `LoopError` naming it. Nothing is silently ignored; `coverage()` returns the whole table.
+One job a module:
+  config.py             the fields, their types (and the CLI/YAML values coerced to them), derived values
+  trainer_rules.py      Trainer's default rules: what TrainingArguments fills in when a field is left unset
+  validation.py         each component's checks: one line for the first problem, before any model is touched
+  training_arguments.py the TrainingArguments bridge, the refused fields (REFUSED) and the coverage table
+  fast.py               what `fast` turns on for a run (a TrainConfig records what was asked, and rewrites nothing)
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
-from .errors import LoopError, closest
+from .errors import LoopError
+from .training_arguments import REFUSED, coverage  # noqa: F401 (the bridge's tables, importable from here)
 
 SCHEDULERS = (
     "linear",
@@ -354,195 +359,12 @@ class TrainConfig:
             self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
 
     def validate(self):
-        def bad(msg):
-            raise LoopError(msg)
+        """Trainer's default rules (they fill in what Trainer would), then each component's checks: one clear line
+        for the first problem, before any model is touched."""
+        from . import trainer_rules, validation
 
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                bad(
-                    f"{f.name}={value!r} is not supported{closest(str(value), choices)}; choose one of: {', '.join(choices)}"
-                )
-        if self.attention_backends is not None:
-            unknown = [
-                n for n in self.attention_backends.split(",") if n not in ("flash", "efficient", "cudnn", "math")
-            ]
-            if unknown or not self.attention_backends:
-                bad(
-                    f"attention_backends={self.attention_backends!r}: {', '.join(unknown) or 'empty'} is not a kernel; "
-                    "write a comma list of flash, efficient, cudnn, math"
-                )
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
-            bad("nothing to train: set max_steps > 0 or num_train_epochs > 0")
-        if self.learning_rate < 0:
-            bad(f"learning_rate must be >= 0, got {self.learning_rate}")
-        if self.warmup_steps < 0:
-            bad(f"warmup_steps must be >= 0 (an int, or a ratio < 1), got {self.warmup_steps}")
-        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
-            bad(f"warmup_steps={self.warmup_steps}: use an integer number of steps, or a ratio below 1")
-        if self.max_grad_norm < 0:
-            bad(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        if not 0 <= self.label_smoothing_factor < 1:
-            bad(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
-        if unknown := [x for x in self.include_for_metrics if x not in ("inputs", "loss")]:
-            bad(f"include_for_metrics: {', '.join(map(repr, unknown))} is not an option; list inputs and/or loss")
-        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
-            bad(f"neftune_noise_alpha must be >= 0 (unset disables NEFTune), got {self.neftune_noise_alpha}")
-        for option in self.debug.split():
-            if option == "tpu_metrics_debug":
-                bad("debug tpu_metrics_debug prints TPU metrics and the loop does not run on TPUs; drop it")
-            if option != "underflow_overflow":
-                bad(
-                    f"debug={option!r} is not a debug option{closest(option, ('underflow_overflow',))}; "
-                    "the loop has one: underflow_overflow"
-                )
-        if nan := [
-            f.name
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), float) and math.isnan(getattr(self, f.name))
-        ]:
-            bad(f"{nan[0]} is nan; give it a number")
-        if self.torch_empty_cache_steps is not None and self.torch_empty_cache_steps < 1:
-            bad(f"torch_empty_cache_steps must be >= 1 (or unset), got {self.torch_empty_cache_steps}")
-        for name in ("seed", "data_seed"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 2**32:
-                bad(f"{name} must be in [0, 2**32 - 1] (numpy's range), got {getattr(self, name)}")
-        if self.optim in OPTIMIZERS:
-            from .optim import optim_args
-
-            optim_args(self.optim, self.optim_args)  # malformed, not a number, or a key the optimizer does not take
-        if self.torch_compile_backend is not None:
-            from accelerate.utils import DynamoBackend
-
-            backends = [b.value.lower() for b in DynamoBackend if b.value != "NO"]
-            if self.torch_compile_backend.lower() not in backends:
-                bad(
-                    f"torch_compile_backend={self.torch_compile_backend!r} is not a backend"
-                    f"{closest(self.torch_compile_backend.lower(), backends)}; choose one of: {', '.join(backends)}"
-                )
-        if self.fp16 and self.bf16:
-            bad("fp16 and bf16 are both set: choose one mixed-precision mode")
-        if self.fp16_full_eval and self.bf16_full_eval:
-            bad("fp16_full_eval and bf16_full_eval are both set: choose one evaluation dtype")
-        for tracker in self.report_to:
-            if tracker not in TRACKERS and tracker != "all":
-                bad(
-                    f"report_to={tracker!r} is not a known tracker{closest(tracker, TRACKERS)}; use one of {', '.join(TRACKERS)} or none"
-                )
-        if self.logging_strategy == "steps" and self.logging_steps <= 0:
-            bad("logging_strategy='steps' needs logging_steps > 0")
-        if self.eval_strategy == "steps" and not self.eval_steps:
-            self.eval_steps = self.logging_steps  # Trainer's rule: eval_steps defaults to logging_steps
-        for name in ("logging_steps", "eval_steps", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and value > 1 and value != int(value):
-                bad(f"{name}={value}: use an integer number of steps, or a ratio below 1")
-        if self.eval_strategy == "steps" and self.eval_steps <= 0:
-            bad("eval_strategy='steps' needs eval_steps > 0")
-        if self.save_strategy == "steps" and self.save_steps <= 0:
-            bad("save_strategy='steps' needs save_steps > 0")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            bad(f"save_total_limit must be >= 1 or unset, got {self.save_total_limit}")
-        if (
-            self.load_best_model_at_end or self.lr_scheduler_type == "reduce_lr_on_plateau"
-        ) and self.metric_for_best_model is None:
-            self.metric_for_best_model = "loss"
-        if self.greater_is_better is None and self.metric_for_best_model is not None:
-            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
-        if self.load_best_model_at_end:
-            if self.eval_strategy == "no":
-                bad("load_best_model_at_end needs evaluation: set eval_strategy to steps or epoch")
-            if self.save_strategy == "no":
-                bad("load_best_model_at_end needs checkpoints: set save_strategy to steps, epoch or best")
-            if self.save_strategy not in ("best", self.eval_strategy):
-                bad(
-                    f"load_best_model_at_end needs save_strategy ({self.save_strategy}) to match eval_strategy "
-                    f"({self.eval_strategy}), or save_strategy=best"
-                )
-            if (
-                self.save_strategy == "steps"
-                and self.eval_strategy == "steps"
-                and self.save_steps >= 1
-                and self.eval_steps >= 1
-                and self.save_steps % self.eval_steps != 0
-            ):
-                bad(
-                    f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps ({self.eval_steps})"
-                )
-        if self.save_strategy == "best" and self.eval_strategy == "no":
-            bad("save_strategy='best' needs evaluation: set eval_strategy to steps or epoch")
-        if self.cuda_graph_step and (conflict := compile_records_graphs(self)):
-            bad(conflict)
-        if self.save_strategy == "best" and self.metric_for_best_model is None:
-            self.metric_for_best_model, self.greater_is_better = "loss", False
-        if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
-            bad(
-                "lr_scheduler_type='reduce_lr_on_plateau' steps on the eval metric: set eval_strategy to steps or epoch"
-            )
-        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
-            self.torch_compile = True
-        if not 0 <= self.ema_decay < 1:
-            bad(f"ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
-        if self.ema_start_step < 0:
-            bad(f"ema_start_step must be >= 0, got {self.ema_start_step}")
-        if self.early_stopping_patience is not None:
-            if self.eval_strategy == "no":
-                bad("early_stopping_patience needs evaluation: set eval_strategy to steps or epoch")
-            if self.metric_for_best_model is None:
-                self.metric_for_best_model, self.greater_is_better = "loss", False
-        if self.dataloader_num_workers < 0:
-            bad(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
-        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
-            bad("dataloader_prefetch_factor needs dataloader_num_workers > 0")
-        if self.use_cpu:
-            self.dataloader_pin_memory = False
-        self._validate_param_groups()
-
-    def _validate_param_groups(self):
-        import re
-
-        example = '[{"pattern": "classifier", "learning_rate": 1e-4}]'
-        if self.param_groups is None:
-            return
-        if not isinstance(self.param_groups, list):
-            raise LoopError(f"param_groups must be a list of mappings, e.g. --param_groups '{example}'")
-        names = set()
-        for i, e in enumerate(self.param_groups):
-            if not isinstance(e, dict) or not isinstance(e.get("pattern"), str):
-                raise LoopError(
-                    f"param_groups[{i}] = {e!r} needs a `pattern` (a regular expression over parameter "
-                    f"names), e.g. --param_groups '{example}'"
-                )
-            unknown = set(e) - {"pattern", "learning_rate", "weight_decay", "name"}
-            if unknown:
-                k = sorted(unknown)[0]
-                raise LoopError(
-                    f"param_groups[{i}] has an unknown key {k!r}"
-                    f"{closest(k, ('pattern', 'learning_rate', 'weight_decay', 'name'))}; "
-                    "keys are pattern, learning_rate, weight_decay, name"
-                )
-            try:
-                re.compile(e["pattern"])
-            except re.error as err:
-                raise LoopError(
-                    f"param_groups[{i}] pattern {e['pattern']!r} is not a valid regular expression ({err})"
-                ) from None
-            for key in ("learning_rate", "weight_decay"):
-                if key in e:
-                    try:
-                        e[key] = float(e[key])
-                    except (TypeError, ValueError):
-                        raise LoopError(f"param_groups[{i}] {key}={e[key]!r} is not a number") from None
-                    if e[key] < 0:
-                        raise LoopError(f"param_groups[{i}] {key} must be >= 0, got {e[key]}")
-            name = e.get("name", e["pattern"])
-            if name in names:
-                raise LoopError(f"param_groups has two entries named {name!r}; give each a distinct `name`")
-            names.add(name)
+        trainer_rules.apply(self)
+        validation.check(self)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -576,162 +398,20 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # ------------------------------------------------------------------ TrainingArguments round-trip
+    # ------------------------------------------------------------------ TrainingArguments round-trip (training_arguments.py)
     @classmethod
     def from_training_arguments(cls, args, **loop_fields) -> "TrainConfig":
         """Mirror `args`; refuse (naming it) any field the loop does not implement that is set to a non-default value.
+        Loop-only features stay off (parity mode: telemetry keys are not added) unless passed in `loop_fields`."""
+        from .training_arguments import from_training_arguments
 
-        Loop-only features stay off (parity mode: telemetry keys are not added) unless passed in `loop_fields`.
-        """
-        defaults = _default_training_arguments()
-        for name, rule in REFUSED.items():
-            if not hasattr(args, name):
-                continue
-            if not _same(getattr(args, name), defaults.get(name)):
-                raise LoopError(
-                    f"TrainingArguments.{name}={getattr(args, name)!r} is not supported by the loop: {rule}"
-                )
-        values = {}
-        for f in fields(cls):
-            if f.metadata["group"] != "trainer" or not hasattr(args, f.name):
-                continue
-            value = getattr(args, f.name)
-            value = getattr(value, "value", value)  # enums -> their string
-            values[f.name] = value
-        # transformers >= 5.20 names it activation_checkpointing; gradient_checkpointing mirrors it
-        if getattr(args, "activation_checkpointing", None):
-            values["gradient_checkpointing"] = True
-            values["gradient_checkpointing_kwargs"] = getattr(args, "activation_checkpointing_kwargs", None)
-        values["report_to"] = list(args.report_to) if args.report_to else "none"
-        if isinstance(getattr(args, "debug", None), list):  # TrainingArguments parses "a b" into [DebugOption, ...]
-            values["debug"] = " ".join(getattr(o, "value", o) for o in args.debug)
-        if values.get("disable_tqdm") is None:
-            values["disable_tqdm"] = False
-        values.update({"telemetry": False, **loop_fields})
-        return cls(**values)
+        return from_training_arguments(cls, args, **loop_fields)
 
     def to_training_arguments(self, **overrides):
         """The TrainingArguments that make Trainer run this configuration."""
-        from transformers import TrainingArguments
+        from .training_arguments import to_training_arguments
 
-        known = {f.name for f in dataclasses.fields(TrainingArguments)}
-        kwargs = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == "trainer" and f.name in known
-        }
-        kwargs["report_to"] = self.report_to or "none"
-        if "activation_checkpointing" in known:
-            kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-            kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
-        kwargs.update(overrides)
-        return TrainingArguments(**kwargs)
-
-
-# TrainingArguments fields the loop does not implement, with what to do instead. Setting any of them to a
-# non-default value in from_training_arguments raises; they have no TrainConfig field, so the CLI refuses them too.
-REFUSED = {
-    "optim_target_modules": "GaLore/APOLLO-style optimizers are not implemented",
-    "use_liger_kernel": "Liger kernels are not integrated; `fused_linear_cross_entropy` is the loop's own fused loss (no extra dependency)",
-    "liger_kernel_config": "Liger kernels are not integrated",
-    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "trackio_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
-    "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
-    "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
-    "eval_use_gather_object": "predictions are gathered as tensors",
-    "push_to_hub": "push the saved output_dir with huggingface_hub yourself",
-    "hub_token": "Hub upload is not implemented",
-    "hub_private_repo": "Hub upload is not implemented",
-    "hub_model_id": "Hub upload is not implemented",
-    "hub_strategy": "Hub upload is not implemented",
-    "hub_always_push": "Hub upload is not implemented",
-    "hub_revision": "Hub upload is not implemented",
-    "accelerator_config": "configure accelerate with `accelerate launch --config_file launch_configs/...`",
-    "parallelism_config": "tensor/context parallelism is not implemented; use a launch config for DDP/FSDP/DeepSpeed",
-    "fsdp": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
-    "fsdp_config": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
-    "deepspeed": "use `accelerate launch --config_file launch_configs/deepspeed_zero2.yaml` (or zero3)",
-}
-
-# Mirrored TrainingArguments fields whose behaviour has something worth knowing.
-NOTES = {
-    "do_train": "inert in Trainer too: `loop train` always trains",
-    "do_eval": "inert in Trainer too: evaluation follows eval_strategy",
-    "do_predict": "inert in Trainer too",
-    "local_rank": "set by the launcher; read through accelerate",
-    "resume_from_checkpoint": "also accepts 'latest'; inert in Trainer, honoured by `loop train`",
-    "report_to": "handed to accelerate's trackers",
-    "gradient_checkpointing": "named activation_checkpointing in transformers >= 5.20; both map here",
-    "activation_checkpointing": "mapped to gradient_checkpointing",
-    "activation_checkpointing_kwargs": "mapped to gradient_checkpointing_kwargs",
-    "restore_callback_states_from_checkpoint": "the loop always restores callback state (state_dict) for exact resume",
-    "log_level": "applied to transformers' logger, as Trainer's get_process_log_level",
-    "log_on_each_node": "decides which processes take log_level; metrics.jsonl and trackers are written by rank 0",
-    "enable_jit_checkpoint": "saves and stops at the next step boundary; raises `loop.Preempted` (CLI exit 143) "
-    "instead of returning",
-    "skip_memory_metrics": "the loop's telemetry reports peak device memory instead of Trainer's memory tracker",
-    "logging_nan_inf_filter": "applied on device, without a host sync",
-    "train_sampling_strategy": "random, sequential, group_by_length (not batch_rebalance)",
-    "optim": "adamw_torch_fused, adamw_torch, sgd, adafactor, adagrad, rmsprop",
-    "eval_accumulation_steps": "accepted; predictions are moved to the CPU per batch anyway",
-    "debug": "underflow_overflow (transformers' own hook, removed when training ends); not tpu_metrics_debug",
-    "save_on_each_node": "a folder shared between nodes is refused; resume 'latest' agrees on a step whole on every "
-    "node; not with FSDP/DeepSpeed",
-    "ddp_backend": "handed to accelerate's process group; nccl on a CPU run, or a backend this torch lacks, is refused",
-    "tf32": "set on the CUDA backends; an error without an Ampere+ GPU, as in Trainer",
-}
-INERT = {
-    "do_train",
-    "do_eval",
-    "do_predict",
-    "local_rank",
-    "activation_checkpointing",
-    "activation_checkpointing_kwargs",
-}
-
-
-def _same(a, b) -> bool:
-    a, b = getattr(a, "value", a), getattr(b, "value", b)
-    if dataclasses.is_dataclass(a) and b is None:  # __post_init__ turns a None default into its config object
-        try:
-            b = type(a)()
-        except TypeError:
-            return False
-    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
-        return dataclasses.asdict(a) == dataclasses.asdict(b)
-    return a == b or (a in (None, [], {}, "") and b in (None, [], {}, ""))
-
-
-def _default_training_arguments() -> dict:
-    """TrainingArguments' declared defaults, read from its fields. Not an instance: building one resets accelerate's
-    process-wide state (AcceleratorState._reset_state), which under `torchrun`/`accelerate launch` would leave the
-    run's Accelerator thinking it is alone."""
-    from transformers import TrainingArguments
-
-    return {
-        f.name: f.default
-        if f.default is not dataclasses.MISSING
-        else f.default_factory()
-        if f.default_factory is not dataclasses.MISSING
-        else None
-        for f in dataclasses.fields(TrainingArguments)
-    }
-
-
-def coverage() -> list[tuple[str, str, str]]:
-    """(field, status, note) for every field of the installed TrainingArguments: mirrored, mirrored*, or refused."""
-    from transformers import TrainingArguments
-
-    ours = {f.name for f in fields(TrainConfig)}
-    rows = []
-    for f in dataclasses.fields(TrainingArguments):
-        if not f.init:
-            continue
-        if f.name in REFUSED:
-            rows.append((f.name, "refused", REFUSED[f.name]))
-        elif f.name in ours or f.name in INERT:
-            rows.append((f.name, "mirrored*" if f.name in NOTES else "mirrored", NOTES.get(f.name, "")))
-        else:
-            rows.append((f.name, "refused", "not implemented"))
-    return rows
+        return to_training_arguments(self, **overrides)
 
 
 # ---------------------------------------------------------------------- value coercion (CLI strings, YAML values)

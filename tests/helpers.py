@@ -204,7 +204,9 @@ def doc_blocks():
 
 
 # ---------------------------------------------------------------------------------------------- shared assertions
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+WORKERS = os.path.join(TESTS, "workers")  # scripts the integration tests launch as processes
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
 
 

@@ -15,7 +15,7 @@ import loop.checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # subprocesses, launches and signals: left out of the quick loop (-m "not slow")
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: helpers and workers/
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
 
 
@@ -90,7 +90,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_log(tmp_path, reference, n
 def test_sigterm_saves_a_checkpoint_and_stops_then_resume_is_exact(tmp_path, reference, step):
     """enable_jit_checkpoint: SIGTERM after step N leaves a complete checkpoint-N, exit status 143, one line, no final
     model; resuming it gives the uninterrupted run's log. The field changes no number of an uninterrupted run.
-    (tests/test_cli.py signals a whole job, loader workers included.)"""
+    (tests/integration/test_cli.py signals a whole job, loader workers included.)"""
     args = ["enable_jit_checkpoint=true"]
     expected = reference(args)
     same_history(reference([]), expected)

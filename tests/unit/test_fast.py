@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ClsData, LMData, PackedLM, clone, tiny_bert_classifier, tiny_gpt2
 
 import loop
 import loop.step
 from loop import TrainConfig
 from loop.errors import LoopError
 from loop.fused_loss import linear_cross_entropy
-from tests.helpers import ClsData, LMData, PackedLM, clone, tiny_bert_classifier, tiny_gpt2
 
 
 @pytest.mark.parametrize("num_items", [None, 250.0])

@@ -9,19 +9,18 @@ import subprocess
 import sys
 
 import pytest
+from helpers import doc_block, doc_blocks
 
-from tests.helpers import doc_block, doc_blocks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
 
 # blocks run by another test, by their first line
 RUN_ELSEWHERE = {
     "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
     "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
-    "# fgm_step": "tests/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
-    "# my_lab/my_task.py": "tests/test_cli.py::test_own_task_module_from_the_readme_trains_compares_evaluates",
-    "loop train --config my_lab/my_task.yaml": "tests/test_cli.py::test_own_task_module_from_the_readme_trains_compares_evaluates",
+    "# fgm_step": "tests/parity/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
+    "# my_lab/my_task.py": "tests/integration/test_cli.py::test_own_task_module_from_the_readme_trains_compares_evaluates",
+    "loop train --config my_lab/my_task.yaml": "tests/integration/test_cli.py::test_own_task_module_from_the_readme_trains_compares_evaluates",
 }
 # blocks this module runs, by their first line
 PYTHON_HERE = (
@@ -61,7 +60,7 @@ def test_the_install_block_is_what_ci_runs():
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     for line in block.splitlines():
         command = line.split("#")[0].strip()
-        if command and command != "loop train":  # the default job: tests/test_cli.py::test_default_job...
+        if command and command != "loop train":  # the default job: tests/integration/test_cli.py::test_default_job...
             for part in command.split("&&"):
                 assert part.strip() in ci, part
 

@@ -212,7 +212,9 @@ def test_docs_coverage_table_is_the_generated_one():
     import os
     import re
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "reference", "training_arguments.md")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "docs", "reference", "training_arguments.md"
+    )
     table = [line for line in open(path).read().splitlines() if re.match(r"^\| `", line)]
     assert table == [f"| `{name}` | {status} | {note} |" for name, status, note in coverage()]
 

@@ -5,11 +5,11 @@ taken before it, and checks that it behaves as a plain model again."""
 
 import pytest
 import torch
+from helpers import ClsData, LMData, PackedLM, fingerprint, tiny_bert_classifier, tiny_gpt2
 
 import loop
 from loop import TrainConfig
 from loop.errors import LoopError
-from tests.helpers import ClsData, LMData, PackedLM, fingerprint, tiny_bert_classifier, tiny_gpt2
 
 
 def cfg(tmp_path, **overrides):

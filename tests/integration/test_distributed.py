@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses, launches and signals: left out of the quick loop (-m "not slow")
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: helpers and workers/
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}  # every launch: one thread a rank
 
 

@@ -12,7 +12,7 @@ from helpers import run_loop as run
 
 pytestmark = pytest.mark.slow  # subprocesses, launches and signals: left out of the quick loop (-m "not slow")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
 
 

@@ -11,7 +11,7 @@ from helpers import tiny_gpt2
 import loop
 from loop.tasks import causal_lm, text_classification
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def _docs(seed=0, n=5):
