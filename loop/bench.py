@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 from .errors import LoopError, closest
 
@@ -180,7 +178,7 @@ def flops_per_token(shape: dict, seq_len: int) -> float:
 
 def cmd_bench(argv) -> int:
     from .checkpoint import unwritable
-    from .compare import _run_side, take_option
+    from .compare import _run_side, run_child, take_option
     from .job import build_job
     from .telemetry import PEAK_TFLOPS
 
@@ -228,24 +226,13 @@ def cmd_bench(argv) -> int:
                 MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + i),
             )
         # the child takes the same --steps (argv already ends with this process's --max_steps; the child appends its own)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "loop",
-                "bench",
-                *argv,
-                "--steps",
-                str(steps or 100),
-                "--_side",
-                name,
-                "--_result",
-                path,
-            ],
+        run_child(
+            ["bench", *argv, "--steps", str(steps or 100), "--_side", name, "--_result", path],
+            os.path.join(config.output_dir, f"bench-{name}{f'-rank{rank}' if world > 1 else ''}.log"),
+            f"{name} side",
             env=env,
+            show=rank == 0,
         )
-        if proc.returncode != 0:
-            raise LoopError(f"the {name} side of `loop bench` failed (exit {proc.returncode}); see its output above")
         with open(path) as f:
             got = json.load(f)
         os.remove(path)

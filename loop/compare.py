@@ -214,7 +214,13 @@ def _run_side(side, config, module, task, skip):
         extra = list(built.pop("callbacks", None) or [])
         # no final model: Trainer's train() writes none either, and a 1.5B model's is 6 GB of disk and seconds
         result = train(
-            dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "loop"), save_final_model=False),
+            # the side folder is compare's and bench's own: a second comparison into the same output_dir replaces it
+            dataclasses.replace(
+                config,
+                output_dir=os.path.join(config.output_dir, "loop"),
+                save_final_model=False,
+                overwrite_output_dir=True,
+            ),
             callbacks=extra + [loop_cb],
             **built,
         )
@@ -282,10 +288,29 @@ def take_option(argv, flag, kind, example):
     return value, argv[:i] + argv[i + 2 :]
 
 
-def cmd_compare(argv) -> int:
+def run_child(args, log_path, what, env=None, show=True) -> None:
+    """`python -m loop ARGS` in a fresh process with its output (progress bars, Trainer's printed records, warnings)
+    in log_path, so that the terminal shows a line a side and then the report. A side that fails: the last lines of
+    its log, then one line naming it."""
     import subprocess
     import sys
 
+    from .errors import LoopError
+
+    if show:
+        print(f"{what}: running (output in {log_path})", flush=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "loop", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        with open(log_path, errors="replace") as log:
+            print("\n".join(log.read().replace("\r", "\n").splitlines()[-15:]), file=sys.stderr)
+        raise LoopError(f"the {what} failed (exit {proc.returncode}); its output is in {log_path}, last lines above")
+    if show:
+        print(f"{what}: done in {time.time() - start:.1f} s", flush=True)
+
+
+def cmd_compare(argv) -> int:
     from .checkpoint import unwritable
     from .errors import LoopError
     from .job import build_job
@@ -322,11 +347,12 @@ def cmd_compare(argv) -> int:
         os.makedirs(out, exist_ok=True)
         for i, name in enumerate(["loop"] + ["trainer"] * trainer_runs):
             path = os.path.join(out, f".side-{i}.json")
-            proc = subprocess.run([sys.executable, "-m", "loop", "compare", *argv, "--_side", name, "--_result", path])
-            if proc.returncode != 0:
-                raise LoopError(
-                    f"the {name} run of `loop compare` failed (exit {proc.returncode}); see its output above"
-                )
+            label = name if name == "loop" else f"trainer run {i} of {trainer_runs}"
+            run_child(
+                ["compare", *argv, "--_side", name, "--_result", path],
+                os.path.join(out, f"compare-{name}{'' if name == 'loop' else f'-{i}'}.log"),
+                label,
+            )
             with open(path) as f:
                 runs.append(json.load(f))
             os.remove(path)

@@ -32,6 +32,7 @@ from .evaluation import check_metrics_function, evaluate_metrics
 from .model_changes import ModelChanges
 from .optim import build_optimizer, build_scheduler, is_plateau, parameter_groups
 from .preempt import Preempted, preemption
+from .records import prints_above_the_bar
 from .run import (
     Run,
     call_model_init,
@@ -128,6 +129,7 @@ def train(
             resume_path is not None,
         )
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
+        for_the_run.enter_context(prints_above_the_bar(not config.disable_tqdm and run.accelerator.is_main_process))
         with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
             with noisy_embeddings(run), overflow_debugging(run):
                 saved_rng = resume(run, resume_path)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 
 from tqdm.auto import tqdm
 
@@ -62,3 +64,41 @@ class Records:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class _AboveTheBar:
+    """sys.stdout while a progress bar is shown: whole lines go through tqdm.write, which clears the bar, writes the
+    line and redraws the bar under it; a print never lands on the bar's own line."""
+
+    def __init__(self, real):
+        self.real, self.pending = real, ""
+
+    def write(self, text):
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            tqdm.write(line, file=self.real)
+        return len(text)
+
+    def flush(self):
+        self.real.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno, ...
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def prints_above_the_bar(shows_bar: bool):
+    """For the length of a run that shows a progress bar, a print (a callback's, compute_metrics') goes on its own line
+    above the bar. sys.stdout is put back when the run returns or raises."""
+    if not shows_bar:
+        yield
+        return
+    real = sys.stdout
+    sys.stdout = proxy = _AboveTheBar(real)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        if proxy.pending:
+            real.write(proxy.pending)
