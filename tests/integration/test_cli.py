@@ -28,6 +28,9 @@ def test_default_job_runs_and_held_out_loss_falls(tmp_path):
     assert all("loop/tokens_per_second" in r for r in losses)
     assert os.path.exists(tmp_path / "model.safetensors") and os.path.exists(tmp_path / "config.json")
     assert "held-out loss" in proc.stdout
+    # quiet: no warning that does not concern the user (pinning on a CPU, GPT-2's unnamed loss type), no traceback
+    for noise in ("pin_memory", "loss_type=None", "Traceback", "Writing model shards"):
+        assert noise not in proc.stderr, noise
 
 
 def test_help_lists_every_field_with_default():

@@ -147,3 +147,44 @@ def test_a_refused_run_leaves_the_model_as_it_was(tmp_path):
             train_dataset=LMData(16),
         )
     assert fingerprint(model) == before
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_overwrites(tmp_path):
+    config = cfg(tmp_path, save_strategy="steps", save_steps=2)
+    loop.train(config, tiny_gpt2(), LMData(16))
+    out = tmp_path / "out"
+    assert (out / "checkpoint-4").is_dir() and (out / "metrics.jsonl").exists()
+    model = tiny_gpt2()
+    before = fingerprint(model)
+    with pytest.raises(
+        LoopError,
+        match="holds another run .*metrics.jsonl, checkpoint-2, checkpoint-4.*"
+        "--resume_from_checkpoint latest.*--overwrite_output_dir true",
+    ):
+        loop.train(config, model, LMData(16))
+    assert fingerprint(model) == before
+    # a resume is the same run: allowed
+    loop.train(config, tiny_gpt2(), LMData(16), resume_from_checkpoint=str(out / "checkpoint-2"))
+    # overwrite: the other run's records, checkpoints and final model go first; other files stay
+    (out / "notes.txt").write_text("mine")
+    import dataclasses
+    import json
+
+    loop.train(dataclasses.replace(config, overwrite_output_dir=True, save_strategy="no"), tiny_gpt2(), LMData(16))
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4] and not any("event" in r for r in records)
+    assert not any(p.name.startswith("checkpoint-") for p in out.iterdir()) and (out / "notes.txt").exists()
+
+
+def test_early_stopping_without_its_metric_is_refused_before_the_model_is_touched(tmp_path):
+    model = tiny_gpt2()
+    before = fingerprint(model)
+    with pytest.raises(LoopError, match="EarlyStopping judges metric_for_best_model, which is unset"):
+        loop.train(
+            cfg(tmp_path, eval_strategy="steps", eval_steps=2),
+            model,
+            LMData(16),
+            eval_dataset=LMData(8),
+            callbacks=[loop.EarlyStopping(patience=2)],
+        )
+    assert fingerprint(model) == before and not (tmp_path / "out").exists()

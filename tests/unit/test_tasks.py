@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import tiny_gpt2
 
 import loop
+from loop.errors import LoopError
 from loop.tasks import causal_lm, text_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -295,3 +297,33 @@ def test_task_options_that_would_hang_or_fail_deep_are_refused_in_one_line(tmp_p
     for module, fields, match in cases:
         with pytest.raises(loop.LoopError, match=match):
             module.build(module.Task(**fields), config)
+
+
+def test_a_hub_id_offline_fails_at_once_naming_every_local_option(tmp_path):
+    """HF_HUB_OFFLINE (set for the suite): one line before any Hub client retries, naming what points at the Hub and
+    every local-path option."""
+    import time
+
+    from loop.tasks import text_classification
+
+    task = text_classification.Task(
+        model_name_or_path="someone/not-here", dataset_name="glue", dataset_config_name="sst2"
+    )
+    start = time.time()
+    with pytest.raises(LoopError) as e:
+        text_classification.build(task, loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert time.time() - start < 5
+    line = str(e.value)
+    assert "\n" not in line and "the Hub cannot be reached" in line
+    for needle in (
+        "--model_name_or_path someone/not-here",
+        "--dataset_name glue",
+        "--model_name_or_path FOLDER",
+        "--tokenizer_name FOLDER",
+        "--train_file FILE --validation_file FILE",
+    ):
+        assert needle in line, needle
+    # a local folder is no Hub id: it is not refused here (the model's own loader reads it)
+    task = text_classification.Task(model_name_or_path=str(tmp_path), train_file=str(tmp_path / "t.tsv"))
+    with pytest.raises(LoopError, match="does not exist"):
+        text_classification.build(task, loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True))
