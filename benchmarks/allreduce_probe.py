@@ -1,5 +1,5 @@
 """What the link between the GPUs gives: all-reduce time and bandwidth for 25, 150 and 500 MB of fp32, one process per
-GPU (GPT-2 124M's gradients are 498 MB). Run by `tests/gpu_scale.sh profile`:
+GPU (GPT-2 124M's gradients are 498 MB). Run by `benchmarks/gpu_scale.sh profile`:
 
     torchrun --nproc_per_node 2 benchmarks/allreduce_probe.py
 """

@@ -2,7 +2,7 @@
 FlashAttention-2 variable-length kernel (what `varlen_attention` uses) against cuDNN's variable-length kernel
 (`aten._cudnn_attention_forward` with cumulative lengths, its backward through autograd), with and without dropout,
 and with the cumulative lengths padded by empty sequences as the loop pads them. Then cuDNN's output and gradients
-against FlashAttention's at dropout 0. Not a test (no assertion): a measurement for the README (Speed).
+against FlashAttention's at dropout 0. Not a test (no assertion): a measurement for docs/benchmarks.
 
     python benchmarks/attention_probe.py
 """

@@ -1,7 +1,7 @@
 """Each evaluation's eval_runtime inside a training run, the loop's or Trainer's (GPU; GPT-2 124M real shape, eager
 bf16, 40 steps, an evaluation of 512 packed rows every 10). Run from the repo root, each side in its own process:
     python benchmarks/eval_in_train.py loop|trainer OUTDIR [job overrides...]
-(bash tests/gpu_speed.sh eval OUT runs both sides twice, alternating, after benchmarks/eval_speed.py)."""
+(bash benchmarks/gpu_speed.sh eval OUT runs both sides twice, alternating, after benchmarks/eval_speed.py)."""
 
 import sys
 import time

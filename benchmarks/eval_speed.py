@@ -1,7 +1,7 @@
 """The evaluation pass alone, the loop's against Trainer's, on the same model and data (GPU; GPT-2 124M real shape,
 512 packed rows): three alternating timed runs each, then one of each under the profiler (host syncs, copies, the
-host ops that take longest). Run from the repo root: python benchmarks/eval_speed.py (see tests/gpu_speed.sh eval).
-Inside a training run the loop's evaluation measured slower than Trainer's (README, "Not yet"); this isolates it.
+host ops that take longest). Run from the repo root: python benchmarks/eval_speed.py (see benchmarks/gpu_speed.sh eval).
+Inside a training run the loop's evaluation measured slower than Trainer's (docs/benchmarks/); this isolates it.
 """
 
 import copy

@@ -1,7 +1,7 @@
 """Where a data-parallel step's time goes: GPT-2 124M with the fast path (`loop bench`'s gpt2-124m workload, `fast`).
 After 20 warm-up steps rank 0 times TIMED steps unprofiled (an environment variable, default 5), then profiles the
 next 10. It prints a breakdown of the step from the kernels' own timestamps (compute kernels busy, communication not
-hidden behind them, GPU idle) and the CUDA kernels that take the most device time. Run by `tests/gpu_scale.sh
+hidden behind them, GPU idle) and the CUDA kernels that take the most device time. Run by `benchmarks/gpu_scale.sh
 profile` (on 1 GPU and on GPUS) and `ddp-at-one`, or directly:
 
     accelerate launch --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 benchmarks/profile_ddp.py [job args]

@@ -51,8 +51,7 @@ _GPT2 = [
     "0",
 ]
 # The GPU workloads use Trainer's default optimizer, fused AdamW, on every side (the embedded default job they start
-# from asks for adamw_torch, the foreach implementation: 3.9 ms of GPT-2 124M's step against 1.9 ms fused, with
-# clipping). GPT-2 124M is GPT-2's compute: its 50257-token vocabulary and 1024-token rows (the text is bytes; the ids do not
+# from asks for adamw_torch, the foreach implementation, which takes about twice as long). GPT-2 124M is GPT-2's compute: its 50257-token vocabulary and 1024-token rows (the text is bytes; the ids do not
 # change the FLOPs). tiny-gpt2 is a CPU smoke workload.
 WORKLOADS = {
     "gpt2-124m": _GPT2

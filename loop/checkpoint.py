@@ -1,17 +1,9 @@
 """Checkpoints that survive anything (timm CheckpointSaver-style: write, then rename; keep best and last apart).
 
-Layout of `<output_dir>/checkpoint-<global_step>/`:
-
-    model.safetensors        weights, unwrapped (no `module.`/`_orig_mod.` prefixes)
-    optimizer.pt scheduler.pt scaler.pt   (absent with save_only_model; scaler only with fp16)
-    rng_state_<rank>.pth     every rank's python/numpy/torch/cuda RNG (now and at the epoch's start) and its
-                             loss accumulator since the last log record (for exact resume)
-    ema.safetensors          EMA weights (with ema_decay > 0); under FSDP2 ema_shards_<rank>.safetensors per rank
-    loop_state.json          TrainState: step, data position, best metric, log history, callback state
-    train_config.json        the TrainConfig the checkpoint was made with
-    fast_plan.json           what `fast` and the levers' own fields turned on for the run, and why the rest stayed off
-    COMPLETE                 written last: the step and every file's size and crc32. A folder without it, or
-                             whose files differ from it (truncated copy, bit rot), is never resumed from nor counted
+What `<output_dir>/checkpoint-<global_step>/` holds is the table PARTS below: one class a stateful part, each naming
+and writing its own files, walked in the same order by save() and load(). Besides the parts' files, `COMPLETE` is
+written last: the step and every file's size and crc32. A folder without it, or whose files differ from it (truncated
+copy, bit rot), is never resumed from nor counted.
 
 A checkpoint is written to `.tmp-checkpoint-<step>` and renamed into place only once complete, so a kill
 at any moment leaves either the previous set of checkpoints or the new one, never a half-written one that
@@ -473,8 +465,9 @@ def _torch_load(path, **kw):
 
 
 class ModelAndOptimizer:
-    """The weights (unwrapped safetensors) and the optimizer; under FSDP/DeepSpeed both sharded, through accelerate's
-    save_state/load_state (which also carries the fp16 scaler there). save_only_model: the weights alone."""
+    """model.safetensors (unwrapped: no module./_orig_mod. prefixes; tied weights stored once) and optimizer.pt; under
+    FSDP/DeepSpeed both sharded, through accelerate's save_state/load_state (which also carries the fp16 scaler there).
+    save_only_model: the weights alone."""
 
     def save(self, run, folder, writer):
         acc, cfg = run.accelerator, run.config
@@ -501,6 +494,8 @@ class ModelAndOptimizer:
 
 
 class Scheduler:
+    """scheduler.pt (not with save_only_model)."""
+
     def save(self, run, folder, writer):
         if writer and not run.config.save_only_model:
             torch.save(run.scheduler.state_dict(), _path(folder, "scheduler.pt"))
@@ -511,7 +506,7 @@ class Scheduler:
 
 
 class Scaler:
-    """fp16's loss scaler (unsharded runs; accelerate's save_state carries it under FSDP/DeepSpeed)."""
+    """scaler.pt: fp16's loss scaler (unsharded runs; accelerate's save_state carries it under FSDP/DeepSpeed)."""
 
     def save(self, run, folder, writer):
         acc = run.accelerator
@@ -525,7 +520,8 @@ class Scaler:
 
 
 class EMAWeights:
-    """The whole EMA from the writing process; under FSDP2 each rank's own shards."""
+    """ema.safetensors: the whole EMA from the writing process; under FSDP2 ema_shards_<rank>.safetensors, each rank's
+    own shards (resume then needs the same world size)."""
 
     def save(self, run, folder, writer):
         if run.ema is not None and (run.ema.sharded or writer):
@@ -547,7 +543,8 @@ class EMAWeights:
 
 
 class RankState:
-    """Per rank: the random streams now and at the epoch's start, and the loss accumulated since the last log."""
+    """rng_state_<rank>.pth: each rank's python/numpy/torch/cuda random streams now and at the epoch's start, and the
+    loss it accumulated since the last log record (not with save_only_model)."""
 
     def save(self, run, folder, writer):
         if not run.config.save_only_model:
@@ -565,8 +562,9 @@ class RankState:
 
 
 class Progress:
-    """The TrainState (step, data position, best metric, log history) and every stateful callback's state. On load the
-    run keeps its own geometry and length (checked against the saved ones before anything is loaded)."""
+    """loop_state.json: the TrainState (step, data position, best metric, log history) and every stateful callback's
+    state. On load the run keeps its own geometry and length (checked against the saved ones before anything is
+    loaded)."""
 
     def save(self, run, folder, writer):
         if writer:
@@ -586,8 +584,9 @@ class Progress:
 
 
 class Settings:
-    """What the run was made with, for the record: the TrainConfig and the fast plan. Nothing is loaded from them (a
-    resume runs with its own settings; fit.resume checks the geometry)."""
+    """train_config.json and fast_plan.json: what the run was made with, for the record (the TrainConfig, and what
+    `fast` and the levers' fields turned on). Nothing is loaded from them (a resume runs with its own settings;
+    fit.resume checks the geometry)."""
 
     def save(self, run, folder, writer):
         if writer:

@@ -10,7 +10,7 @@ Prints a table, writes `<output_dir>/compare.json` and `<output_dir>/compare.png
 
 Tolerance on the per-step loss (relative): 0 (bit for bit) on CPU; on a GPU 1e-5 in fp32 and 1e-2 in bf16/fp16
 by default (override with --tolerance). With --trainer_runs 2 Trainer runs twice and the tolerance becomes at
-least its own run-to-run spread (a few 1e-6 in fp32 on an H100).
+least its own run-to-run spread.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ class _StepClock:
     def step(self, global_step):
         if global_step == self.skip:
             # A CPU-GPU sync point, once per run: the host runs a step or two ahead of the device, and without it the
-            # window would also count the warm-up steps' queued work (GPT-2 124M: 42.5 ms a step, where the logged
-            # 10-step windows said 40.9). Trainer's side gets the same sync.
+            # window would also count the warm-up steps' queued work. Trainer's side gets the same sync.
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
@@ -369,7 +368,7 @@ def cmd_compare(argv) -> int:
         tolerance = max(tolerance, spread)
     diff = _diff(histories[0], loop_run["history"])
     same_init = len({r["initial_weights_sha"] for r in runs}) == 1
-    # with several processes Trainer's eval_loss depends on the world size and the loop's does not (README: deliberate
+    # with several processes Trainer's eval_loss depends on the world size and the loop's does not (docs/parity.md: deliberate
     # differences), so it is reported but left out of the verdict there
     world = int(os.environ.get("WORLD_SIZE", "1"))
     judged = [diff["loss"]["max_rel"], diff["learning_rate"]["max_rel"]] + (

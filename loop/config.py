@@ -331,7 +331,7 @@ class TrainConfig:
         "(dynamo's DDP optimizer) so that each bucket's all-reduce overlaps the rest of the backward; false compiles "
         "one graph and all-reduces when the backward is done (torch._dynamo.config.optimize_ddp False during the run, "
         "put back after it): no overlap, but the backward keeps its fusions and the whole GPU. None: torch's default, "
-        "or false under `fast` (41.4 against 46.4 ms a step for GPT-2 124M on 2 H200s).",
+        "or false under `fast` (faster on one host's GPUs; docs/benchmarks/).",
         group="loop",
     )
     metrics_file: str = _f(

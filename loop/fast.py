@@ -280,7 +280,8 @@ def graph_lever(config, accelerator, optimizer, table, custom_step: bool) -> Lev
 
 def compile_lever(config, table, graph: Lever) -> tuple[Lever, bool]:
     """6. (compiled, dynamic shapes). With varying widths under `fast`, a recorded step is not compiled unless a compile
-    mode or backend is named (compiling with dynamic shapes cost ~40 s cold to save ~1 ms a step on SST-2), and a
+    mode or backend is named (compiling with dynamic shapes costs tens of seconds to save about a millisecond a step on
+    a small model: it pays only over tens of thousands of steps), and a
     compiled model is compiled once with dynamic shapes (by default it compiles the first width statically, then
     everything again at the second)."""
     if not (config.torch_compile or config.fast):

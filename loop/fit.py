@@ -87,7 +87,7 @@ def train(
     model_init=None,
     optimizer_step=None,
 ) -> TrainResult:
-    """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (README: API).
+    """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (docs/api.md).
 
     Trainer's extension points carry Trainer's names: compute_loss_func(outputs, labels, num_items_in_batch),
     optimizers=(optimizer, lr_scheduler), optimizer_cls_and_kwargs=(cls, kwargs), model_init (a fresh model per

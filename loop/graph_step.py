@@ -1,7 +1,7 @@
 """`cuda_graph_step`: the whole optimizer step (forward, backward, clip, optimizer) replayed from one CUDA graph.
 
 A small model's step is bound by the host: the model's Python and hundreds of kernel launches for a few ms of GPU
-work (tiny BERT: 237 launches for 1.9 ms of device time). Recorded once as a CUDA graph, the step is one launch.
+work. Recorded once as a CUDA graph, the step is one launch.
 
 How (one graph per window shape, i.e. per batch width under dynamic padding):
   * the first two windows of a shape (WARMUP) run the ordinary eager step (step.optimizer_step) on the side stream
@@ -16,19 +16,16 @@ optimizer reads; the scheduler keeps its plain floats, so nothing syncs), the lo
 graph's output losses), the non-finite watch, the scheduler and the EMA (step.finish_step).
 
 Numerics: a replay runs the eager step's kernels on the same inputs and draws dropout from the same generator
-offsets. On an H100 (tiny BERT, dropout, a changing lr) the losses and grad norms equal the compiled eager step's
-to the bit for the first 10 steps in bf16, then drift as GPU runs do (atomic adds). transformers drops an all-ones
-attention mask only when it can look at it (a host sync), never while a graph records, so a recorded step keeps it.
-A capture that fails stops the run with one line (CUDA's random generator is left mid-capture, so not even an eager
-step could follow). Verified on an H100 with the training set on the device (dataset_on_device), the model compiled
-(tiny BERT, SST-2; with deterministic kernels the recorded step gives the eager step's losses to the bit) or eager
-(SST-2, 4,210 steps); that is where `fast` turns it on. Two captures failed there, both fed by the host loader, whose
-pin-memory thread makes CUDA calls while the graph records (CUDA's default capture mode forbids that from any thread):
-the compiled step, and eager PyTorch's fused GEMM-with-bias (cuBLASLt), which records fine when the batches come from
-the device table. So pinned host batches are refused; host batches without pinning may be asked for (verified on
-an H100: compiled tiny BERT, to the bit against the eager step with deterministic kernels). Not with fp16's loss
-scaler, an optimizer that cannot step inside a graph (torch's Adam family can: `capturable`), gradient checkpointing,
-a compile mode that records graphs itself or DeepSpeed's engine, and on one CUDA process only.
+offsets, so with deterministic kernels it gives the eager step's losses and grad norms to the bit
+(tests/gpu/test_gpu.py checks it); without them both drift as GPU runs do (atomic adds). transformers drops an
+all-ones attention mask only when it can look at it (a host sync), never while a graph records, so a recorded step
+keeps it. A capture that fails stops the run with one line (CUDA's random generator is left mid-capture, so not even
+an eager step could follow). `fast` records the step only where it was verified: batches cut from the device table
+(dataset_on_device), the model compiled or eager. Batches from the host loader's pin-memory thread are refused: it
+makes CUDA calls while the graph records, which CUDA's default capture mode forbids from any thread; unpinned host
+batches may be asked for. Not with fp16's loss scaler, an optimizer that cannot step inside a graph (torch's Adam
+family can: `capturable`), gradient checkpointing, a compile mode that records graphs itself or DeepSpeed's engine,
+and on one CUDA process only. What was measured, and where: docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -63,7 +60,7 @@ def why_not(config, acc, opt, device_table, custom_step: bool) -> str | None:
     if device_table is None and config.dataloader_pin_memory:
         return (
             "cuda_graph_step with pinned host batches: the DataLoader's pin-memory thread makes CUDA calls while "
-            "the graph records, and such captures failed on an H100; set dataset_on_device true (or "
+            "the graph records, which CUDA's capture forbids; set dataset_on_device true (or "
             "dataloader_pin_memory false), or cuda_graph_step false"
         )
     if config.mixed_precision == "fp16":
@@ -200,8 +197,7 @@ class GraphStep:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoopError(
                 f"cuda_graph_step could not record the training step at step {run.state.global_step + 1} "
-                f"({first}; a host sync or a recompilation inside the step does this; verified on an "
-                "H100 with dataset_on_device); set cuda_graph_step false"
+                f"({first}; a host sync or a recompilation inside the step does this); set cuda_graph_step false"
             ) from None
         finally:
             for g, f in zip(groups, floats):

@@ -99,8 +99,8 @@ def plain(t):
 
 def reshard(model):
     """FSDP2: put every module's parameter shards back in place. After a forward without backward (an evaluation) the
-    root keeps its parameters unsharded, as plain tensors in place of its DTensor shards (seen on a GPU: the EMA swap
-    that follows mixed the two). A no-op for any other model."""
+    root keeps its parameters unsharded, as plain tensors in place of its DTensor shards, and an EMA swap that followed
+    would mix the two. A no-op for any other model."""
     for m in model.modules():
         if hasattr(m, "reshard") and hasattr(m, "unshard"):  # an FSDPModule
             m.reshard()
@@ -212,8 +212,8 @@ def seed_everything(config):
     # transformers' enable_full_determinism also sets CUDA_LAUNCH_BLOCKING=1 (and Ascend's twin). Determinism does not
     # need it (CUBLAS_WORKSPACE_CONFIG and torch.use_deterministic_algorithms do that), and in Trainer it is a no-op:
     # TrainingArguments has created the CUDA context before Trainer.__init__ seeds. Here the context does not exist
-    # yet, so it would take effect and make every kernel launch wait for the GPU: the loop measured 61k tokens/s
-    # against Trainer's 94k on GPT-2 under full_determinism. Keep what the user set; drop what the helper added.
+    # yet, so it would take effect and make every kernel launch wait for the GPU (a slower run than Trainer's under
+    # full_determinism). Keep what the user set; drop what the helper added.
     before = {k: os.environ.get(k) for k in ("CUDA_LAUNCH_BLOCKING", "ASCEND_LAUNCH_BLOCKING")}
     enable_full_determinism(config.seed)
     for key, value in before.items():

@@ -116,7 +116,7 @@ def window_share(run, loss, num_items, window_size: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------------
 # The pieces of one optimizer step. `optimizer_step` below puts them together; a custom step
-# (loop.train(..., optimizer_step=fn)) can reuse them (the README's adversarial-training example does).
+# (loop.train(..., optimizer_step=fn)) can reuse them (docs/api.md's adversarial-training example does).
 
 
 @contextlib.contextmanager

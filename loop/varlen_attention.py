@@ -2,8 +2,8 @@
 
 Why. Packed rows hold several documents, each restarting its position_ids at 0; no token may attend across a
 document boundary. transformers then builds a dense block-diagonal causal mask, [batch, 1, T, T], and SDPA can only
-serve a dense mask with its masked kernels (cuDNN's or the memory-efficient one). For GPT-2 124M at 16x1024 tokens
-on an H100 the fast path's step went from 52.5 to 46.5 ms with this instead (README, Speed). Flex attention and
+serve a dense mask with its masked kernels (cuDNN's or the memory-efficient one), slower than the flash kernel
+(docs/benchmarks/ has the figures). Flex attention and
 the `varlen_attn` API would avoid the mask but do no dropout, and GPT-2 trains with attention dropout 0.1.
 
 What. PyTorch ships FlashAttention-2's variable-length kernel, dropout included (`aten._flash_attention_forward`

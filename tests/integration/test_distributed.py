@@ -347,7 +347,7 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
     # rows of 128 tokens: samples/s counts both processes' rows, and the attention term uses T = 128, not 2 x 128
     assert abs(ours["samples_per_second"] * 128 - ours["tokens_per_second"]) <= 1e-6 * ours["tokens_per_second"]
     assert ours["flops_per_token"] == 6 * ours["params"] + 12 * 2 * 2 * 32 * 128  # tiny-gpt2: L 2, H 2, Q 32
-    # logged every 2 of 6 steps: no loss left over since the last record (README: deliberate differences)
+    # logged every 2 of 6 steps: no loss left over since the last record (docs/parity.md: deliberate differences)
     assert trainer["train_loss"] == ours["train_loss"] and trainer["curve"] == ours["curve"]
     assert [s for s, _ in ours["curve"]] == [2, 4, 6]
     assert "on 2 x cpu" in proc.stdout

@@ -546,7 +546,7 @@ def _fgm():
     from helpers import doc_block
 
     scope = {}
-    exec(doc_block("# fgm_step"), scope)  # the README's function, as printed there
+    exec(doc_block("# fgm_step"), scope)  # docs/api.md's function, as printed there
     return scope["fgm_step"]
 
 

@@ -283,7 +283,7 @@ def test_head_that_ignores_num_items_inflates_the_loss_with_accumulation_on_both
     """transformers#47688: BERT's classification head declares **kwargs but ignores num_items_in_batch, so Trainer does
     not divide its per-batch mean by the accumulation length: with GA 2 the logged loss (and the gradient) is twice the
     GA 1 loss of the same 8 rows. The loop does the same by default (parity). Setting `model.accepts_loss_kwargs = False`
-    makes both sides average over the window (README: Parity with Trainer)."""
+    makes both sides average over the window (docs/parity.md)."""
 
     def first_loss(model, batch, ga, name):
         expected, got = run_both(

@@ -127,14 +127,34 @@ def test_ema_resumes_exactly(tmp_path):
 
 
 def test_skipped_step_does_not_update_ema():
+    """step.finish_step, the loop's own tail of every step: an fp16 step the scaler skipped leaves the EMA (and the
+    schedule) where they were; a real step folds the weights in."""
+    from types import SimpleNamespace
+
     from loop.ema import EMA
+    from loop.step import finish_step
 
     model = nn.Linear(3, 3)
     ema = EMA(model, decay=0.5)
     before = [t.clone() for t in ema.shadow]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     with torch.no_grad():
         model.weight.add_(1.0)
-    # the loop calls update only when accelerator.optimizer_step_was_skipped is False; no call -> unchanged
-    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow))
-    ema.update(model, 1)
+    run = SimpleNamespace(
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        group_names=[],
+        last_lr=None,
+        state=SimpleNamespace(global_step=0),
+        note_nonfinite=lambda g: None,
+        accelerator=SimpleNamespace(optimizer_step_was_skipped=True),
+    )
+    finish_step(run, torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow)) and scheduler.last_epoch == 0
+    run.accelerator.optimizer_step_was_skipped = False
+    finish_step(run, torch.tensor(1.0))
     torch.testing.assert_close(ema.shadow[0], 0.5 * before[0] + 0.5 * model.weight.detach())
+    assert scheduler.last_epoch == 1

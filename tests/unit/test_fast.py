@@ -430,7 +430,7 @@ def test_graph_step_bookkeeping_trains_like_the_eager_step_and_resumes_exactly(t
     CUDA graph), so the shape keys, the buffer copies, the warm-up-then-replay order, the logged loss and the
     schedule/EMA tail must give the eager step's numbers to the bit: dynamic widths, accumulation 2 with a partial last
     window, dropout, EMA, four epochs, and a resume from a mid-epoch checkpoint. (The graphs themselves are checked on
-    a GPU: tests/gpu_speed.sh graphs.)"""
+    a GPU: benchmarks/gpu_speed.sh graphs.)"""
     import loop.graph_step as gs
 
     made = []

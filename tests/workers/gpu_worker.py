@@ -1,4 +1,4 @@
-"""Run by tests/gpu_multi.sh under `accelerate launch`: a job (loop/job.py arguments), SIGKILLed on every rank right
+"""Run by tests/gpu/gpu_multi.sh under `accelerate launch`: a job (loop/job.py arguments), SIGKILLed on every rank right
 after step $KILL_AFTER_STEP, or in the middle of writing checkpoint-$KILL_IN_SAVE_AT_STEP, when set; rank 0 writes the
 log history to <output_dir>/result.json."""
 

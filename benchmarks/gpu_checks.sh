@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU runs behind the README's figures. Run from the repo root on a GPU machine with the project importable
+# The GPU runs behind the figures in docs/benchmarks/. Run from the repo root on a GPU machine with the project importable
 # (pip install -e . or PYTHONPATH=$PWD) and, offline, the MiniLM bf16 copy in .data/minilm and SST-2 in .data/sst2.
-#   bash tests/gpu_checks.sh parity  OUTDIR   # Trainer vs loop, fp32 and bf16, GPT-2 124M and MiniLM (BERT-class)
-#   bash tests/gpu_checks.sh sst2    OUTDIR   # SST-2 acceptance run (loop train) 
-#   bash tests/gpu_checks.sh sst2cmp OUTDIR   # loop compare on the full SST-2 job
-#   bash tests/gpu_checks.sh gpt2    OUTDIR   # GPT-2 124M pre-training, bf16: tokens/s (loop vs Trainer)
+#   bash benchmarks/gpu_checks.sh parity  OUTDIR   # Trainer vs loop, fp32 and bf16, GPT-2 124M and MiniLM (BERT-class)
+#   bash benchmarks/gpu_checks.sh sst2    OUTDIR   # SST-2 acceptance run (loop train) 
+#   bash benchmarks/gpu_checks.sh sst2cmp OUTDIR   # loop compare on the full SST-2 job
+#   bash benchmarks/gpu_checks.sh gpt2    OUTDIR   # GPT-2 124M pre-training, bf16: tokens/s (loop vs Trainer)
 set -euo pipefail
 what=$1; out=$2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -2,7 +2,7 @@
 # The 2-GPU checks of issue 10. Run from the repo root on a machine with 2 GPUs, the project importable
 # (PYTHONPATH=$PWD) and, for ZeRO, DeepSpeed's wheel installed. Exits non-zero on any failure.
 #
-#   bash tests/gpu_multi.sh resume OUTDIR [ddp fsdp2 zero2 zero3]
+#   bash tests/gpu/gpu_multi.sh resume OUTDIR [ddp fsdp2 zero2 zero3]
 #       For each topology: GPT-2 124M (vocabulary 50257, byte-level text; fp32, dropout off, EMA on except under
 #       ZeRO-3, where it is refused) trains 12 steps uninterrupted; a second run is SIGKILLed after step 7, resumed
 #       with 'latest', SIGKILLed again in the middle of writing checkpoint-9, and resumed again. Every logged loss,
@@ -17,21 +17,21 @@
 #       EXTRA_JOB='--use_cpu true --max_docs 60 --model_config {"n_embd":32,"n_layer":2,"n_head":2,"n_positions":1024,
 #       "vocab_size":257,"resid_pdrop":0,"embd_pdrop":0,"attn_pdrop":0}' (one line, no spaces) runs resume ddp fsdp2
 #       and checks in a few minutes.
-#   bash tests/gpu_multi.sh checks OUTDIR
+#   bash tests/gpu/gpu_multi.sh checks OUTDIR
 #       At the same time: data-parallel equivalence (1 GPU, batch 4, accumulation 2 vs 2 GPUs, batch 4, accumulation
 #       1; 30 steps, per-step loss within 1e-5 relative); two one-GPU "nodes" on this host
 #       (launch_configs/multi_node.yaml, main process 127.0.0.1) vs one node of 2 (the same losses); `loop compare`
 #       under DDP and FSDP2 (deterministic kernels on both sides; the verdict is judged, the speed columns of
 #       concurrent runs mean nothing).
-#   bash tests/gpu_multi.sh shard OUTDIR
+#   bash tests/gpu/gpu_multi.sh shard OUTDIR
 #       The sharding table, one run at a time: `loop bench` (loop side, 20 steps) on GPT-2 124M and a GPT-2-XL-shaped
 #       1.5B model on 1 GPU, DDP, FSDP2, ZeRO-2 and ZeRO-3. MODELS="gpt2-124m" or "gpt2-xl" for one model only,
 #       TOPOLOGIES="one ddp fsdp2 zero2 zero3" (all by default) for some rows.
-#   bash tests/gpu_multi.sh more OUTDIR     # checks, then shard
+#   bash tests/gpu/gpu_multi.sh more OUTDIR     # checks, then shard
 #   Two 10-minute calls on a pair of H200s (timed there: resume ~230 s, checks ~90 s, shard ~300 s for gpt2-124m and
 #   ~450 s for gpt2-xl):
-#       EXTRA_JOB="--full_determinism true" SPREAD=1 bash tests/gpu_multi.sh resume OUT; MODELS=gpt2-124m bash tests/gpu_multi.sh shard OUT
-#       EXTRA_JOB="--full_determinism true" bash tests/gpu_multi.sh checks OUT; MODELS=gpt2-xl bash tests/gpu_multi.sh shard OUT
+#       EXTRA_JOB="--full_determinism true" SPREAD=1 bash tests/gpu/gpu_multi.sh resume OUT; MODELS=gpt2-124m bash tests/gpu/gpu_multi.sh shard OUT
+#       EXTRA_JOB="--full_determinism true" bash tests/gpu/gpu_multi.sh checks OUT; MODELS=gpt2-xl bash tests/gpu/gpu_multi.sh shard OUT
 set -uo pipefail
 what=$1; out=$2; shift 2; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -199,6 +199,6 @@ resume)
 checks) checks_part ;;
 shard) shard_part ;;
 more) checks_part; shard_part ;;
-*) echo "usage: bash tests/gpu_multi.sh resume|checks|shard|more OUTDIR [topologies]"; exit 2 ;;
+*) echo "usage: bash tests/gpu/gpu_multi.sh resume|checks|shard|more OUTDIR [topologies]"; exit 2 ;;
 esac
 exit $fail

