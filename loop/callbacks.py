@@ -12,6 +12,9 @@
 `run` gives read access to `run.config`, `run.state` (a TrainState), `run.model`, `run.optimizer`,
 `run.scheduler` and `run.accelerator`. A callback that defines `state_dict()`/`load_state_dict()` has its state
 saved in every checkpoint and restored on resume.
+
+The events are Trainer's, at Trainer's points: transformers' `TrainerCallback`s are served by the same dispatch
+(trainer_callbacks.TrainerCallbacks adapts them, with a TrainerState and a TrainerControl that the loop obeys).
 """
 
 from __future__ import annotations
@@ -21,11 +24,33 @@ STOP = "stop"
 
 class Callback:
     def on_train_begin(self, run): ...
+    def on_epoch_begin(self, run): ...
+    def on_step_begin(self, run): ...  # before the first micro-batch of an accumulation window
+    def on_substep_end(self, run): ...  # after each micro-batch's backward but the window's last (eager step only)
+    def on_pre_optimizer_step(self, run): ...  # after clipping, before optimizer.step() (eager step only)
+    def on_optimizer_step(self, run): ...  # after optimizer.step() (eager step only)
     def on_step_end(self, run): ...  # after every optimizer step, before logging/eval/save
     def on_log(self, run, record: dict): ...  # every record appended to log_history
+    def on_prediction_step(self, run): ...  # after each evaluation batch
     def on_evaluate(self, run, metrics: dict): ...
     def on_save(self, run, path: str): ...  # a complete checkpoint now exists at `path`
+    def on_epoch_end(self, run): ...
     def on_train_end(self, run): ...
+
+
+STEP_EVENTS = ("on_substep_end", "on_pre_optimizer_step", "on_optimizer_step")  # fired inside the step itself
+
+
+def fires_inside_the_step(callbacks) -> bool:
+    """Whether a callback listens to an event inside the optimizer step (which a recorded CUDA graph cannot fire)."""
+    for cb in callbacks:
+        listens = getattr(cb, "listens_inside_the_step", None)  # an adapter answers for the callbacks it holds
+        if listens is not None:
+            if listens:
+                return True
+        elif any(getattr(type(cb), e, None) is not getattr(Callback, e) for e in STEP_EVENTS):
+            return True
+    return False
 
 
 class EarlyStopping(Callback):

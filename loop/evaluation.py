@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .callbacks import fire
 from .errors import LoopError
 from .model_changes import ModelChanges
 from .step import forward_loss, window_item_count
@@ -85,6 +86,7 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
             else:
                 loss, outputs = None, model(**batch)
                 logits = _predictions(run, outputs, ignore, has_loss=False)
+        fire(run.callbacks, "on_prediction_step", run)  # Trainer's event after each evaluation batch
         if loss is not None:
             loss = acc.gather_for_metrics(loss.repeat(batch_size))
             losses.add(loss)

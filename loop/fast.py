@@ -153,13 +153,14 @@ def resolve(
     own_loss: bool,
     custom_step: bool,
     main_input: str = "input_ids",
+    step_events: bool = False,
 ) -> tuple[Plan, object]:
     """The run's Plan, and the device table (or None) the loader is built on: one decision a lever, in build()'s
     order. Raises one line for a lever asked for explicitly that cannot serve this run. Changes nothing: apply() does."""
     table, dataset_on_device = dataset_lever(config, accelerator, train_dataset, collate, main_input)
     fused = fused_loss_lever(config, accelerator, model, own_loss)
     varlen, segments = varlen_lever(config, accelerator, model, table, train_dataset, collate)
-    graph = graph_lever(config, accelerator, optimizer, table, custom_step)
+    graph = graph_lever(config, accelerator, optimizer, table, custom_step, step_events)
     compiled, dynamic = compile_lever(config, table, graph)
     find_unused, bucket_view, overlap = ddp_levers(config)
     plan = Plan(
@@ -262,7 +263,7 @@ def attention_backends(config, table) -> str | None:
     return config.attention_backends
 
 
-def graph_lever(config, accelerator, optimizer, table, custom_step: bool) -> Lever:
+def graph_lever(config, accelerator, optimizer, table, custom_step: bool, step_events: bool = False) -> Lever:
     """5. The recorded step: asked for (refused where it cannot record), or through `fast` only where it was verified
     on a GPU (batches cut from the device table)."""
     from . import graph_step as gs
@@ -270,7 +271,7 @@ def graph_lever(config, accelerator, optimizer, table, custom_step: bool) -> Lev
     wanted, required = _asked(config.cuda_graph_step, config.fast)
     if not wanted:
         return Lever(False, "cuda_graph_step false" if config.cuda_graph_step is False else "not asked for")
-    why = gs.why_not(config, accelerator, optimizer, table, custom_step)
+    why = gs.why_not(config, accelerator, optimizer, table, custom_step, step_events)
     if why is not None and required:
         raise LoopError(why)
     if why is None and not required and table is None:

@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import fast
-from .callbacks import Callback, fire
+from .callbacks import Callback, fire, fires_inside_the_step
 from .config import TrainConfig
 from .data import default_collator, eval_loader, has_length, prepare_dataset, train_loader
 from .errors import LoopError
@@ -45,6 +45,7 @@ from .run import (
     topology,
 )
 from .telemetry import Telemetry
+from .trainer_callbacks import split as trainer_callbacks_split
 
 
 @dataclass
@@ -197,14 +198,19 @@ def check_inputs(
         )
     if config.eval_on_start and eval_dataset is None:
         raise LoopError("eval_on_start needs an eval_dataset")
-    callbacks = list(callbacks or [])
+    # transformers' TrainerCallbacks (instances or classes) behind one adapter, served by the same dispatch
+    callbacks, trainer_callbacks = trainer_callbacks_split(list(callbacks or []))
+    if trainer_callbacks is not None:
+        callbacks.append(trainer_callbacks)
     if config.early_stopping_patience is not None:
         from .callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping(config.early_stopping_patience, config.early_stopping_threshold))
     for cb in callbacks:
         if not isinstance(cb, Callback):
-            raise LoopError(f"callback {cb!r} is not a loop.Callback; subclass loop.Callback")
+            raise LoopError(
+                f"callback {cb!r} is neither a loop.Callback nor a transformers TrainerCallback; subclass either"
+            )
         if getattr(cb, "needs_metric", False) and config.metric_for_best_model is None:
             raise LoopError(
                 f"{type(cb).__name__} judges metric_for_best_model, which is unset; set it (e.g. "
@@ -268,6 +274,7 @@ def build(
         own_loss=run.owns_loss,
         custom_step=optimizer_step is not None,
         main_input=main_input,
+        step_events=fires_inside_the_step(run.callbacks),
     )
     run.loader = train_loader(config, train_ds, train_collate, acc, table)
     run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
@@ -387,9 +394,10 @@ def train_epochs(run, resumed: bool, saved_rng):
     if config.eval_on_start and not resumed:
         run_eval(run, on_start=True)
     for epoch in range(state.epoch_index, plan.num_epochs):
-        if run.stop or state.global_step >= plan.max_steps:
+        if run.stop or run.control.should_training_stop or state.global_step >= plan.max_steps:
             break
         state.epoch_index = epoch
+        fire(run.callbacks, "on_epoch_begin", run)
         batches, skip = _epoch_batches(run, epoch, resumed, saved_rng)
         resumed, step = False, skip - 1
         remainder = plan.steps_in_epoch % GA or GA
@@ -397,6 +405,7 @@ def train_epochs(run, resumed: bool, saved_rng):
             window = list(itertools.islice(batches, GA if update != plan.updates_per_epoch - 1 else remainder))
             if not window:
                 break
+            fire(run.callbacks, "on_step_begin", run)
             run.grad_norm = run.step_fn(run, window)
             step += len(window)
             state.batches_in_epoch = step + 1
@@ -409,7 +418,7 @@ def train_epochs(run, resumed: bool, saved_rng):
 
                 clear_device_cache()
             log_eval_save(run, *_due(run))
-            if run.stop:
+            if run.stop or run.control.should_training_stop or run.control.should_epoch_stop:
                 break
             if run.preemption is not None and run.preemption.voted():  # a host-side vote of the ranks, every step
                 stop_preempted(run)
@@ -418,12 +427,15 @@ def train_epochs(run, resumed: bool, saved_rng):
             run.stop = True
         # epoch end: the position moves to the next epoch before anything is saved
         state.epoch_index, state.batches_in_epoch = epoch + 1, 0
+        fire(run.callbacks, "on_epoch_end", run)
+        control = run.control  # a TrainerCallback may ask for a log, an evaluation or a save here (Trainer's control)
         log_eval_save(
             run,
-            config.logging_strategy == "epoch",
-            config.eval_strategy == "epoch" and config.eval_delay <= state.epoch,
-            config.save_strategy == "epoch",
+            config.logging_strategy == "epoch" or control.should_log,
+            (config.eval_strategy == "epoch" and config.eval_delay <= state.epoch) or control.should_evaluate,
+            config.save_strategy == "epoch" or control.should_save,
         )
+        run.stop = run.stop or control.should_training_stop
 
 
 def _epoch_batches(run, epoch, resumed, saved_rng):
@@ -456,7 +468,8 @@ def _due(run):
         run.stop = True
         should_eval = should_eval or eval_due
         should_save = should_save or config.save_strategy == "steps"
-    return should_log, should_eval, should_save
+    control = run.control  # what a TrainerCallback asked for in on_step_end (Trainer's DefaultFlowCallback agrees)
+    return should_log or control.should_log, should_eval or control.should_evaluate, should_save or control.should_save
 
 
 def log_loss(run):
@@ -479,6 +492,7 @@ def run_eval(run, on_start=False):
     """Evaluate (and the EMA weights, swapped in place); returns (metrics, a callback asked to stop)."""
     metrics = evaluate_metrics(run, run.evaluator)
     run.records.log(metrics)
+    metrics["epoch"] = run.state.epoch  # Trainer's log() adds it to the metrics that on_evaluate then receives
     stop_now = fire(run.callbacks, "on_evaluate", run, metrics)
     if run.ema is not None:
         with run.ema.swapped(run.unwrapped):  # EMA weights in, the trained ones back after (also on failure)

@@ -44,10 +44,15 @@ WARMUP = 2  # eager windows of a shape before it is recorded: a recompilation (a
 MAX_GRAPHS = 64  # shapes beyond this many keep running eagerly (each graph holds its activations in the pool)
 
 
-def why_not(config, acc, opt, device_table, custom_step: bool) -> str | None:
+def why_not(config, acc, opt, device_table, custom_step: bool, step_events: bool = False) -> str | None:
     """Why the graphed step cannot serve this run (one line with the fix), or None when it can."""
     if custom_step:
         return "cuda_graph_step records the loop's own step, not a custom optimizer_step; set cuda_graph_step false"
+    if step_events:
+        return (
+            "cuda_graph_step replays the step without running Python, so a callback's on_substep_end, "
+            "on_pre_optimizer_step or on_optimizer_step would not run; set cuda_graph_step false"
+        )
     if acc.device.type != "cuda":
         return f"cuda_graph_step needs a CUDA device (this run is on {acc.device.type}); set cuda_graph_step false"
     if acc.distributed_type.name == "DEEPSPEED":

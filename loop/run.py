@@ -59,6 +59,9 @@ class Run:
         self.plan = self.loader = self.evaluator = self.records = None
         self.grad_norm, self.stop, self.start_time, self.start_step = None, False, None, 0
         self.preemption, self.saved_step = None, None  # enable_jit_checkpoint (preempt.py); the step last saved
+        from transformers.trainer_callback import TrainerControl
+
+        self.control = TrainerControl()  # what TrainerCallbacks ask for (trainer_callbacks.py); read where Trainer does
         # Trainer's rule: a model takes num_items_in_batch if it says so, or if its forward has **kwargs
         if hasattr(model, "accepts_loss_kwargs"):
             self.accepts_loss_kwargs = bool(model.accepts_loss_kwargs)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .callbacks import fire
 from .errors import LoopError
 from .optim import current_lr, group_lrs, is_plateau
 
@@ -146,14 +147,19 @@ def track_loss(run, loss: torch.Tensor, batch):
     run.count_batch(batch)
 
 
-def clip_and_step(run) -> torch.Tensor:
-    """Clip and step the optimizer; returns the pre-clip grad norm. Device work only (a CUDA graph can hold it)."""
+def clip_and_step(run, events: bool = False) -> torch.Tensor:
+    """Clip and step the optimizer; returns the pre-clip grad norm. Device work only (a CUDA graph can hold it); with
+    `events` (the eager step), the callbacks' on_pre_optimizer_step and on_optimizer_step around optimizer.step()."""
     cfg = run.config
     # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
     grad_norm = run.accelerator.clip_grad_norm_(
         run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     )
+    if events:
+        fire(run.callbacks, "on_pre_optimizer_step", run)
     run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it
+    if events:
+        fire(run.callbacks, "on_optimizer_step", run)
     return grad_norm
 
 
@@ -173,7 +179,7 @@ def finish_step(run, grad_norm):
 
 def apply_gradients(run) -> torch.Tensor:
     """Clip, step the optimizer, the schedule and the EMA, zero the gradients. Returns the pre-clip grad norm."""
-    grad_norm = clip_and_step(run)
+    grad_norm = clip_and_step(run, events=True)
     finish_step(run, grad_norm)
     return grad_norm
 
@@ -187,6 +193,8 @@ def forward_backward(run, window) -> list[torch.Tensor]:
             loss = micro_batch_loss(run, batch, num_items, len(window))
             run.accelerator.backward(loss)
         losses.append(loss.detach())
+        if i < len(window) - 1:
+            fire(run.callbacks, "on_substep_end", run)  # Trainer's event after each micro-batch but the last
     return losses
 
 

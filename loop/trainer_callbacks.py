@@ -1,0 +1,158 @@
+"""transformers' `TrainerCallback`s on the loop: the callbacks written for Trainer (your own, transformers'
+EarlyStoppingCallback, TRL's, PEFT's) run unchanged, with Trainer's events at Trainer's points, a `TrainerState` kept
+as Trainer keeps it and a `TrainerControl` that the loop obeys.
+
+`TrainerCallbacks` is one loop.Callback holding transformers' own CallbackHandler (with its DefaultFlowCallback, as
+Trainer has it): every loop event is handed to the handler with (args, state, control, **kwargs), as Trainer calls it.
+The handler's control is the run's (`run.control`), and the loop reads it where Trainer does:
+
+  * after on_step_end: should_log / should_evaluate / should_save (the DefaultFlowCallback's schedule, which is the
+    loop's own, or a callback's request) decide the step's log, evaluation and save;
+  * after on_epoch_end: the same for the epoch's end;
+  * should_training_stop ends the run after the step (on_train_begin: before the first), should_epoch_stop the epoch.
+
+`args` is what the callbacks read as `args`: the TrainingArguments a loop.Trainer was made with, or the run's
+TrainConfig (it has TrainingArguments' field names). Callback state that is an `ExportableState` is saved in every
+checkpoint and restored on resume. Nothing here reads the device: the state's numbers are the loop's host-side ones.
+"""
+
+from __future__ import annotations
+
+from .callbacks import STOP, Callback
+
+TRAINER_EVENTS = (
+    "on_init_end",
+    "on_train_begin",
+    "on_epoch_begin",
+    "on_step_begin",
+    "on_substep_end",
+    "on_pre_optimizer_step",
+    "on_optimizer_step",
+    "on_step_end",
+    "on_log",
+    "on_prediction_step",
+    "on_evaluate",
+    "on_save",
+    "on_epoch_end",
+    "on_train_end",
+    "on_predict",
+)
+
+
+def is_trainer_callback(cb) -> bool:
+    from transformers import TrainerCallback
+
+    return isinstance(cb, TrainerCallback) or (isinstance(cb, type) and issubclass(cb, TrainerCallback))
+
+
+class TrainerCallbacks(Callback):
+    """The run's TrainerCallbacks (instances or classes, as Trainer takes them), behind one loop.Callback."""
+
+    def __init__(self, callbacks, args=None, state=None, control=None):
+        from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
+
+        self.args = args
+        self.handler = CallbackHandler([DefaultFlowCallback, *callbacks], None, None, None, None)
+        self.state = state if state is not None else TrainerState()
+        self.control = control if control is not None else TrainerControl()
+
+    @property
+    def listens_inside_the_step(self) -> bool:
+        from transformers import TrainerCallback
+
+        events = ("on_substep_end", "on_pre_optimizer_step", "on_optimizer_step")
+        return any(
+            getattr(type(cb), e) is not getattr(TrainerCallback, e) for cb in self.handler.callbacks for e in events
+        )
+
+    # ------------------------------------------------------------------ the state, as Trainer keeps it
+    def sync(self, run):
+        """TrainerState from the loop's TrainState and plan (host values only: no device sync)."""
+        s, t, c = self.state, run.state, run.config
+        s.global_step, s.epoch, s.max_steps = t.global_step, t.epoch, t.max_steps
+        s.log_history = t.log_history  # the same records, appended as they are made
+        s.best_metric, s.best_global_step = t.best_metric, getattr(t, "best_global_step", None)
+        s.best_model_checkpoint = t.best_checkpoint
+        s.total_flos = getattr(t, "total_flos", 0)
+        s.num_input_tokens_seen = getattr(t, "num_input_tokens_seen", s.num_input_tokens_seen)
+        if run.plan is not None:
+            s.num_train_epochs = run.plan.num_epochs
+            s.logging_steps, s.eval_steps, s.save_steps = run.plan.log_every, run.plan.eval_every, run.plan.save_every
+        s.train_batch_size = c.per_device_train_batch_size * run.accelerator.num_processes
+        s.is_world_process_zero = run.accelerator.is_main_process
+        s.is_local_process_zero = run.accelerator.is_local_main_process
+        h = self.handler
+        h.model, h.optimizer, h.lr_scheduler = run.unwrapped, run.optimizer, run.scheduler
+        h.train_dataloader, h.eval_dataloader = run.loader, run.evaluator
+        run.control = self.control
+
+    def event(self, name, run, **kwargs):
+        self.sync(run)
+        self.control = getattr(self.handler, name)(
+            self.args if self.args is not None else run.config, self.state, self.control, **kwargs
+        )
+        run.control = self.control
+        return STOP if self.control.should_training_stop else None
+
+    # ------------------------------------------------------------------ the loop's events, handed over
+    def on_train_begin(self, run):
+        return self.event("on_train_begin", run)
+
+    def on_epoch_begin(self, run):
+        return self.event("on_epoch_begin", run)
+
+    def on_step_begin(self, run):
+        return self.event("on_step_begin", run)
+
+    def on_substep_end(self, run):
+        return self.event("on_substep_end", run)
+
+    def on_pre_optimizer_step(self, run):
+        return self.event("on_pre_optimizer_step", run)
+
+    def on_optimizer_step(self, run):
+        return self.event("on_optimizer_step", run)
+
+    def on_step_end(self, run):
+        return self.event("on_step_end", run)
+
+    def on_log(self, run, record):
+        logs = {k: v for k, v in record.items() if k != "step"}  # Trainer's log() hands the record without its step
+        return self.event("on_log", run, logs=logs)
+
+    def on_prediction_step(self, run):
+        return self.event("on_prediction_step", run)
+
+    def on_evaluate(self, run, metrics):
+        return self.event("on_evaluate", run, metrics=metrics)
+
+    def on_save(self, run, path):
+        return self.event("on_save", run)
+
+    def on_epoch_end(self, run):
+        return self.event("on_epoch_end", run)
+
+    def on_train_end(self, run):
+        return self.event("on_train_end", run)
+
+    # ------------------------------------------------------------------ stateful callbacks (ExportableState)
+    def state_dict(self):
+        from transformers.trainer_callback import ExportableState
+
+        return {type(cb).__name__: cb.state() for cb in self.handler.callbacks if isinstance(cb, ExportableState)}
+
+    def load_state_dict(self, saved):
+        for cb in self.handler.callbacks:
+            got = saved.get(type(cb).__name__)
+            if got is not None:
+                for key, value in got.get("args", {}).items():
+                    setattr(cb, key, value)
+                for key, value in got.get("attributes", {}).items():
+                    setattr(cb, key, value)
+
+
+def split(callbacks, args=None):
+    """(loop callbacks, TrainerCallbacks adapter or None): the TrainerCallbacks of `callbacks` behind one adapter."""
+    ours = [cb for cb in callbacks if not is_trainer_callback(cb)]
+    theirs = [cb for cb in callbacks if is_trainer_callback(cb)]
+    return ours, (TrainerCallbacks(theirs, args) if theirs else None)
