@@ -6,6 +6,7 @@ from .errors import LoopError
 from .evaluation import evaluate, predict
 from .fit import TrainResult, train
 from .preempt import Preempted
+from .trainer import Trainer
 
 __all__ = [
     "TrainConfig",
@@ -17,5 +18,6 @@ __all__ = [
     "EarlyStopping",
     "LoopError",
     "Preempted",
+    "Trainer",
 ]
 __version__ = "0.1.0"

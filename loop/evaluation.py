@@ -179,6 +179,7 @@ def _inference_run(
     compute_loss_func,
     what,
     changes,
+    compute_loss=None,
 ):
     from .data import default_collator, eval_loader, prepare_dataset
     from .fast import attention_context, evaluates_eagerly
@@ -201,6 +202,7 @@ def _inference_run(
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         compute_loss_func=compute_loss_func,
     )
+    run.compute_loss = compute_loss  # a Trainer subclass's compute_loss (loop.Trainer), as its prediction_step uses it
     ds, collate = prepare_dataset(
         dataset, default_collator(data_collator, processing_class), model, config, run.label_names, what
     )
@@ -222,6 +224,7 @@ def evaluate(
     preprocess_logits_for_metrics=None,
     compute_loss_func=None,
     metric_key_prefix: str = "eval",
+    compute_loss=None,
 ) -> dict:
     """Trainer.evaluate for `model` outside a training run: `eval_`-prefixed metrics (loss, compute_metrics' values,
     runtime and rates), over every sample once whatever the number of processes."""
@@ -237,6 +240,7 @@ def evaluate(
             compute_loss_func,
             "evaluate",
             changes,
+            compute_loss,
         )
         return evaluation_loop(run, loader, metric_key_prefix).metrics
 
@@ -251,6 +255,7 @@ def predict(
     preprocess_logits_for_metrics=None,
     compute_loss_func=None,
     metric_key_prefix: str = "test",
+    compute_loss=None,
 ):
     """Trainer.predict: PredictionOutput(predictions, label_ids, metrics), gathered from every process in dataset
     order with no sample counted twice; metrics are `test_`-prefixed (test_loss if the data has labels)."""
@@ -266,5 +271,6 @@ def predict(
             compute_loss_func,
             "predict",
             changes,
+            compute_loss,
         )
         return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only, prediction=True)

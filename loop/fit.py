@@ -87,13 +87,20 @@ def train(
     optimizer_cls_and_kwargs=None,
     model_init=None,
     optimizer_step=None,
+    compute_loss=None,
+    training_step=None,
 ) -> TrainResult:
     """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (docs/api.md).
 
     Trainer's extension points carry Trainer's names: compute_loss_func(outputs, labels, num_items_in_batch),
     optimizers=(optimizer, lr_scheduler), optimizer_cls_and_kwargs=(cls, kwargs), model_init (a fresh model per
-    run, instead of `model`). optimizer_step(run, window) -> grad_norm replaces the step (loop/step.py).
+    run, instead of `model`); a Trainer subclass's compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    and training_step(model, inputs, num_items_in_batch) (once per micro-batch, its own backward: Trainer's contract;
+    loop.Trainer hands them over). optimizer_step(run, window) -> grad_norm replaces the whole step (loop/step.py).
     """
+    for name, fn in (("compute_loss", compute_loss), ("training_step", training_step)):
+        if fn is not None and not callable(fn):
+            raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
     callbacks, resume_path = check_inputs(
         config,
         model,
@@ -128,6 +135,8 @@ def train(
             optimizer_step,
             changes,
             resume_path is not None,
+            compute_loss=compute_loss,
+            training_step=training_step,
         )
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
         for_the_run.enter_context(prints_above_the_bar(not config.disable_tqdm and run.accelerator.is_main_process))
@@ -238,6 +247,8 @@ def build(
     optimizer_step,
     changes=None,
     resuming=False,
+    compute_loss=None,
+    training_step=None,
 ) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
@@ -252,6 +263,7 @@ def build(
     run = Run(
         config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func, optimizer_step
     )
+    run.compute_loss, run.training_step = compute_loss, training_step  # a Trainer subclass's overrides
     collator = default_collator(data_collator, processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
     eval_ds, eval_collate = prepare_dataset(eval_dataset, collator, model, config, run.label_names, "eval")
@@ -272,7 +284,7 @@ def build(
         train_collate,
         optimizer,
         own_loss=run.owns_loss,
-        custom_step=optimizer_step is not None,
+        custom_step=optimizer_step is not None or training_step is not None,
         main_input=main_input,
         step_events=fires_inside_the_step(run.callbacks),
     )

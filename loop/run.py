@@ -41,6 +41,8 @@ class Run:
         # divides a subclass's loss.
         self.loss_func_takes_items = compute_loss_func is not None and _takes(compute_loss_func, "num_items_in_batch")
         self.step_fn = step_fn or optimizer_step  # optimizer_step(run, window) -> grad_norm
+        self.compute_loss = self.training_step = None  # a Trainer subclass's overrides (loop.Trainer hands them over)
+        self.window_size = 1  # micro-batches in the window being stepped (what Trainer divides a per-batch mean by)
         self.state = TrainState()
         self.optimizer = self.scheduler = self.ema = None
         self.tr_loss = torch.tensor(0.0, device=accelerator.device)  # summed window losses since the last log

@@ -61,6 +61,9 @@ def window_item_count(run, window, across_ranks=True):
 
 def forward_loss(run, model, batch, num_items):
     """The micro-batch loss as Trainer's compute_loss returns it (not yet scaled for the window), and the outputs."""
+    if run.compute_loss is not None:  # a Trainer subclass's compute_loss: its own forward and loss
+        with run.attention():
+            return run.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=num_items)
     labels = None
     if (run.label_smoother is not None or run.compute_loss_func is not None) and "labels" in batch:
         batch = dict(batch)
@@ -107,7 +110,14 @@ def window_share(run, loss, num_items, window_size: int) -> torch.Tensor:
     averaged by DDP over R ranks, are those of the whole window's mean (the module docstring's L):
       * normalised by N already (the model took num_items_in_batch, or a compute_loss_func that takes it): times R
         when N was counted over every rank (average_tokens_across_devices), undoing DDP's average;
-      * otherwise a per-micro-batch mean: divided by W, as Trainer divides a subclass's loss."""
+      * otherwise a per-micro-batch mean: divided by W, as Trainer divides a subclass's loss.
+    A Trainer subclass's compute_loss follows Trainer's rule for it: divided by W unless the model took N (or the
+    subclass says `loss_is_scaled_for_ga`), never multiplied by R (Trainer's own compute_loss does that)."""
+    if run.compute_loss is not None:
+        scaled = getattr(run.compute_loss, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = run.accepts_loss_kwargs and num_items is not None
+        return loss if scaled else loss / window_size
     counted = num_items is not None and (run.accepts_loss_kwargs or run.loss_func_takes_items)
     if counted and run.config.average_tokens_across_devices:
         loss = loss * run.accelerator.num_processes
@@ -188,10 +198,14 @@ def forward_backward(run, window) -> list[torch.Tensor]:
     """Forward and backward every micro-batch of `window`; returns their scaled losses (detached, on device)."""
     num_items = window_item_count(run, window)
     losses = []
+    run.window_size = len(window)
     for i, batch in enumerate(window):
         with grad_sync(run, sync=i == len(window) - 1):  # gradients are all-reduced on the last micro-batch only
-            loss = micro_batch_loss(run, batch, num_items, len(window))
-            run.accelerator.backward(loss)
+            if run.training_step is not None:  # a Trainer subclass's training_step: forward, backward, its loss
+                loss = run.training_step(run.model, batch, num_items)
+            else:
+                loss = micro_batch_loss(run, batch, num_items, len(window))
+                run.accelerator.backward(loss)
         losses.append(loss.detach())
         if i < len(window) - 1:
             fire(run.callbacks, "on_substep_end", run)  # Trainer's event after each micro-batch but the last

@@ -109,18 +109,28 @@ def _run_shell_block(first_line, cwd):
 
 @pytest.mark.slow
 def test_readme_cli_block_runs_as_written(tmp_path):
-    """`loop train` (then again into the same folder, which --overwrite_output_dir allows) and `loop compare`."""
-    ran = list(_run_shell_block(SHELL_HERE[0], tmp_path))
-    assert len(ran) == 2
+    """`loop train`, then `loop compare` on the default job: exact parity on CPU, to the last eval metric."""
+    (train, _), (compare, proc) = _run_shell_block(SHELL_HERE[0], tmp_path)
     records = [json.loads(line) for line in open(tmp_path / "outputs" / "small" / "metrics.jsonl")]
-    assert [r["step"] for r in records if "eval_loss" in r] == [0, 10, 20]  # one run's records only
-    assert "verdict: PARITY" in ran[1][1].stdout
-    assert (tmp_path / "outputs" / "compare" / "compare.json").exists()
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 10, 20]
+    report = json.load(open(tmp_path / "outputs" / "compare" / "compare.json"))
+    assert report["parity"] is True and report["tolerance_rel"] == 0.0
+    assert report["difference"]["loss"]["max_abs"] == 0.0 and report["difference"]["steps_compared"] == 6
+    assert report["trainer"]["final_eval"]["eval_loss"] == report["loop"]["final_eval"]["eval_loss"]
+    assert (tmp_path / "outputs" / "compare" / "compare.png").stat().st_size > 10_000
+    assert "verdict: PARITY" in proc.stdout
+    # the report holds the run's plan: every lever off, and why (the default path)
+    assert report["fast"]["fast"] is False and report["fast"]["cuda_graph_step"] == "off (not asked for)"
 
 
 @pytest.mark.slow
 def test_api_page_train_then_evaluate_runs_as_written(tmp_path):
-    ran = list(_run_shell_block(SHELL_HERE[1], tmp_path))
-    assert len(ran) == 2
-    assert "eval_ema_loss" in ran[1][1].stdout
-    assert (tmp_path / "outputs" / "small-eval" / "eval_results.json").exists()
+    """A saved model and its EMA evaluated by `loop evaluate`: the same numbers as the run's last evaluation."""
+    (_, _), (_, proc) = _run_shell_block(SHELL_HERE[1], tmp_path)
+    records = [json.loads(line) for line in open(tmp_path / "outputs" / "small" / "metrics.jsonl")]
+    last = [r for r in records if "eval_loss" in r][-1]
+    last_ema = [r for r in records if "eval_ema_loss" in r][-1]
+    got = json.load(open(tmp_path / "outputs" / "small-eval" / "eval_results.json"))
+    assert got["eval_loss"] == last["eval_loss"] and got["eval_ema_loss"] == last_ema["eval_ema_loss"]
+    assert got["eval_loss"] != got["eval_ema_loss"]
+    assert "eval_ema_loss" in proc.stdout

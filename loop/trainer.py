@@ -1,0 +1,326 @@
+"""`loop.Trainer`: transformers.Trainer's interface on the loop's own parts, so that Trainer code runs with one import
+changed. A thin face, not a second loop: `train()` is `loop.train`, `evaluate()`/`predict()` are `loop.evaluate` and
+`loop.predict`, callbacks go through the loop's one dispatch (trainer_callbacks.py). Neither a subclass of
+transformers.Trainer nor a caller of it.
+
+A subclass's overrides plug into the loop's hooks at Trainer's points:
+  * compute_loss(model, inputs, return_outputs, num_items_in_batch): the loss of every micro-batch, in training and
+    evaluation, normalised by Trainer's rule for it;
+  * training_step(model, inputs, num_items_in_batch): once per micro-batch, doing its own backward (Trainer's
+    contract); super().training_step() is the loop's own micro-batch;
+  * create_optimizer(): called before training, its optimizer handed to the loop.
+A subclass that overrides none of them runs the loop's own step, with the loop's numbers and speed. Overrides of
+Trainer's internals that the loop cannot honour (its dataloaders, prediction_step, create_scheduler, log, the inner
+loop) are refused when the Trainer is made, in one line naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .callbacks import Callback
+from .errors import LoopError
+
+# Trainer methods a subclass may override that the loop does not call: refused by name rather than silently ignored
+NOT_HONOURED = (
+    "get_train_dataloader",
+    "get_eval_dataloader",
+    "get_test_dataloader",
+    "prediction_step",
+    "create_scheduler",
+    "create_optimizer_and_scheduler",
+    "log",
+    "evaluation_loop",
+    "_inner_training_loop",
+    "_maybe_log_save_evaluate",
+    "_save_checkpoint",
+    "get_batch_samples",
+    "hyperparameter_search",
+)
+
+
+class Trainer:
+    """transformers.Trainer's constructor, attributes and public methods, running the loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+    ):
+        from transformers.trainer_callback import TrainerControl, TrainerState
+
+        from .config import TrainConfig
+        from .trainer_callbacks import TrainerCallbacks
+
+        overridden = [name for name in NOT_HONOURED if _overrides(self, name)]
+        if overridden:
+            raise LoopError(
+                f"{type(self).__name__} overrides {', '.join(overridden)}, which loop.Trainer does not call (the loop "
+                "owns its data loading, evaluation and logging); move the logic into a callback, compute_loss or "
+                "training_step, or use transformers.Trainer for this subclass"
+            )
+        if args is None:
+            self.config = TrainConfig(output_dir="trainer_output")
+        elif isinstance(args, TrainConfig):
+            self.config = args
+        else:  # TrainingArguments: mirrored, or refused by name (TrainConfig.from_training_arguments)
+            self.config = TrainConfig.from_training_arguments(args)
+        if model is None and model_init is None:
+            raise LoopError("Trainer needs a model, or a model_init that returns one")
+        self.args = args if args is not None else self.config
+        self.model = self.model_wrapped = model
+        self.model_init = model_init
+        self.data_collator, self.processing_class = data_collator, processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.compute_loss_func, self.compute_metrics = compute_loss_func, compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.optimizer, self.lr_scheduler = optimizers
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.accelerator = None  # the run's Accelerator once train() has started
+        self.state, self.control = TrainerState(), TrainerControl()
+        self._callbacks = TrainerCallbacks([], self.args, self.state, self.control)
+        self.callback_handler = self._callbacks.handler
+        self._loop_callbacks = []
+        for cb in callbacks or []:
+            self.add_callback(cb)
+        self._run = None
+        self.callback_handler.model, self.callback_handler.processing_class = model, processing_class
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # ------------------------------------------------------------------ callbacks
+    def add_callback(self, callback):
+        from .trainer_callbacks import is_trainer_callback
+
+        if is_trainer_callback(callback):
+            self.callback_handler.add_callback(callback)
+        else:  # a loop.Callback: the same run, the loop's own interface
+            self._loop_callbacks.append(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback):
+        self.callback_handler.remove_callback(callback)
+
+    # ------------------------------------------------------------------ training
+    def create_optimizer(self):
+        """Trainer's create_optimizer: `optim` by name over Trainer's parameter groups (loop.optim)."""
+        from .optim import build_optimizer
+
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.config, self.model, self.optimizer_cls_and_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's compute_loss: the model's own loss (or compute_loss_func's, the label smoother's), as the loop
+        computes it. Callable from a subclass's override during training."""
+        from .step import forward_loss
+
+        run = self._active_run("compute_loss")
+        saved, run.compute_loss = run.compute_loss, None  # the loop's own loss, not the override again
+        try:
+            loss, outputs = forward_loss(run, model, inputs, num_items_in_batch)
+        finally:
+            run.compute_loss = saved
+        if (
+            self.config.average_tokens_across_devices
+            and (run.accepts_loss_kwargs or self.compute_loss_func is not None)
+            and num_items_in_batch is not None
+            and model.training
+        ):
+            loss = loss * run.accelerator.num_processes  # Trainer's compute_loss undoes DDP's average here
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's training_step: forward, the loss scaled for the window, backward; returns the detached loss."""
+        from .step import micro_batch_loss
+
+        run = self._active_run("training_step")
+        saved, run.training_step = run.training_step, None
+        try:
+            loss = micro_batch_loss(run, inputs, num_items_in_batch, run.window_size)
+            run.accelerator.backward(loss)
+        finally:
+            run.training_step = saved
+        return loss.detach()
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        from transformers.trainer_utils import TrainOutput
+
+        from .fit import train
+
+        if trial is not None:
+            raise LoopError("train(trial=...) belongs to hyperparameter_search, which loop.Trainer does not run yet")
+        if kwargs:
+            raise LoopError(f"train() got unexpected arguments {', '.join(kwargs)}")
+        if _overrides(self, "create_optimizer"):
+            if self.model is None:
+                raise LoopError("a create_optimizer override needs the model: pass model=, not model_init")
+            self.create_optimizer()
+        hooks = {}
+        if _overrides(self, "compute_loss"):
+            hooks["compute_loss"] = self.compute_loss
+        if _overrides(self, "training_step"):
+            hooks["training_step"] = self.training_step
+        result = train(
+            self.config,
+            model=self.model,
+            train_dataset=self.train_dataset,
+            eval_dataset=self._eval_for_training(),
+            data_collator=self.data_collator,
+            compute_metrics=self.compute_metrics,
+            callbacks=[*self._loop_callbacks, _Bind(self), self._callbacks],
+            processing_class=self.processing_class,
+            resume_from_checkpoint=resume_from_checkpoint,
+            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
+            compute_loss_func=self.compute_loss_func,
+            optimizers=(self.optimizer, self.lr_scheduler),
+            optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
+            model_init=self.model_init if self.model is None else None,
+            **hooks,
+        )
+        self._run, self.control = None, self._callbacks.control
+        return TrainOutput(result.global_step, result.training_loss, result.metrics)
+
+    def _loss_override(self):
+        return self.compute_loss if _overrides(self, "compute_loss") else None
+
+    def _eval_for_training(self):
+        if isinstance(self.eval_dataset, dict):
+            raise LoopError("a dict of eval datasets is evaluated by evaluate(); loop.Trainer's train() takes one")
+        return self.eval_dataset
+
+    def _active_run(self, what):
+        if self._run is None:
+            raise LoopError(f"Trainer.{what} runs inside train() (it needs the run's model and settings)")
+        return self._run
+
+    # ------------------------------------------------------------------ evaluation and prediction
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        from .evaluation import evaluate
+
+        data = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if data is None:
+            raise LoopError("evaluate() needs an eval_dataset (here or given to the Trainer)")
+        if isinstance(data, dict):
+            metrics = {}
+            for name, ds in data.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        metrics = evaluate(
+            self.config,
+            self.model,
+            data,
+            self.data_collator,
+            self.compute_metrics,
+            self.processing_class,
+            self.preprocess_logits_for_metrics,
+            self.compute_loss_func,
+            metric_key_prefix=metric_key_prefix,
+            compute_loss=self._loss_override(),
+        )
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        from .evaluation import predict
+
+        output = predict(
+            self.config,
+            self.model,
+            test_dataset,
+            self.data_collator,
+            self.compute_metrics,
+            self.processing_class,
+            self.preprocess_logits_for_metrics,
+            self.compute_loss_func,
+            metric_key_prefix=metric_key_prefix,
+            compute_loss=self._loss_override(),
+        )
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
+        return output
+
+    # ------------------------------------------------------------------ records and saving
+    def log(self, logs, start_time=None):
+        """Trainer.log outside training: the epoch added, appended to state.log_history, on_log called."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        from .checkpoint import save_weights
+
+        out = output_dir or self.config.output_dir
+        os.makedirs(out, exist_ok=True)
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(out, safe_serialization=True)
+        else:
+            save_weights(self.model.state_dict(), os.path.join(out, "model.safetensors"))
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(out)
+
+    def save_state(self):
+        self.state.save_to_json(os.path.join(self.config.output_dir, "trainer_state.json"))
+
+    def is_world_process_zero(self):
+        return self.state.is_world_process_zero
+
+    def log_metrics(self, split, metrics):
+        from transformers.trainer_pt_utils import log_metrics
+
+        return log_metrics(self, split, metrics)
+
+    def save_metrics(self, split, metrics, combined=True):
+        path = os.path.join(self.config.output_dir, f"{split}_results.json")
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=4, sort_keys=True)
+        if combined:
+            path = os.path.join(self.config.output_dir, "all_results.json")
+            everything = json.load(open(path)) if os.path.exists(path) else {}
+            everything.update(metrics)
+            with open(path, "w") as f:
+                json.dump(everything, f, indent=4, sort_keys=True)
+
+    def metrics_format(self, metrics):
+        from transformers.trainer_pt_utils import metrics_format
+
+        return metrics_format(self, metrics)
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise LoopError(
+            "hyperparameter_search is not in loop.Trainer yet; run a search around loop.train or "
+            "use transformers.Trainer for it"
+        )
+
+
+class _Bind(Callback):
+    """Hands the running loop's objects to the Trainer (model, optimizer, scheduler, accelerator, the run for
+    compute_loss/training_step) when training begins."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, run):
+        t = self.trainer
+        t._run, t.accelerator = run, run.accelerator
+        t.model, t.model_wrapped = run.unwrapped, run.model
+        t.optimizer, t.lr_scheduler = run.optimizer, run.scheduler
+
+
+def _overrides(obj, name) -> bool:
+    return getattr(type(obj), name, None) is not getattr(Trainer, name, None)

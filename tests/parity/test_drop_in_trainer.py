@@ -1,0 +1,149 @@
+"""`from loop import Trainer` in place of transformers' (loop/trainer.py): the same Trainer code, subclasses included,
+gives Trainer's numbers on CPU in fp32, with gradient accumulation and evaluation."""
+
+import pytest
+import torch
+import transformers
+from helpers import ClsData, LMData, SimpleClassifier, assert_same, clone, cross_entropy_over_items, tiny_gpt2
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+
+import loop
+
+
+def seeds(Base):
+    """The subclasses people write, for either Trainer: only the base class (the import) differs."""
+
+    class CustomTrainer(Base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs)
+            loss = nn.functional.cross_entropy(logits, labels)
+            return (loss, logits) if return_outputs else loss
+
+    class EMATrainer(Base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            with torch.no_grad():
+                if not hasattr(self, "ema"):
+                    self.ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+                for n, p in model.named_parameters():
+                    self.ema[n].mul_(0.9).add_(p.detach(), alpha=0.1)
+            return loss
+
+    class CustomOptimizerTrainer(Base):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.SGD(
+                    [
+                        {"params": list(self.model.encoder.parameters()), "lr": 1e-3},
+                        {"params": list(self.model.classifier.parameters()), "lr": 1e-2},
+                    ],
+                    lr=1e-2,
+                    momentum=0.9,
+                )
+            return self.optimizer
+
+    return CustomTrainer, EMATrainer, CustomOptimizerTrainer
+
+
+class LossLoggingCallback(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.log_history and "loss" in state.log_history[-1]:
+            self.losses.append((state.global_step, state.log_history[-1]["loss"]))
+
+
+def _args(tmp_path, name, **kw):
+    base = dict(
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=5,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_steps=8,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=7,
+        label_names=["labels"],  # a logits-only model names no label argument: Trainer would drop the column
+    )
+    return TrainingArguments(**{**base, **kw})
+
+
+def _run(tmp_path, Base, pick, model, train, evals, **kw):
+    cls = Base if pick is None else seeds(Base)[pick]
+    callback = LossLoggingCallback()
+    name = "loop" if Base is loop.Trainer else "trainer"
+    trainer = cls(
+        model=clone(model),
+        args=_args(tmp_path, name),
+        train_dataset=train,
+        eval_dataset=evals,
+        callbacks=[callback],
+        **kw,
+    )
+    output = trainer.train()
+    return trainer, output, callback
+
+
+@pytest.mark.parametrize(
+    "pick,model,data,hooks",
+    [
+        (None, tiny_gpt2, LMData, {}),  # a plain Trainer: the loop's own step
+        (0, SimpleClassifier, ClsData, {}),  # CustomTrainer.compute_loss on a logits-only model
+        (1, tiny_gpt2, LMData, {}),  # EMATrainer: super().training_step, then its EMA
+        (2, SimpleClassifier, ClsData, {"compute_loss_func": cross_entropy_over_items}),  # CustomOptimizerTrainer
+    ],
+    ids=["plain", "compute_loss", "training_step", "create_optimizer"],
+)
+def test_trainer_code_with_only_the_import_changed_logs_trainers_numbers(tmp_path, pick, model, data, hooks):
+    model, train, evals = model(), data(40), data(9, seed=1)
+    theirs, their_out, their_cb = _run(tmp_path, transformers.Trainer, pick, model, train, evals, **hooks)
+    ours, our_out, our_cb = _run(tmp_path, loop.Trainer, pick, model, train, evals, **hooks)
+    assert_same(theirs.state.log_history, ours.state.log_history)
+    assert our_out.global_step == their_out.global_step == 8
+    assert our_out.training_loss == their_out.training_loss
+    assert our_cb.losses == their_cb.losses and len(our_cb.losses) >= 5
+    if pick == 1:  # the subclass's own state, updated once per micro-batch on both sides
+        assert all(torch.equal(theirs.ema[n], ours.ema[n]) for n in theirs.ema)
+    # after training: evaluate and predict as Trainer's
+    a, b = theirs.evaluate(), ours.evaluate()
+    assert {k: v for k, v in a.items() if not k.endswith(("_runtime", "_per_second"))} == {
+        k: v for k, v in b.items() if not k.endswith(("_runtime", "_per_second"))
+    }
+    pa, pb = theirs.predict(evals), ours.predict(evals)
+    assert pa.metrics["test_loss"] == pb.metrics["test_loss"]
+
+
+def test_what_loop_trainer_cannot_honour_is_refused_at_construction(tmp_path):
+    class OwnLoader(loop.Trainer):
+        def get_train_dataloader(self):
+            return None
+
+    with pytest.raises(loop.LoopError, match="OwnLoader overrides get_train_dataloader, which loop.Trainer does not"):
+        OwnLoader(model=tiny_gpt2(), args=_args(tmp_path, "x"))
+    with pytest.raises(loop.LoopError, match="push_to_hub"):
+        loop.Trainer(model=tiny_gpt2(), args=_args(tmp_path, "y", push_to_hub=True, hub_model_id="me/x"))
+
+
+def test_state_save_and_metrics_files_as_trainer_writes_them(tmp_path):
+    import json
+
+    trainer = loop.Trainer(
+        model=tiny_gpt2(), args=_args(tmp_path, "loop"), train_dataset=LMData(40), eval_dataset=LMData(9, seed=1)
+    )
+    output = trainer.train()
+    trainer.save_state()
+    state = json.load(open(tmp_path / "loop" / "trainer_state.json"))
+    assert state["global_step"] == 8 and state["log_history"] == trainer.state.log_history
+    trainer.save_metrics("train", output.metrics)
+    assert json.load(open(tmp_path / "loop" / "all_results.json"))["train_loss"] == output.training_loss
+    trainer.save_model(str(tmp_path / "saved"))
+    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "saved") is not None
