@@ -28,6 +28,7 @@ PYTHON_HERE = (
     "class StopAtLoss(loop.Callback):",
     "class Classifier(torch.nn.Module):",
     "# the plan of a fast run on a CPU",
+    "# a Trainer subclass, with only the import changed",
 )
 SHELL_HERE = (
     "loop train --max_steps 20 --eval_steps 10 --save_steps 10 --output_dir outputs/small",
@@ -86,6 +87,16 @@ def test_fast_path_example_prints_its_plan(tmp_path, monkeypatch):
     assert not plan.cuda_graph_step.on and "CUDA device" in plan.cuda_graph_step.why
     assert plan.fused_linear_cross_entropy.on and plan.torch_compile.on and plan.dataset_on_device.on
     assert plan.report()[:3] == ["dataset_on_device", "fused_linear_cross_entropy", "torch_compile"]
+
+
+def test_drop_in_trainer_example_runs_on_the_loop(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "__docs__"}
+    exec(doc_block(PYTHON_HERE[4]), scope)
+    assert scope["output"].global_step == 8 and "eval_loss" in scope["metrics"]
+    assert type(scope["trainer"]).__mro__[1].__module__ == "loop.trainer"
+    printed = capsys.readouterr().out
+    assert "step 2: loss" in printed and "step 8: loss" in printed
 
 
 def _run_shell_block(first_line, cwd):
