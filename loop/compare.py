@@ -311,6 +311,11 @@ def run_child(args, log_path, what, env=None, show=True) -> None:
 
 def cmd_compare(argv) -> int:
     from .checkpoint import unwritable
+
+    if "--script" in argv:  # an unmodified Trainer script under both Trainers (compare_script.py)
+        from .compare_script import cmd_compare_script
+
+        return cmd_compare_script(argv)
     from .errors import LoopError
     from .job import build_job
 

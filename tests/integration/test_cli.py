@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -330,3 +331,20 @@ def test_loop_bench_smoke_on_a_tiny_cpu_workload(tmp_path):
 
 def test_loop_evaluate_without_a_saved_model_is_one_line(tmp_path):
     assert_one_line_error(run("evaluate", "--model_name_or_path", str(tmp_path / "nothing")), "no model.safetensors")
+
+
+def test_compare_script_runs_an_unmodified_trainer_script_under_both_trainers(tmp_path):
+    """docs/trainer.md's command: the example script as written and with loop.Trainer, exact parity on CPU."""
+    from helpers import doc_block
+
+    line = doc_block("loop compare --report_dir outputs/compare-script --script").strip()
+    argv = shlex.split(line)[1:] + ["--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]
+    argv[argv.index("--report_dir") + 1] = str(tmp_path / "report")
+    proc = run(*argv)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.load(open(tmp_path / "report" / "compare.json"))
+    assert report["parity"] and report["difference"]["steps_compared"] >= 6
+    assert report["difference"]["loss"]["max_abs"] == 0 and report["difference"]["eval_records"] == [2, 2]
+    assert report["global_step"] == {"trainer": 12, "loop": 12}
+    assert "verdict: PARITY" in proc.stdout
+    assert_one_line_error(run("compare", "--script", str(tmp_path / "none.py")), "no such file")

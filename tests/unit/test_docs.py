@@ -16,6 +16,8 @@ ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
 
 # blocks run by another test, by their first line
 RUN_ELSEWHERE = {
+    "loop compare --report_dir outputs/compare-script --script": "tests/integration/test_cli.py::"
+    "test_compare_script_runs_an_unmodified_trainer_script_under_both_trainers",
     "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
     "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
     "# fgm_step": "tests/parity/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
