@@ -10,7 +10,8 @@ peak device memory, train_loss (the mean over the run) and the last logged loss.
 
 MFU = (6 N + 12 L H Q T) x tokens/s / peak FLOP/s: N all parameters, L layers, H heads, Q head size, T tokens per row
 (the attention term of PaLM's appendix B); peak 989 TFLOP/s bf16 on an H100/H200 (--peak_tflops to set another).
-Sides: trainer (eager), trainer-compiled, loop (default settings), loop-compiled, loop-fast (`fast: true`); by
+Sides: trainer (eager), trainer-compiled, loop (default settings), loop-compiled, loop-fast (`fast: true`),
+loop-trainer (the loop's default settings through loop.Trainer, the drop-in face); by
 default trainer, trainer-compiled, loop, loop-fast. Each runs as one process on one device.
 """
 
@@ -166,7 +167,7 @@ WORKLOADS.update(
         ],
     }
 )
-SIDES = ("trainer", "trainer-compiled", "loop", "loop-compiled", "loop-fast")
+SIDES = ("trainer", "trainer-compiled", "loop", "loop-compiled", "loop-fast", "loop-trainer")
 DEFAULT_SIDES = ("trainer", "trainer-compiled", "loop", "loop-fast")
 
 
@@ -202,7 +203,7 @@ def cmd_bench(argv) -> int:
             config.torch_compile = True
         if side == "loop-fast":
             config = dataclasses.replace(config, fast=True)  # the levers are decided in the run (loop/fast.py)
-        result = _run_side(side.split("-")[0], config, module, task, skip)
+        result = _run_side(side if side == "loop-trainer" else side.split("-")[0], config, module, task, skip)
         with open(result_file, "w") as f:
             json.dump(result, f, default=str)
         return 0
@@ -325,7 +326,7 @@ def _table(report) -> str:
         if r.get("features"):
             lines.append(f"{r['side']}: " + "; ".join(r["features"]))
     by_side = {r["side"]: r["tokens_per_second"] for r in report["sides"] if r["tokens_per_second"]}
-    for ours in ("loop", "loop-compiled", "loop-fast"):
+    for ours in ("loop", "loop-compiled", "loop-fast", "loop-trainer"):
         ratios = [
             f"{by_side[ours] / by_side[t]:.2f}x {t}"
             for t in ("trainer", "trainer-compiled")

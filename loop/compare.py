@@ -209,23 +209,26 @@ def _run_side(side, config, module, task, skip):
         torch.cuda.reset_peak_memory_stats()
     clock, loop_cb, trainer_cb = _clocks(skip)
     start = time.time()
-    if side == "loop":
+    if side in ("loop", "loop-trainer"):
         extra = list(built.pop("callbacks", None) or [])
         # no final model: Trainer's train() writes none either, and a 1.5B model's is 6 GB of disk and seconds
-        result = train(
-            # the side folder is compare's and bench's own: a second comparison into the same output_dir replaces it
-            dataclasses.replace(
-                config,
-                output_dir=os.path.join(config.output_dir, "loop"),
-                save_final_model=False,
-                overwrite_output_dir=True,
-            ),
-            callbacks=extra + [loop_cb],
-            **built,
+        # the side folder is compare's and bench's own: a second comparison into the same output_dir replaces it
+        ours = dataclasses.replace(
+            config, output_dir=os.path.join(config.output_dir, side), save_final_model=False, overwrite_output_dir=True
         )
-        history, steps, model = result.log_history, result.global_step, clock.model
-        features = config.loop_features() + result.fast.report()
-        plan = result.fast.to_dict()
+        if side == "loop":
+            result = train(ours, callbacks=extra + [loop_cb], **built)
+            history, steps, plan_ = result.log_history, result.global_step, result.fast
+        else:  # the same run through loop.Trainer, the drop-in face (bench: is the face free?)
+            from .trainer import Trainer as LoopTrainer
+
+            kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}
+            trainer = LoopTrainer(model=built.get("model"), args=ours, callbacks=extra + [loop_cb], **kwargs)
+            trainer.train()
+            history, steps, plan_ = trainer.state.log_history, trainer.state.global_step, trainer.fast
+        model = clock.model
+        features = config.loop_features() + plan_.report()
+        plan = plan_.to_dict()
     else:
         kwargs = {k: v for k, v in built.items() if k in _TRAINER_KEYS and v is not None}
         trainer = Trainer(

@@ -192,6 +192,7 @@ class Trainer:
             **hooks,
         )
         self._run, self.control = None, self._callbacks.control
+        self.fast = result.fast  # the levers the run used, and why the others stayed off (loop.fast.Plan)
         return TrainOutput(result.global_step, result.training_loss, result.metrics)
 
     def _loss_override(self):

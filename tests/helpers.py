@@ -238,3 +238,54 @@ def assert_one_line_error(proc, *needles):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- Trainer code, as users write it
+from transformers import TrainerCallback  # noqa: E402
+
+
+def seeds(Base):
+    """The subclasses people write, for either Trainer: only the base class (the import) differs."""
+
+    class CustomTrainer(Base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs)
+            loss = nn.functional.cross_entropy(logits, labels)
+            return (loss, logits) if return_outputs else loss
+
+    class EMATrainer(Base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            with torch.no_grad():
+                if not hasattr(self, "ema"):
+                    self.ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+                for n, p in model.named_parameters():
+                    self.ema[n].mul_(0.9).add_(p.detach(), alpha=0.1)
+            return loss
+
+    class CustomOptimizerTrainer(Base):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.SGD(
+                    [
+                        {"params": list(self.model.encoder.parameters()), "lr": 1e-3},
+                        {"params": list(self.model.classifier.parameters()), "lr": 1e-2},
+                    ],
+                    lr=1e-2,
+                    momentum=0.9,
+                )
+            return self.optimizer
+
+    return CustomTrainer, EMATrainer, CustomOptimizerTrainer
+
+
+class LossLoggingCallback(TrainerCallback):
+    """The seeds' callback: the last logged loss from state.log_history at every step end."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.log_history and "loss" in state.log_history[-1]:
+            self.losses.append((state.global_step, state.log_history[-1]["loss"]))

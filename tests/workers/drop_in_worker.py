@@ -1,0 +1,58 @@
+"""Run by test_distributed.py under torchrun (2 gloo processes), once per side: the seeds' Trainer subclasses
+(helpers.seeds) with `transformers.Trainer` or `loop.Trainer` as their base, only the base differing. Rank 0 dumps
+each subclass's log_history and its callback's numbers."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+
+import transformers  # noqa: E402
+from helpers import ClsData, LossLoggingCallback, SimpleClassifier, cross_entropy_over_items, seeds  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+import loop  # noqa: E402
+
+out, side = sys.argv[1], sys.argv[2]
+Base = transformers.Trainer if side == "trainer" else loop.Trainer
+CustomTrainer, _, CustomOptimizerTrainer = seeds(Base)
+result = {}
+for name, cls, hooks in (
+    ("compute_loss", CustomTrainer, {}),
+    ("create_optimizer", CustomOptimizerTrainer, {"compute_loss_func": cross_entropy_over_items}),
+):
+    args = TrainingArguments(
+        output_dir=os.path.join(out, side, name),
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=5,
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        label_names=["labels"],
+        eval_strategy="steps",
+        eval_steps=5,
+        per_device_eval_batch_size=3,
+        seed=5,
+    )
+    callback = LossLoggingCallback()
+    trainer = cls(
+        model=SimpleClassifier(),
+        args=args,
+        train_dataset=ClsData(40),
+        eval_dataset=ClsData(11, seed=1),
+        callbacks=[callback],
+        **hooks,
+    )
+    trainer.train()
+    result[name] = {"log": trainer.state.log_history, "losses": callback.losses}
+if int(os.environ.get("RANK", "0")) == 0:
+    with open(os.path.join(out, f"{side}.json"), "w") as f:
+        json.dump(result, f)
+from loop.cli import leave_process_group  # noqa: E402
+
+leave_process_group(0)  # a clean exit under torchrun (see loop/cli.py)
