@@ -89,6 +89,7 @@ def train(
     optimizer_step=None,
     compute_loss=None,
     training_step=None,
+    create_scheduler=None,
 ) -> TrainResult:
     """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (docs/api.md).
 
@@ -98,7 +99,11 @@ def train(
     and training_step(model, inputs, num_items_in_batch) (once per micro-batch, its own backward: Trainer's contract;
     loop.Trainer hands them over). optimizer_step(run, window) -> grad_norm replaces the whole step (loop/step.py).
     """
-    for name, fn in (("compute_loss", compute_loss), ("training_step", training_step)):
+    for name, fn in (
+        ("compute_loss", compute_loss),
+        ("training_step", training_step),
+        ("create_scheduler", create_scheduler),
+    ):
         if fn is not None and not callable(fn):
             raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
     callbacks, resume_path = check_inputs(
@@ -137,6 +142,7 @@ def train(
             resume_path is not None,
             compute_loss=compute_loss,
             training_step=training_step,
+            create_scheduler=create_scheduler,
         )
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
         for_the_run.enter_context(prints_above_the_bar(not config.disable_tqdm and run.accelerator.is_main_process))
@@ -249,6 +255,7 @@ def build(
     resuming=False,
     compute_loss=None,
     training_step=None,
+    create_scheduler=None,
 ) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
@@ -294,7 +301,10 @@ def build(
     fast.apply(run.fast, run)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
-    # a scheduler given with its optimizer is used as it is; otherwise Trainer's create_scheduler
+    # a scheduler given with its optimizer is used as it is; otherwise a Trainer subclass's create_scheduler(number of
+    # steps, optimizer), or Trainer's own
+    if scheduler is None and create_scheduler is not None:
+        scheduler = create_scheduler(plan.max_steps, run.optimizer)
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:
         if topology(acc) == "DEEPSPEED_ZERO3":

@@ -8,7 +8,8 @@ A subclass's overrides plug into the loop's hooks at Trainer's points:
     evaluation, normalised by Trainer's rule for it;
   * training_step(model, inputs, num_items_in_batch): once per micro-batch, doing its own backward (Trainer's
     contract); super().training_step() is the loop's own micro-batch;
-  * create_optimizer(): called before training, its optimizer handed to the loop.
+  * create_optimizer(): called before training, its optimizer handed to the loop;
+  * create_scheduler(num_training_steps, optimizer): called once the run's length is known.
 A subclass that overrides none of them runs the loop's own step, with the loop's numbers and speed. Overrides of
 Trainer's internals that the loop cannot honour (its dataloaders, prediction_step, create_scheduler, log, the inner
 loop) are refused when the Trainer is made, in one line naming them.
@@ -28,7 +29,6 @@ NOT_HONOURED = (
     "get_eval_dataloader",
     "get_test_dataloader",
     "prediction_step",
-    "create_scheduler",
     "create_optimizer_and_scheduler",
     "log",
     "evaluation_loop",
@@ -123,6 +123,14 @@ class Trainer:
             self.optimizer = build_optimizer(self.config, self.model, self.optimizer_cls_and_kwargs)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        """Trainer's create_scheduler: `lr_scheduler_type` with its warmup, over `num_training_steps` (loop.optim)."""
+        from .optim import build_scheduler
+
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(self.config, optimizer or self.optimizer, num_training_steps)
+        return self.lr_scheduler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Trainer's compute_loss: the model's own loss (or compute_loss_func's, the label smoother's), as the loop
         computes it. Callable from a subclass's override during training."""
@@ -174,6 +182,8 @@ class Trainer:
             hooks["compute_loss"] = self.compute_loss
         if _overrides(self, "training_step"):
             hooks["training_step"] = self.training_step
+        if _overrides(self, "create_scheduler") and self.lr_scheduler is None:
+            hooks["create_scheduler"] = self.create_scheduler  # called with the run's length, once it is known
         result = train(
             self.config,
             model=self.model,

@@ -277,7 +277,15 @@ def seeds(Base):
                 )
             return self.optimizer
 
-    return CustomTrainer, EMATrainer, CustomOptimizerTrainer
+    class CustomSchedulerTrainer(Base):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda step: 0.5 ** (step // 3) * (1 - step / num_training_steps)
+                )
+            return self.lr_scheduler
+
+    return CustomTrainer, EMATrainer, CustomOptimizerTrainer, CustomSchedulerTrainer
 
 
 class LossLoggingCallback(TrainerCallback):

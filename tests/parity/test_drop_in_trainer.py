@@ -64,8 +64,9 @@ def _run(tmp_path, Base, pick, model, train, evals, **kw):
         (0, SimpleClassifier, ClsData, {}),  # CustomTrainer.compute_loss on a logits-only model
         (1, tiny_gpt2, LMData, {}),  # EMATrainer: super().training_step, then its EMA
         (2, SimpleClassifier, ClsData, {"compute_loss_func": cross_entropy_over_items}),  # CustomOptimizerTrainer
+        (3, tiny_gpt2, LMData, {}),  # CustomSchedulerTrainer.create_scheduler
     ],
-    ids=["plain", "compute_loss", "training_step", "create_optimizer"],
+    ids=["plain", "compute_loss", "training_step", "create_optimizer", "create_scheduler"],
 )
 def test_trainer_code_with_only_the_import_changed_logs_trainers_numbers(tmp_path, pick, model, data, hooks):
     model, train, evals = model(), data(40), data(9, seed=1)

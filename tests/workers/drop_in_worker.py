@@ -16,7 +16,7 @@ import loop  # noqa: E402
 
 out, side = sys.argv[1], sys.argv[2]
 Base = transformers.Trainer if side == "trainer" else loop.Trainer
-CustomTrainer, _, CustomOptimizerTrainer = seeds(Base)
+CustomTrainer, _, CustomOptimizerTrainer, _ = seeds(Base)
 result = {}
 for name, cls, hooks in (
     ("compute_loss", CustomTrainer, {}),
