@@ -338,7 +338,9 @@ def _compile_settings(plan, run, acc):
     config.problem_type at their first forward (from num_labels and the labels' dtype); under torch.compile that
     mutation fails a guard and the whole model is compiled a second time. It is set beforehand by the same rule from
     the device table's labels, so the first forward finds it set."""
-    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+    from accelerate.utils import DynamoBackend
+
+    from .run import compile_plugin
 
     config = run.config
     if not plan.torch_compile.on:
@@ -346,9 +348,7 @@ def _compile_settings(plan, run, acc):
             acc.state.dynamo_plugin.backend = DynamoBackend.NO
         return
     if not config.torch_compile:  # through `fast`: the Accelerator was made without a compile plugin
-        acc.state.dynamo_plugin = TorchDynamoPlugin(
-            backend=config.torch_compile_backend or "inductor", mode=config.torch_compile_mode
-        )
+        acc.state.dynamo_plugin = compile_plugin(config)
     if plan.compile_dynamic:
         acc.state.dynamo_plugin.dynamic = True
     table = run.loader.device_table if run.loader is not None else None

@@ -169,13 +169,7 @@ def make_accelerator(config):
     for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
         if getattr(config, f"ddp_{name}") is not None:
             ddp[name] = getattr(config, f"ddp_{name}")
-    kwargs = {}
-    if config.torch_compile:
-        from accelerate.utils import TorchDynamoPlugin
-
-        kwargs["dynamo_plugin"] = TorchDynamoPlugin(
-            backend=config.torch_compile_backend or "inductor", mode=config.torch_compile_mode
-        )
+    kwargs = {"dynamo_plugin": compile_plugin(config)} if config.torch_compile else {}
     # accelerate keeps one process-wide AcceleratorState and ignores the settings of a later Accelerator: a second
     # run in the same process (a notebook, `loop compare` in one process) would silently keep the first run's
     # compile setting. The run's own settings win: forget the previous run's state (the process group stays).
@@ -206,6 +200,13 @@ def make_accelerator(config):
         project_dir=config.output_dir,
         **kwargs,
     )
+
+
+def compile_plugin(config):
+    """accelerate's compile settings for torch_compile (asked for, or turned on by `fast`: fast.apply)."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    return TorchDynamoPlugin(backend=config.torch_compile_backend or "inductor", mode=config.torch_compile_mode)
 
 
 def seed_everything(config):

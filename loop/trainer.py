@@ -17,7 +17,6 @@ loop) are refused when the Trainer is made, in one line naming them.
 
 from __future__ import annotations
 
-import json
 import os
 
 from .callbacks import Callback
@@ -167,28 +166,37 @@ class Trainer:
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         from transformers.trainer_utils import TrainOutput
 
-        from .fit import train
-
         if trial is not None:
             raise LoopError("train(trial=...) belongs to hyperparameter_search, which loop.Trainer does not run yet")
         if kwargs:
             raise LoopError(f"train() got unexpected arguments {', '.join(kwargs)}")
+        eval_dataset = self._eval_for_training()  # refused before anything is built
         if _overrides(self, "create_optimizer"):
             if self.model is None:
                 raise LoopError("a create_optimizer override needs the model: pass model=, not model_init")
             self.create_optimizer()
         hooks = {}
-        if _overrides(self, "compute_loss"):
+        if self._loss_override() is not None:
             hooks["compute_loss"] = self.compute_loss
         if _overrides(self, "training_step"):
             hooks["training_step"] = self.training_step
         if _overrides(self, "create_scheduler") and self.lr_scheduler is None:
             hooks["create_scheduler"] = self.create_scheduler  # called with the run's length, once it is known
-        result = train(
+        try:
+            result = self._train(resume_from_checkpoint, eval_dataset, hooks)
+        finally:
+            self._run, self.control = None, self._callbacks.control  # the run is over, also when it raised
+        self.fast = result.fast  # the levers the run used, and why the others stayed off (loop.fast.Plan)
+        return TrainOutput(result.global_step, result.training_loss, result.metrics)
+
+    def _train(self, resume_from_checkpoint, eval_dataset, hooks):
+        from .fit import train
+
+        return train(
             self.config,
             model=self.model,
             train_dataset=self.train_dataset,
-            eval_dataset=self._eval_for_training(),
+            eval_dataset=eval_dataset,
             data_collator=self.data_collator,
             compute_metrics=self.compute_metrics,
             callbacks=[*self._loop_callbacks, _Bind(self), self._callbacks],
@@ -201,9 +209,6 @@ class Trainer:
             model_init=self.model_init if self.model is None else None,
             **hooks,
         )
-        self._run, self.control = None, self._callbacks.control
-        self.fast = result.fast  # the levers the run used, and why the others stayed off (loop.fast.Plan)
-        return TrainOutput(result.global_step, result.training_loss, result.metrics)
 
     def _loss_override(self):
         return self.compute_loss if _overrides(self, "compute_loss") else None
@@ -285,7 +290,8 @@ class Trainer:
             self.processing_class.save_pretrained(out)
 
     def save_state(self):
-        self.state.save_to_json(os.path.join(self.config.output_dir, "trainer_state.json"))
+        if self.is_world_process_zero():  # Trainer's rule: one process writes
+            self.state.save_to_json(os.path.join(self.config.output_dir, "trainer_state.json"))
 
     def is_world_process_zero(self):
         return self.state.is_world_process_zero
@@ -296,16 +302,10 @@ class Trainer:
         return log_metrics(self, split, metrics)
 
     def save_metrics(self, split, metrics, combined=True):
-        path = os.path.join(self.config.output_dir, f"{split}_results.json")
+        from transformers.trainer_pt_utils import save_metrics
+
         os.makedirs(self.config.output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(metrics, f, indent=4, sort_keys=True)
-        if combined:
-            path = os.path.join(self.config.output_dir, "all_results.json")
-            everything = json.load(open(path)) if os.path.exists(path) else {}
-            everything.update(metrics)
-            with open(path, "w") as f:
-                json.dump(everything, f, indent=4, sort_keys=True)
+        return save_metrics(self, split, metrics, combined)
 
     def metrics_format(self, metrics):
         from transformers.trainer_pt_utils import metrics_format

@@ -18,25 +18,7 @@ checkpoint and restored on resume. Nothing here reads the device: the state's nu
 
 from __future__ import annotations
 
-from .callbacks import STOP, Callback
-
-TRAINER_EVENTS = (
-    "on_init_end",
-    "on_train_begin",
-    "on_epoch_begin",
-    "on_step_begin",
-    "on_substep_end",
-    "on_pre_optimizer_step",
-    "on_optimizer_step",
-    "on_step_end",
-    "on_log",
-    "on_prediction_step",
-    "on_evaluate",
-    "on_save",
-    "on_epoch_end",
-    "on_train_end",
-    "on_predict",
-)
+from .callbacks import STEP_EVENTS, STOP, Callback
 
 
 def is_trainer_callback(cb) -> bool:
@@ -51,6 +33,8 @@ class TrainerCallbacks(Callback):
     def __init__(self, callbacks, args=None, state=None, control=None):
         from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 
+        self._bound = None  # the run whose fixed values the state holds (bind)
+
         self.args = args
         self.handler = CallbackHandler([DefaultFlowCallback, *callbacks], None, None, None, None)
         self.state = state if state is not None else TrainerState()
@@ -60,31 +44,38 @@ class TrainerCallbacks(Callback):
     def listens_inside_the_step(self) -> bool:
         from transformers import TrainerCallback
 
-        events = ("on_substep_end", "on_pre_optimizer_step", "on_optimizer_step")
         return any(
-            getattr(type(cb), e) is not getattr(TrainerCallback, e) for cb in self.handler.callbacks for e in events
+            getattr(type(cb), e) is not getattr(TrainerCallback, e)
+            for cb in self.handler.callbacks
+            for e in STEP_EVENTS
         )
 
     # ------------------------------------------------------------------ the state, as Trainer keeps it
-    def sync(self, run):
-        """TrainerState from the loop's TrainState and plan (host values only: no device sync)."""
-        s, t, c = self.state, run.state, run.config
-        s.global_step, s.epoch, s.max_steps = t.global_step, t.epoch, t.max_steps
-        s.log_history = t.log_history  # the same records, appended as they are made
-        s.best_metric, s.best_global_step = t.best_metric, getattr(t, "best_global_step", None)
-        s.best_model_checkpoint = t.best_checkpoint
-        s.total_flos = getattr(t, "total_flos", 0)
-        s.num_input_tokens_seen = getattr(t, "num_input_tokens_seen", s.num_input_tokens_seen)
-        if run.plan is not None:
-            s.num_train_epochs = run.plan.num_epochs
-            s.logging_steps, s.eval_steps, s.save_steps = run.plan.log_every, run.plan.eval_every, run.plan.save_every
-        s.train_batch_size = c.per_device_train_batch_size * run.accelerator.num_processes
-        s.is_world_process_zero = run.accelerator.is_main_process
-        s.is_local_process_zero = run.accelerator.is_local_main_process
-        h = self.handler
+    def bind(self, run):
+        """What stays fixed for the run (its length, batch, ranks, objects): taken once, at its first event."""
+        s, h, acc = self.state, self.handler, run.accelerator
+        s.max_steps, s.num_train_epochs = run.state.max_steps, run.plan.num_epochs
+        s.logging_steps, s.eval_steps, s.save_steps = run.plan.log_every, run.plan.eval_every, run.plan.save_every
+        s.train_batch_size = run.config.per_device_train_batch_size * acc.num_processes
+        s.is_world_process_zero, s.is_local_process_zero = acc.is_main_process, acc.is_local_main_process
         h.model, h.optimizer, h.lr_scheduler = run.unwrapped, run.optimizer, run.scheduler
         h.train_dataloader, h.eval_dataloader = run.loader, run.evaluator
         run.control = self.control
+        self._bound = run
+
+    def sync(self, run):
+        """TrainerState from the loop's TrainState as it is now (host values only: no device sync)."""
+        if self._bound is not run:
+            self.bind(run)
+        s, t = self.state, run.state
+        s.global_step, s.epoch = t.global_step, t.epoch
+        s.log_history = t.log_history  # the same records, appended as they are made
+        s.best_metric, s.best_global_step, s.best_model_checkpoint = (
+            t.best_metric,
+            t.best_global_step,
+            t.best_checkpoint,
+        )
+        s.total_flos, s.num_input_tokens_seen = t.total_flos, t.num_input_tokens_seen
 
     def event(self, name, run, **kwargs):
         self.sync(run)
