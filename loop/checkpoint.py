@@ -32,10 +32,12 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------- RNG
-def rng_state() -> dict:
+def rng_state(distributed: bool = False) -> dict:
+    """The random streams, with Trainer's keys: `cuda` is this device's state alone, or every device's (a list) in a
+    distributed run, as Trainer's _save_rng_state writes it."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all() if distributed else torch.cuda.get_rng_state()
     return state
 
 
@@ -44,7 +46,8 @@ def set_rng_state(state: dict):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state_all(cuda) if isinstance(cuda, (list, tuple)) else torch.cuda.set_rng_state(cuda)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -80,7 +83,12 @@ def _read_manifest(path: str):
 
 def damage(path: str, checksums: bool = False):
     """What is wrong with a checkpoint folder (one phrase), or None if it is whole. Sizes are always compared with the
-    manifest (cheap); checksums only when asked (reads every byte: done before resuming)."""
+    manifest (cheap); checksums only when asked (reads every byte: done before resuming). A folder Trainer wrote has
+    no manifest: its own rule applies (trainer_format.problem)."""
+    from . import trainer_format
+
+    if trainer_format.is_trainer_checkpoint(path):
+        return trainer_format.problem(path)
     if not os.path.isfile(os.path.join(path, MARKER)) or not os.path.isfile(os.path.join(path, "loop_state.json")):
         return f"incomplete or not a loop checkpoint (no {MARKER} marker)"
     try:
@@ -543,22 +551,35 @@ class EMAWeights:
 
 
 class RankState:
-    """rng_state_<rank>.pth: each rank's python/numpy/torch/cuda random streams now and at the epoch's start, and the
-    loss it accumulated since the last log record (not with save_only_model)."""
+    """Trainer's rng_state.pth (one process) or rng_state_<rank>.pth (several): each rank's python/numpy/torch/cuda
+    random streams now, and the loop's own two: the streams at the epoch's start and the loss accumulated since the
+    last log record (not with save_only_model). A Trainer checkpoint has neither (trainer_format's docstring)."""
 
     def save(self, run, folder, writer):
+        from .trainer_format import rng_file_name
+
         if not run.config.save_only_model:
-            state = {**rng_state(), "epoch_start": run.epoch_start_rng, "tr_loss": run.tr_loss.detach().cpu()}
-            torch.save(state, _path(folder, f"rng_state_{run.accelerator.process_index}.pth"))
+            acc = run.accelerator
+            state = {
+                **rng_state(distributed=acc.num_processes > 1),
+                "epoch_start": run.epoch_start_rng,
+                "tr_loss": run.tr_loss.detach().cpu(),
+            }
+            torch.save(state, _path(folder, rng_file_name(acc)))
 
     def load(self, run, folder):
-        rng_file = _path(folder, f"rng_state_{run.accelerator.process_index}.pth")
+        from .trainer_format import rng_file_name
+
+        rank = run.accelerator.process_index
+        names = (rng_file_name(run.accelerator), f"rng_state_{rank}.pth")  # the second: one-process loop checkpoints
+        rng_file = next((p for p in (_path(folder, n) for n in names) if os.path.exists(p)), None)
         run.saved_rng = None
-        if not os.path.exists(rng_file):
-            warnings.warn(f"{rng_file} is missing (different world size?); random streams will differ")
+        if rng_file is None:
+            warnings.warn(f"{_path(folder, names[0])} is missing (different world size?); random streams will differ")
             return
         run.saved_rng = _torch_load(rng_file)
-        run.tr_loss.copy_(run.saved_rng["tr_loss"])
+        if "tr_loss" in run.saved_rng:
+            run.tr_loss.copy_(run.saved_rng["tr_loss"])
 
 
 class Progress:
@@ -575,7 +596,7 @@ class Progress:
                 f.write(run.state.to_json())
 
     def load(self, run, folder):
-        saved = read_state(folder)
+        saved = read_state(folder, run)
         saved.geometry, saved.max_steps = run.state.geometry, run.state.max_steps
         run.state = saved
         for cb in run.callbacks:
@@ -600,11 +621,40 @@ class Settings:
         pass
 
 
-PARTS = (ModelAndOptimizer(), Scheduler(), Scaler(), EMAWeights(), RankState(), Progress(), Settings())
+class TrainerFiles:
+    """trainer_state.json, training_args.bin and the model's config.json: what Trainer needs besides the files above
+    to resume from this checkpoint as from its own (trainer_format.py). Loaded through Progress, from a checkpoint
+    Trainer wrote."""
+
+    def save(self, run, folder, writer):
+        from . import trainer_format
+
+        if writer:
+            trainer_format.write(run, folder)
+
+    def load(self, run, folder):
+        pass
 
 
-def read_state(path: str):
+PARTS = (
+    ModelAndOptimizer(),
+    Scheduler(),
+    Scaler(),
+    EMAWeights(),
+    RankState(),
+    Progress(),
+    Settings(),
+    TrainerFiles(),
+)
+
+
+def read_state(path: str, run=None):
+    """The progress a checkpoint holds: loop_state.json, or a Trainer checkpoint's trainer_state.json (with the run:
+    its data position in the run's geometry)."""
+    from . import trainer_format
     from .state import TrainState
 
+    if trainer_format.is_trainer_checkpoint(path):
+        return trainer_format.read_trainer_state(path, run)
     with open(os.path.join(path, "loop_state.json")) as f:
         return TrainState.from_json(f.read())

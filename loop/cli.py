@@ -1,4 +1,4 @@
-"""`loop train|evaluate|compare|fields [--config FILE.yaml] [--<field> VALUE ...]` (also `python -m loop ...`).
+"""`loop train|evaluate|compare|bench|search|fields [--config FILE.yaml] [--<field> VALUE ...]` (also `python -m loop`).
 
 A job is one flat YAML mapping: `task:` picks the task module (a built-in task, any importable module
 `my_lab.my_task`, or a .py file), TrainConfig fields and the task's own fields sit side by side. With no --config
@@ -26,7 +26,7 @@ from .job import (
     task_module,
 )
 
-COMMANDS = ("train", "evaluate", "compare", "bench", "fields")
+COMMANDS = ("train", "evaluate", "compare", "bench", "search", "fields")
 
 
 def _help(argv=()) -> str:
@@ -64,7 +64,8 @@ def _help(argv=()) -> str:
             lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
     lines += [
         "",
-        "Commands: loop train | loop evaluate | loop compare | loop bench | loop fields (TrainingArguments coverage table)",
+        "Commands: loop train | loop evaluate | loop compare | loop bench | loop search | loop fields (TrainingArguments "
+        "coverage table)",
         "Task options of your own task module: loop train --help --task my_lab.my_task",
     ]
     return "\n".join(lines)
@@ -188,6 +189,10 @@ def main(argv=None) -> int:
             from .bench import cmd_bench
 
             return cmd_bench(rest)
+        if cmd == "search":
+            from .search_cli import cmd_search
+
+            return cmd_search(rest)
         from .compare import cmd_compare
 
         return cmd_compare(rest)

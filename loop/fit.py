@@ -387,7 +387,8 @@ def resume(run, resume_path):
         resume_path = ckpt.verify_resume(acc, resume_path, config.output_dir, config.save_on_each_node)
         saved = ckpt.read_state(resume_path).geometry
         geometry = run.state.geometry
-        changed = {k: (saved.get(k), v) for k, v in geometry.items() if saved.get(k) != v}
+        # a key the checkpoint does not record (a Trainer checkpoint's dataset length) is taken on trust
+        changed = {k: (saved[k], v) for k, v in geometry.items() if k in saved and saved[k] != v}
         if changed and not config.allow_inexact_resume:
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
             raise LoopError(
@@ -468,9 +469,11 @@ def _epoch_batches(run, epoch, resumed, saved_rng):
     epoch_loader = acc.skip_first_batches(run.loader, skip) if skip else run.loader
     _set_epoch(epoch_loader, epoch)
     restore = saved_rng if resumed else None
-    if restore is not None:
-        ckpt.set_rng_state(restore["epoch_start"] if skip else restore)  # at an epoch boundary: the state at save
-    run.epoch_start_rng = restore["epoch_start"] if (restore is not None and skip) else ckpt.rng_state()
+    # a Trainer checkpoint has no epoch-start streams: its loader starts under the current ones, as Trainer's does
+    epoch_start = restore.get("epoch_start") if (restore is not None and skip) else None
+    if restore is not None and (epoch_start is not None or not skip):
+        ckpt.set_rng_state(epoch_start if skip else restore)  # at an epoch boundary: the state at save
+    run.epoch_start_rng = epoch_start if epoch_start is not None else ckpt.rng_state()
     batches = _started(epoch_loader)  # the loader's random draws happen here, under the epoch-start state
     if restore is not None and skip:
         ckpt.set_rng_state(restore)  # now continue from the saved random streams
@@ -659,8 +662,9 @@ def finish(run, processing_class=None) -> TrainResult:
     loss_sum = acc.gather(run.tr_loss).mean().item()
     state.total_loss += loss_sum
     steps_here = state.global_step - start_step
-    # train_loss averages every step of the run, including those before a resume (the uninterrupted value)
-    train_loss = state.total_loss / max(state.global_step, 0.001)
+    # train_loss averages every step of the run, including those before a resume (the uninterrupted value); from a
+    # Trainer checkpoint, which saves no running loss, the steps since the resume (what Trainer reports then)
+    train_loss = state.total_loss / max(state.global_step - state.loss_counted_from, 0.001)
     total_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     metrics = speed_metrics("train", run.start_time, num_samples=total_batch * steps_here, num_steps=steps_here)
     run.telemetry.flush()

@@ -281,11 +281,17 @@ def apply_log_level(config: TrainConfig, acc):
         hf_logging.set_verbosity(hf_logging.get_log_levels_dict()[level])
 
 
-def call_model_init(model_init):
-    """A fresh model from `model_init()` (Trainer's call_model_init, without hyperparameter trials)."""
+def call_model_init(model_init, trial=None):
+    """A fresh model from `model_init()`, or `model_init(trial)` when it takes one argument (Trainer's
+    call_model_init: a hyperparameter search hands it the trial)."""
+    from transformers.trainer_utils import number_of_arguments
+
     if not callable(model_init):
         raise LoopError(f"model_init must be a function returning a model, got {type(model_init).__name__}")
-    model = model_init()
+    takes = number_of_arguments(model_init)
+    if takes > 1:
+        raise LoopError(f"model_init takes {takes} arguments; it takes none, or one (the hyperparameter trial)")
+    model = model_init(trial) if takes == 1 else model_init()
     if not isinstance(model, nn.Module):
         raise LoopError(f"model_init returned {type(model).__name__}; it must return a torch.nn.Module")
     return model

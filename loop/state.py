@@ -21,6 +21,7 @@ class TrainState:
     best_checkpoint: str | None = None
     last_logged_step: int = 0  # global_step of the last loss record (loss is averaged since then)
     total_loss: float = 0.0  # sum of logged losses, for the final train_loss
+    loss_counted_from: int = 0  # the step total_loss counts from (a Trainer checkpoint's: it saves no running loss)
     patience_counter: int = 0  # evaluations without improvement (early stopping)
     log_history: list = field(default_factory=list)
     callback_states: dict = field(default_factory=dict)

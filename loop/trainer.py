@@ -17,6 +17,7 @@ loop) are refused when the Trainer is made, in one line naming them.
 
 from __future__ import annotations
 
+import copy
 import os
 
 from .callbacks import Callback
@@ -35,7 +36,6 @@ NOT_HONOURED = (
     "_maybe_log_save_evaluate",
     "_save_checkpoint",
     "get_batch_samples",
-    "hyperparameter_search",
 )
 
 
@@ -78,6 +78,13 @@ class Trainer:
             self.config = TrainConfig.from_training_arguments(args)
         if model is None and model_init is None:
             raise LoopError("Trainer needs a model, or a model_init that returns one")
+        from transformers import set_seed
+
+        from .run import call_model_init
+
+        set_seed(self.config.seed)  # as Trainer.__init__ does, before its model_init
+        if model_init is not None:
+            model = call_model_init(model_init)  # Trainer's: the model exists from construction (train() makes anew)
         self.args = args if args is not None else self.config
         self.model = self.model_wrapped = model
         self.model_init = model_init
@@ -94,7 +101,7 @@ class Trainer:
         self._loop_callbacks = []
         for cb in callbacks or []:
             self.add_callback(cb)
-        self._run = None
+        self._run, self._trial, self._trial_model, self.hp_name = None, None, None, None
         self.callback_handler.model, self.callback_handler.processing_class = model, processing_class
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
@@ -166,11 +173,11 @@ class Trainer:
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         from transformers.trainer_utils import TrainOutput
 
-        if trial is not None:
-            raise LoopError("train(trial=...) belongs to hyperparameter_search, which loop.Trainer does not run yet")
         if kwargs:
             raise LoopError(f"train() got unexpected arguments {', '.join(kwargs)}")
         eval_dataset = self._eval_for_training()  # refused before anything is built
+        if self.model_init is not None:  # a fresh model: the previous run's optimizer and scheduler go (Trainer's rule)
+            self.optimizer, self.lr_scheduler = None, None
         if _overrides(self, "create_optimizer"):
             if self.model is None:
                 raise LoopError("a create_optimizer override needs the model: pass model=, not model_init")
@@ -182,6 +189,7 @@ class Trainer:
             hooks["training_step"] = self.training_step
         if _overrides(self, "create_scheduler") and self.lr_scheduler is None:
             hooks["create_scheduler"] = self.create_scheduler  # called with the run's length, once it is known
+        self._trial = trial  # model_init(trial), and the state's trial_params (as Trainer's train(trial=))
         try:
             result = self._train(resume_from_checkpoint, eval_dataset, hooks)
         finally:
@@ -191,10 +199,17 @@ class Trainer:
 
     def _train(self, resume_from_checkpoint, eval_dataset, hooks):
         from .fit import train
+        from .run import call_model_init
+
+        # Trainer's rule: with a model_init, every train() starts from a fresh model (made after the seed is set)
+        model_init = (
+            self._trial_model
+        )  # a search's trial: its model is made before its values are set (Trainer's order)
+        if model_init is None and self.model_init is not None:
+            model_init = lambda: call_model_init(self.model_init, self._trial)  # noqa: E731
 
         return train(
             self.config,
-            model=self.model,
             train_dataset=self.train_dataset,
             eval_dataset=eval_dataset,
             data_collator=self.data_collator,
@@ -206,7 +221,8 @@ class Trainer:
             compute_loss_func=self.compute_loss_func,
             optimizers=(self.optimizer, self.lr_scheduler),
             optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
-            model_init=self.model_init if self.model is None else None,
+            model=None if model_init is not None else self.model,
+            model_init=model_init,
             **hooks,
         )
 
@@ -312,11 +328,80 @@ class Trainer:
 
         return metrics_format(self, metrics)
 
-    def hyperparameter_search(self, *args, **kwargs):
-        raise LoopError(
-            "hyperparameter_search is not in loop.Trainer yet; run a search around loop.train or "
-            "use transformers.Trainer for it"
-        )
+    # ------------------------------------------------------------------ hyperparameter search
+    def hyperparameter_search(
+        self,
+        hp_space=None,
+        compute_objective=None,
+        n_trials=20,
+        direction="minimize",
+        backend=None,
+        hp_name=None,
+        **kwargs,
+    ):
+        """Trainer's hyperparameter_search, with Optuna (loop/search.py): each trial a run of the loop with the trial's
+        values set on the arguments and a fresh model from model_init(trial), in <output_dir>/run-<number>. kwargs go
+        to optuna.create_study, except timeout, n_jobs, gc_after_trial and catch (to study.optimize). Returns
+        transformers' BestRun (a list for several directions; None on processes other than the first)."""
+        from . import search
+
+        search.check_backend(backend)
+        if self.model_init is None:
+            raise LoopError(
+                "hyperparameter_search needs a model_init (each trial trains a fresh model): pass model_init="
+            )
+        self.hp_space = hp_space or search.default_hp_space
+        self.hp_name = hp_name
+        self.compute_objective = compute_objective or search.default_compute_objective
+        optimize_kwargs = {k: kwargs.pop(k) for k in ("timeout", "n_jobs", "gc_after_trial", "catch") if k in kwargs}
+        base = self.args, self.config
+        self._search_args = copy.copy(self.args)  # what each trial's values are set on, in turn (Trainer's rule)
+        try:
+            return search.optimize(self._run_trial, self.hp_space, n_trials, direction, kwargs, optimize_kwargs)
+        finally:
+            self.args, self.config = base  # the arguments given, not the last trial's
+
+    def _run_trial(self, trial):
+        """One trial, in Trainer's order: the seed of the arguments as they stand (the previous trial's values), a
+        fresh model from model_init(trial), then hp_space(trial) set on the arguments; the run in its own folder, the
+        objective reported at each evaluation (search.Report); evaluated once at the end if it never was."""
+        import dataclasses
+
+        from transformers import set_seed
+
+        from . import checkpoint as ckpt
+        from . import search
+        from .config import TrainConfig
+        from .run import call_model_init
+
+        args = self._search_args
+        set_seed(args.seed)
+        model = call_model_init(self.model_init, trial)
+        streams = ckpt.rng_state()  # Trainer trains on from here: the run starts from these streams, not a new seed
+        search.set_params(args, self.hp_space(trial), type(args).__name__)
+        run_dir = os.path.join(args.output_dir, self.hp_name(trial) if self.hp_name else f"run-{trial.number}")
+        if isinstance(args, TrainConfig):
+            self.args = self.config = dataclasses.replace(args, output_dir=run_dir)
+        else:
+            self.args = args
+            self.config = dataclasses.replace(TrainConfig.from_training_arguments(args), output_dir=run_dir)
+        self._callbacks.args = self.args
+
+        def made():  # loop.train's model_init: the model already made, and the streams as they were after it
+            ckpt.set_rng_state(streams)
+            return model
+
+        report = search.Report(trial, self.compute_objective)
+        self._loop_callbacks.append(report)
+        self._trial_model = made
+        try:
+            self.train(trial=trial)
+        finally:
+            self._loop_callbacks.remove(report)
+            self._trial_model = None
+        if report.objective is None:
+            return self.compute_objective(self.evaluate())
+        return report.objective
 
 
 class _Bind(Callback):
@@ -331,6 +416,13 @@ class _Bind(Callback):
         t._run, t.accelerator = run, run.accelerator
         t.model, t.model_wrapped = run.unwrapped, run.model
         t.optimizer, t.lr_scheduler = run.optimizer, run.scheduler
+        if not isinstance(t.args, type(t.config)):  # checkpoints pickle the TrainingArguments given, as Trainer's
+            run.training_args = t.args
+        if t._trial is not None:  # TrainerState.trial_params and trial_name, as Trainer keeps them
+            from .search import trial_params
+
+            run.trial_params = trial_params(t._trial)
+            run.trial_name = t.hp_name(t._trial) if getattr(t, "hp_name", None) else None
 
 
 def _overrides(obj, name) -> bool:

@@ -56,8 +56,10 @@ class TrainerCallbacks(Callback):
         s, h, acc = self.state, self.handler, run.accelerator
         s.max_steps, s.num_train_epochs = run.state.max_steps, run.plan.num_epochs
         s.logging_steps, s.eval_steps, s.save_steps = run.plan.log_every, run.plan.eval_every, run.plan.save_every
-        s.train_batch_size = run.config.per_device_train_batch_size * acc.num_processes
+        s.train_batch_size = run.config.per_device_train_batch_size  # Trainer's args.train_batch_size (no DataParallel)
         s.is_world_process_zero, s.is_local_process_zero = acc.is_main_process, acc.is_local_main_process
+        s.trial_params, s.trial_name = getattr(run, "trial_params", None), getattr(run, "trial_name", None)
+        s.is_hyper_param_search = s.trial_params is not None
         h.model, h.optimizer, h.lr_scheduler = run.unwrapped, run.optimizer, run.scheduler
         h.train_dataloader, h.eval_dataloader = run.loader, run.evaluator
         run.control = self.control
@@ -128,17 +130,31 @@ class TrainerCallbacks(Callback):
 
     # ------------------------------------------------------------------ stateful callbacks (ExportableState)
     def state_dict(self):
+        """Trainer's `stateful_callbacks`: each ExportableState callback's state by class name (a list for several of
+        one class), and the TrainerControl's."""
         from transformers.trainer_callback import ExportableState
 
-        return {type(cb).__name__: cb.state() for cb in self.handler.callbacks if isinstance(cb, ExportableState)}
+        saved = {}
+        for cb in [*self.handler.callbacks, self.control]:
+            if isinstance(cb, ExportableState):
+                name, state = type(cb).__name__, cb.state()
+                if name not in saved:
+                    saved[name] = state
+                else:
+                    saved[name] = [*(saved[name] if isinstance(saved[name], list) else [saved[name]]), state]
+        return saved
 
     def load_state_dict(self, saved):
-        for cb in self.handler.callbacks:
-            got = saved.get(type(cb).__name__)
+        """Trainer's _load_callback_state: the saved values set on the callbacks of the same class, in order."""
+        seen = {}
+        for cb in [*self.handler.callbacks, self.control]:
+            name = type(cb).__name__
+            got = saved.get(name)
+            if isinstance(got, list):
+                got = got[seen.get(name, 0)] if seen.get(name, 0) < len(got) else None
+            seen[name] = seen.get(name, 0) + 1
             if got is not None:
-                for key, value in got.get("args", {}).items():
-                    setattr(cb, key, value)
-                for key, value in got.get("attributes", {}).items():
+                for key, value in {**got.get("args", {}), **got.get("attributes", {})}.items():
                     setattr(cb, key, value)
 
 

@@ -18,6 +18,8 @@ ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
 RUN_ELSEWHERE = {
     "loop compare --report_dir outputs/compare-script --script": "tests/integration/test_cli.py::"
     "test_compare_script_runs_an_unmodified_trainer_script_under_both_trainers",
+    "loop search --hp_space docs/examples/search_space.yaml --n_trials 3": "tests/integration/test_search_cli.py::"
+    "test_docs_search_command_runs_as_written",
     "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
     "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
     "# fgm_step": "tests/parity/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
@@ -31,6 +33,8 @@ PYTHON_HERE = (
     "class Classifier(torch.nn.Module):",
     "# the plan of a fast run on a CPU",
     "# a Trainer subclass, with only the import changed",
+    "# Trainer continues from the loop's checkpoint",
+    "# a search with Trainer's signature",
 )
 SHELL_HERE = (
     "loop train --max_steps 20 --eval_steps 10 --save_steps 10 --output_dir outputs/small",
@@ -99,6 +103,26 @@ def test_drop_in_trainer_example_runs_on_the_loop(tmp_path, monkeypatch, capsys)
     assert type(scope["trainer"]).__mro__[1].__module__ == "loop.trainer"
     printed = capsys.readouterr().out
     assert "step 2: loss" in printed and "step 8: loss" in printed
+    # then the same subclass on transformers' Trainer continues from the loop's checkpoint-4
+    exec(doc_block(PYTHON_HERE[5]), scope)
+    assert scope["resumed"].global_step == 8
+    assert (tmp_path / "outputs" / "interop-trainer" / "checkpoint-8").is_dir()
+    ours, theirs = (
+        [(r["step"], r["eval_loss"]) for r in t.state.log_history if "eval_loss" in r]
+        for t in (scope["ours"], scope["theirs"])
+    )
+    assert ours == theirs and len(ours) == 2  # steps 4 and 8: the loop's, and Trainer's after resuming the loop's
+
+
+def test_search_example_runs_with_trainers_signature(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "__docs__"}
+    exec(doc_block(PYTHON_HERE[6]), scope)
+    best = scope["best"]
+    assert best.run_id in ("0", "1", "2") and 1e-4 <= best.hyperparameters["learning_rate"] <= 1e-2
+    runs = sorted(os.listdir(tmp_path / "outputs" / "search-api"))
+    assert runs == ["run-0", "run-1", "run-2"]
+    assert scope["trainer"].args.learning_rate == 5e-5  # the arguments given, again
 
 
 def _run_shell_block(first_line, cwd):

@@ -1,0 +1,180 @@
+"""Hyperparameter search with Trainer.hyperparameter_search's meaning, on the loop; Optuna is the backend (the
+`search` extra: `pip install -e ".[search]"`).
+
+A trial is one run of the loop: the trial's values set on the arguments (Trainer's rule: each value cast to the type
+of the field it replaces), a fresh model from `model_init(trial)`, the run in `<output_dir>/run-<trial number>` (or
+`hp_name(trial)`), and the objective (`compute_objective(metrics)`, by default Trainer's: the eval loss, or the sum
+of the other metrics) reported to Optuna at every evaluation, so that its pruner can stop the trial there. A run
+with no evaluation is evaluated once at its end, as Trainer does.
+
+Under several processes (`accelerate launch`, torchrun) every trial runs on all of them: the first process drives the
+study and hands each trial's values to the others; a pruning decision is the first process's, shared at the
+evaluation where it is taken (a host-side broadcast at an evaluation boundary, never per step).
+
+`optimize()` serves `loop.Trainer.hyperparameter_search` and `loop search` (the command line, search_cli.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .callbacks import Callback, fire
+from .errors import LoopError
+
+
+# ---------------------------------------------------------------------------------------------- the backend
+def check_backend(backend) -> str:
+    """Trainer's choice of backend (Optuna if installed, else Ray), refused in one line where the loop cannot run it."""
+    name = getattr(backend, "value", backend)
+    if name is None:
+        name = "optuna" if _installed("optuna") else "ray" if _installed("ray") else None
+        if name is None:
+            raise LoopError("hyperparameter_search needs Optuna: pip install -e '.[search]' (or pip install optuna)")
+    name = str(name)
+    if name == "optuna":
+        if not _installed("optuna"):
+            raise LoopError(
+                "backend='optuna' needs the optuna package: pip install -e '.[search]' (or pip install optuna)"
+            )
+        return name
+    if name == "ray":
+        if not _installed("ray"):
+            raise LoopError(
+                "backend='ray' needs Ray Tune, which is not installed: pip install 'ray[tune]', or use backend='optuna'"
+            )
+        raise LoopError("backend='ray': the loop runs its trials through Optuna only; use backend='optuna'")
+    raise LoopError(f"backend={name!r} is not one the loop runs; use backend='optuna'")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# ---------------------------------------------------------------------------------------------- a trial's values
+def set_params(args, params: dict, where: str = "TrainingArguments"):
+    """Trainer's _hp_search_setup on `args` (in place): each value cast to the type of the value it replaces. A name
+    with no field is refused in one line (Trainer warns and goes on, which hides a typo for the whole search)."""
+    for key, value in params.items():
+        if not hasattr(args, key):
+            raise LoopError(
+                f"the search space sets {key!r}, which is not a field of {where}; name a field (loop fields lists them)"
+            )
+        old = getattr(args, key)
+        if old is not None:
+            value = type(old)(value)
+        setattr(args, key, value)
+    return args
+
+
+def trial_params(trial) -> dict:
+    """What TrainerState.trial_params holds: an Optuna trial's values, or the dict given as the trial."""
+    if trial is None:
+        return None
+    return dict(trial.params) if hasattr(trial, "params") else dict(trial)
+
+
+def default_hp_space(trial) -> dict:
+    from transformers.trainer_utils import default_hp_space_optuna
+
+    return default_hp_space_optuna(trial)
+
+
+def default_compute_objective(metrics: dict):
+    from transformers.trainer_utils import default_compute_objective as theirs
+
+    return theirs(metrics)
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+class TrialPruned(Exception):
+    """Raised on every process of a trial that the pruner stopped (optuna.TrialPruned on the first one)."""
+
+
+class Report(Callback):
+    """The objective at each evaluation, reported to the trial so that the pruner can stop the run there."""
+
+    def __init__(self, trial, compute_objective):
+        self.trial, self.compute_objective = trial, compute_objective
+        self.objective = None
+
+    def on_evaluate(self, run, metrics):
+        self.objective = self.compute_objective(dict(metrics))
+        if isinstance(self.objective, (list, tuple)) or not hasattr(self.trial, "should_prune"):
+            return  # several objectives: Optuna cannot prune them (Trainer does not report them either)
+        acc = run.accelerator
+        prune = False
+        if acc.is_main_process:
+            self.trial.report(self.objective, run.state.global_step)
+            prune = bool(self.trial.should_prune())
+        if acc.num_processes > 1:  # one decision for every rank: a host-side broadcast, at an evaluation only
+            from accelerate.utils import broadcast_object_list
+
+            prune = broadcast_object_list([prune])[0]
+        if prune:
+            fire(run.callbacks, "on_train_end", run)  # as Trainer calls on_train_end before raising
+            raise _pruned()
+
+
+def _pruned():
+    if _installed("optuna"):
+        import optuna
+
+        return optuna.TrialPruned()
+    return TrialPruned()
+
+
+# ---------------------------------------------------------------------------------------------- the study
+def optimize(run_trial, hp_space, n_trials: int, direction, study_kwargs: dict, optimize_kwargs: dict, callbacks=()):
+    """Run the study: `run_trial(trial)` -> the trial's objective, on every process (it calls hp_space(trial) where
+    Trainer does). Returns transformers' BestRun (a list of them for several directions) on the first process, None
+    on the others."""
+    import optuna
+    from accelerate import PartialState
+    from transformers.trainer_utils import BestRun
+
+    n_jobs = optimize_kwargs.pop("n_jobs", 1)
+    if n_jobs != 1:
+        raise LoopError(
+            f"n_jobs={n_jobs}: trials in threads of one process would share its random state and its arguments; "
+            "run several processes on one storage instead (loop search --storage ...)"
+        )
+    state = PartialState()
+    if not state.is_main_process:  # the other ranks run the trials the first one hands them, until it says done
+        while (got := _broadcast(None)) is not None:
+            params, number = got
+            trial = optuna.trial.FixedTrial(params, number)
+            try:
+                run_trial(trial)
+            except (optuna.TrialPruned, TrialPruned):
+                pass
+        return None
+
+    def objective(trial):
+        if state.num_processes > 1:  # the values first, to hand them to the other ranks (Trainer's order there)
+            hp_space(trial)
+            _broadcast((dict(trial.params), trial.number))
+        return run_trial(trial)
+
+    directions = direction if isinstance(direction, (list, tuple)) else None
+    study = optuna.create_study(
+        direction=None if directions else direction, directions=list(directions) if directions else None, **study_kwargs
+    )
+    try:
+        study.optimize(objective, n_trials=n_trials, callbacks=list(callbacks), **optimize_kwargs)
+    finally:
+        if state.num_processes > 1:
+            _broadcast(None)  # the other ranks stop waiting for trials
+    if not study._is_multi_objective():
+        best = study.best_trial
+        return BestRun(str(best.number), best.value, best.params)
+    return [BestRun(str(t.number), t.values, t.params) for t in study.best_trials]
+
+
+def _broadcast(value):
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]

@@ -1,0 +1,95 @@
+"""`loop search` (loop/search_cli.py): the docs' command as written, and processes sharing one SQLite study, one of
+them killed in the middle of a trial: its trial runs again, from its newest checkpoint, and no trial is lost."""
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from helpers import ENV, ROOT, doc_block, run_loop
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "--max_steps",
+    "30",
+    "--eval_steps",
+    "10",
+    "--save_steps",
+    "10",
+    "--max_docs",
+    "60",
+    "--max_eval_samples",
+    "16",
+]
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_docs_search_command_runs_as_written(tmp_path):
+    argv = shlex.split(doc_block("loop search --hp_space"))[1:]
+    argv = [a.replace("docs/examples/", os.path.join(ROOT, "docs", "examples") + "/") for a in argv]
+    argv = [str(tmp_path / a) if a.startswith("outputs/") else a for a in argv]
+    proc = run_loop(*argv, "--disable_tqdm", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "outputs" / "search"
+    rows = _rows(out / "trials.csv")
+    assert [r["number"] for r in rows] == ["0", "1", "2"] and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    best = json.loads((out / "best_run.json").read_text())
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    assert float(best["objective"]) == min(float(r["objective"]) for r in done)
+    assert (out / f"run-{best['run_id']}" / "model.safetensors").exists()
+    assert f"best trial {best['run_id']}" in proc.stdout
+    # the same command again: the folder holds a search, refused in one line
+    again = run_loop(*argv)
+    assert again.returncode == 2 and "holds another search (trials.csv)" in again.stderr
+
+
+def test_processes_share_one_study_and_a_killed_trial_runs_again_from_its_checkpoint(tmp_path):
+    shared = shlex.split(doc_block("loop search --hp_space docs/examples/search_space.yaml --n_trials 6 --storage"))
+    storage = f"sqlite:///{tmp_path}/study.db"
+    argv = [
+        {"sqlite:///outputs/study.db": storage, "outputs/shared": str(tmp_path / "shared"), "6": "2"}.get(a, a)
+        for a in shared[1:]
+    ]
+    argv += ["--heartbeat_interval", "1", "--grace_period", "2", "--pruner", "none", *SMALL, "--disable_tqdm", "true"]
+    cmd = [sys.executable, "-m", "loop", *argv]
+
+    def start():
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first, t0 = start(), time.time()
+    while not (tmp_path / "shared" / "run-0" / "checkpoint-10").is_dir():  # in the middle of trial 0, saved once
+        assert first.poll() is None and time.time() - t0 < 300, first.stdout.read()[-3000:] if first.stdout else ""
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(3)  # the killed process's heartbeat is older than the grace period
+    others = [start(), start()]
+    logs = [p.communicate(timeout=600)[0] for p in others]
+    assert [p.returncode for p in others] == [0, 0], [log[-2000:] for log in logs]
+
+    study = optuna.load_study(study_name="demo", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and states[0] == optuna.trial.TrialState.FAIL
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 2 <= len(done) <= 3  # the count is the study's; a process already in a trial finishes it
+    retry = [t for t in done if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].params == study.trials[0].params  # trial 0 ran again, once, with its values
+    assert retry[0].user_attrs["output_dir"] == str(tmp_path / "shared" / "run-0")  # in its folder, resumed:
+    records = [json.loads(line) for line in open(tmp_path / "shared" / "run-0" / "metrics.jsonl")]
+    assert any(r.get("event") == "resumed" and r["step"] == 10 for r in records)
+    assert (tmp_path / "shared" / "run-0" / "model.safetensors").exists()
+    assert len({t.user_attrs["process"] for t in done}) == 2  # both surviving processes ran trials
+    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done)  # no values run twice
+    rows = _rows(tmp_path / "shared" / "trials.csv")
+    assert [r["state"] for r in rows][0] == "FAIL" and any(r["retry_of"] == "0" for r in rows)
