@@ -636,7 +636,16 @@ def check_finite(run):
     """Stop the run if a step's loss or grad norm was non-finite (a sync: called at boundaries only)."""
     if not run.watch_nonfinite:
         return
-    steps = [s for s in run.accelerator.gather(run.nonfinite_step.reshape(1)).tolist() if s > 0]
+    acc, flags = run.accelerator, run.finite_flags
+    first = 0  # this rank's first step with a non-finite loss or grad norm since the last boundary, 0 for none
+    if flags:
+        bad = torch.logical_not(torch.stack([f for _, f in flags])).nonzero()  # the sync (a boundary)
+        first = flags[int(bad[0])][0] if len(bad) else 0
+        run.finite_flags = []
+    if acc.num_processes > 1:  # every rank stops, at the earliest step any of them saw
+        steps = [s for s in acc.gather(torch.tensor([first], device=acc.device)).tolist() if s > 0]
+    else:
+        steps = [first] if first else []
     if not steps:
         return
     found = ckpt.list_checkpoints(run.config.output_dir)

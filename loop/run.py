@@ -52,7 +52,8 @@ class Run:
         # the first step (1-based) whose loss or grad norm was non-finite, 0 if none: kept on device, read at
         # log/eval/save boundaries only. fp16 overflows are skipped by the scaler and are not watched.
         self.watch_nonfinite = config.stop_on_nonfinite and config.mixed_precision != "fp16"
-        self.nonfinite_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        # (step, finite flag on the device) since the last boundary; check_finite reads them there (fit.py)
+        self.finite_flags = []
         self.telemetry = None
         self.attention = contextlib.nullcontext  # around every forward: the SDPA kernels allowed (fast.Plan.attention)
         self.fast = None  # the levers this run uses (fast.Plan), resolved in build()
@@ -83,14 +84,16 @@ class Run:
 
             self.label_smoother = LabelSmoother(epsilon=config.label_smoothing_factor)
 
-    def note_nonfinite(self, value):
-        """Remember (on device, no sync) the current step if `value` is not finite and nothing was noted before."""
+    def note_nonfinite(self, value, finite=None):
+        """Remember whether `value` is finite at the current step: one flag kept on the device (no sync), read at the
+        next boundary (fit.check_finite). `finite`: the flag when the caller has it already."""
         if self.watch_nonfinite and value is not None:
-            if not torch.is_tensor(value):  # DeepSpeed hands the grad norm back as a float
-                value = torch.tensor(float(value), device=self.nonfinite_step.device)
-            value = plain(value)
-            bad = ~torch.isfinite(value.detach()).all() & (self.nonfinite_step == 0)
-            self.nonfinite_step = torch.where(bad, self.state.global_step + 1, self.nonfinite_step)
+            if finite is None:
+                if not torch.is_tensor(value):  # DeepSpeed hands the grad norm back as a float
+                    value = torch.tensor(float(value), device=self.accelerator.device)
+                finite = torch.isfinite(plain(value).detach())
+                finite = finite if finite.dim() == 0 else finite.all()
+            self.finite_flags.append((self.state.global_step + 1, finite))
 
     def count_batch(self, batch):
         if self.telemetry is not None:

@@ -148,11 +148,10 @@ def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:
 def track_loss(run, loss: torch.Tensor, batch):
     """Add a micro-batch loss to the running sum logged at the next record (on device: no sync)."""
     loss = loss.detach()
-    run.note_nonfinite(loss)  # before the nan filter hides it
+    finite = torch.isfinite(loss)  # one flag for both: the watch, before the nan filter hides the value, and the filter
+    run.note_nonfinite(loss, finite)
     if run.config.logging_nan_inf_filter:  # a nan/inf micro-batch counts as the running average, decided on device
-        loss = torch.where(
-            torch.isfinite(loss), loss, run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step)
-        )
+        loss = torch.where(finite, loss, run.tr_loss / (1 + run.state.global_step - run.state.last_logged_step))
     run.tr_loss += loss
     run.count_batch(batch)
 

@@ -48,6 +48,8 @@ def check_hub(task):
     retries (about 30 s). The Hub counts as unreachable when HF_HUB_OFFLINE is set or a connection to it fails within
     3 s; a model or tokenizer already in the local Hub cache still loads from there."""
     named = {k: getattr(task, k, None) for k in ("model_name_or_path", "tokenizer_name", "dataset_name")}
+    if getattr(task, "train_file", None) or getattr(task, "validation_file", None):
+        named.pop("dataset_name")  # local files are read instead of the Hub dataset (load_raw)
     remote = {k: v for k, v in named.items() if v and v != "bytes" and not os.path.exists(v)}
     if not remote or _hub_reachable():
         return

@@ -323,7 +323,10 @@ def test_a_hub_id_offline_fails_at_once_naming_every_local_option(tmp_path):
         "--train_file FILE --validation_file FILE",
     ):
         assert needle in line, needle
-    # a local folder is no Hub id: it is not refused here (the model's own loader reads it)
-    task = text_classification.Task(model_name_or_path=str(tmp_path), train_file=str(tmp_path / "t.tsv"))
+    # a local folder is no Hub id: it is not refused here (the model's own loader reads it); nor is a job file's
+    # dataset_name when local files are given (they are read instead: the offline recipe of sst2_minilm.yaml)
+    task = text_classification.Task(
+        model_name_or_path=str(tmp_path), train_file=str(tmp_path / "t.tsv"), dataset_name="glue"
+    )
     with pytest.raises(LoopError, match="does not exist"):
         text_classification.build(task, loop.TrainConfig(output_dir=str(tmp_path), use_cpu=True))
