@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 import zlib
 
@@ -275,6 +276,12 @@ def new_run_problem(config) -> str | None:
     run's newest checkpoint): refused, or with overwrite_output_dir those are deleted first."""
     left = previous_run(config)
     if not left:
+        return None
+    if config.reuse_output_dir:  # Trainer's way: write over what has the same names; the records are kept apart
+        metrics = os.path.join(config.output_dir, config.metrics_file)
+        if config.metrics_file in left:
+            stem, ext = os.path.splitext(metrics)
+            os.replace(metrics, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{ext}")
         return None
     if config.overwrite_output_dir:
         for name in left:

@@ -263,6 +263,13 @@ class TrainConfig:
         "model is refused; true deletes those first (other files in the folder are left alone).",
         group="loop",
     )
+    reuse_output_dir: bool = _f(
+        False,
+        "Train into an output_dir that holds another run, as Trainer does: checkpoints and a final model of the same "
+        "names are replaced, the others kept, and the other run's metrics.jsonl is moved aside to "
+        "metrics-<time>.jsonl. loop.Trainer turns it on when given TrainingArguments.",
+        group="loop",
+    )
     param_groups: typing.Optional[list] = _f(
         None,
         "Parameter groups chosen by name: a list of {pattern: REGEX, learning_rate: X, weight_decay: Y, name: N} "

@@ -41,13 +41,44 @@ def check_metrics_function(config, compute_metrics):
         )
 
 
+def _ignored_at_inference(run) -> list:
+    config = getattr(run.unwrapped, "config", None)
+    return list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"])) if config is not None else []
+
+
+def batch_prediction(run, model, batch, loss_only: bool, ignore_keys=None):
+    """(loss, logits, labels) of one batch without gradients: Trainer's prediction_step, as the loop evaluates."""
+    from transformers.trainer_pt_utils import nested_detach
+
+    ignore = list(ignore_keys) if ignore_keys is not None else _ignored_at_inference(run)
+    has_labels = bool(run.label_names) and all(batch.get(k) is not None for k in run.label_names)
+    labels = nested_detach(tuple(batch.get(k) for k in run.label_names)) if has_labels else None
+    if labels is not None and len(labels) == 1:
+        labels = labels[0]
+    with torch.no_grad():  # the prepared model's forward already runs under the Accelerator's autocast
+        if has_labels:
+            # per-batch mean over this rank's targets: unlike Trainer, eval_loss does not depend on world size
+            n = window_item_count(run, [batch], across_ranks=False)
+            loss, outputs = forward_loss(run, model, batch, n)
+            loss = loss.detach().mean()
+            logits = _predictions(run, outputs, ignore + ["loss"])
+        else:
+            loss, outputs = None, model(**batch)
+            logits = _predictions(run, outputs, ignore, has_loss=False)
+    if loss_only:
+        return loss, None, None
+    logits = nested_detach(logits)
+    logits = logits[0] if isinstance(logits, tuple) and len(logits) == 1 else logits
+    return loss, logits, labels
+
+
 def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = None, prediction: bool = False):
     """One pass over `loader`: (predictions, label_ids, metrics) as Trainer's evaluation_loop returns them.
 
     include_for_metrics adds the inputs and/or the per-sample losses to compute_metrics' EvalPrediction. With
     batch_eval_metrics, compute_metrics sees each batch as it is gathered (tensors) with compute_result True on the
     last, and its last return is the metrics; predictions are then kept for predict() only, as in Trainer."""
-    from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_detach
+    from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
     from transformers.trainer_utils import EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
     acc, model, cfg = run.accelerator, run.model, run.config
@@ -59,11 +90,7 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     model.eval()
     if loss_only is None:  # predictions are gathered only when something will read them
         loss_only = run.compute_metrics is None or cfg.prediction_loss_only
-    ignore = (
-        list(getattr(getattr(run.unwrapped, "config", None), "keys_to_ignore_at_inference", ["past_key_values"]))
-        if hasattr(run.unwrapped, "config")
-        else []
-    )
+    ignore = _ignored_at_inference(run)
     losses, preds, labels_all, inputs_all = (
         EvalLoopContainer(cfg.eval_do_concat_batches, padding_index=-100) for _ in range(4)
     )
@@ -72,20 +99,7 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     batch_size, seen, metrics = cfg.per_device_eval_batch_size, 0, None
     for batch in loader:
         seen += find_batch_size(batch) or 0
-        has_labels = bool(run.label_names) and all(batch.get(k) is not None for k in run.label_names)
-        labels = nested_detach(tuple(batch.get(k) for k in run.label_names)) if has_labels else None
-        if labels is not None and len(labels) == 1:
-            labels = labels[0]
-        with torch.no_grad():  # the prepared model's forward already runs under the Accelerator's autocast
-            if has_labels:
-                # per-batch mean over this rank's targets: unlike Trainer, eval_loss does not depend on world size
-                n = window_item_count(run, [batch], across_ranks=False)
-                loss, outputs = forward_loss(run, model, batch, n)
-                loss = loss.detach().mean()
-                logits = _predictions(run, outputs, ignore + ["loss"])
-            else:
-                loss, outputs = None, model(**batch)
-                logits = _predictions(run, outputs, ignore, has_loss=False)
+        loss, logits, labels = batch_prediction(run, model, batch, False, ignore)
         fire(run.callbacks, "on_prediction_step", run)  # Trainer's event after each evaluation batch
         if loss is not None:
             loss = acc.gather_for_metrics(loss.repeat(batch_size))
@@ -94,8 +108,6 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
             continue
         if "inputs" in cfg.include_for_metrics and batch.get(main_input) is not None and keep:
             inputs_all.add(acc.gather_for_metrics(acc.pad_across_processes(batch[main_input], dim=1, pad_index=-100)))
-        logits = nested_detach(logits)
-        logits = logits[0] if isinstance(logits, tuple) and len(logits) == 1 else logits
         if labels is not None:
             labels = acc.pad_across_processes(labels, dim=1, pad_index=-100)
         logits = acc.pad_across_processes(logits, dim=1, pad_index=-100)

@@ -273,7 +273,9 @@ def build(
     run.compute_loss, run.training_step = compute_loss, training_step  # a Trainer subclass's overrides
     collator = default_collator(data_collator, processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
-    eval_ds, eval_collate = prepare_dataset(eval_dataset, collator, model, config, run.label_names, "eval")
+    # a dict of named eval sets is evaluated set by set, each under eval_<name>_ (Trainer's rule)
+    named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+    evals = {name: prepare_dataset(ds, collator, model, config, run.label_names, "eval") for name, ds in named.items()}
     main_input = getattr(model, "main_input_name", "input_ids")
     if acc.distributed_type.name == "DEEPSPEED":
         deepspeed_follows(config, acc)
@@ -296,7 +298,8 @@ def build(
         step_events=fires_inside_the_step(run.callbacks),
     )
     run.loader = train_loader(config, train_ds, train_collate, acc, table)
-    run.evaluator = eval_loader(config, eval_ds, eval_collate, acc) if eval_ds is not None else None
+    run.evaluators = {name: eval_loader(config, ds, c, acc) for name, (ds, c) in evals.items() if ds is not None}
+    run.evaluator = run.evaluators.get(None)  # the one eval set, when there is no dict of them
     run.plan = plan = make_plan(config, run.loader)
     fast.apply(run.fast, run)
     run.model, run.optimizer = acc.prepare(model, optimizer)
@@ -514,16 +517,23 @@ def log_loss(run):
 
 
 def run_eval(run, on_start=False):
-    """Evaluate (and the EMA weights, swapped in place); returns (metrics, a callback asked to stop)."""
-    metrics = evaluate_metrics(run, run.evaluator)
-    run.records.log(metrics)
-    metrics["epoch"] = run.state.epoch  # Trainer's log() adds it to the metrics that on_evaluate then receives
-    stop_now = fire(run.callbacks, "on_evaluate", run, metrics)
+    """Evaluate each eval set (and the EMA weights, swapped in place); returns (metrics, a callback asked to stop).
+    Each set of a dict is its own record and on_evaluate, under eval_<name>_, as Trainer's evaluate() does."""
+    metrics, stop_now = {}, False
+    for name, loader in run.evaluators.items():
+        prefix = "eval" if name is None else f"eval_{name}"
+        run.evaluating = loader  # what TrainerCallbacks hand over as eval_dataloader
+        got = evaluate_metrics(run, loader, prefix)
+        run.records.log(got)
+        got["epoch"] = run.state.epoch  # Trainer's log() adds it to the metrics that on_evaluate then receives
+        stop_now = fire(run.callbacks, "on_evaluate", run, got) or stop_now
+        metrics.update(got)
     if run.ema is not None:
-        with run.ema.swapped(run.unwrapped):  # EMA weights in, the trained ones back after (also on failure)
-            ema_metrics = evaluate_metrics(run, run.evaluator, prefix="eval_ema")
-        run.records.log(ema_metrics)
-        metrics = {**metrics, **ema_metrics}
+        for name, loader in run.evaluators.items():
+            with run.ema.swapped(run.unwrapped):  # EMA weights in, the trained ones back after (also on failure)
+                ema_metrics = evaluate_metrics(run, loader, prefix="eval_ema" if name is None else f"eval_ema_{name}")
+            run.records.log(ema_metrics)
+            metrics.update(ema_metrics)
     if is_plateau(run.scheduler) and not on_start:
         run.scheduler.step(_metric(run.config, metrics))
     return metrics, stop_now

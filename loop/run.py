@@ -60,6 +60,7 @@ class Run:
         self.evaluate_eagerly = False  # evaluation runs the uncompiled model (fast.evaluates_eagerly)
         # the training loop's own bookkeeping (fit.py)
         self.plan = self.loader = self.evaluator = self.records = None
+        self.evaluators, self.evaluating = {}, None  # the eval sets' loaders by name (None: the one set); the current
         self.grad_norm, self.stop, self.start_time, self.start_step = None, False, None, 0
         self.preemption, self.saved_step = None, None  # enable_jit_checkpoint (preempt.py); the step last saved
         from transformers.trainer_callback import TrainerControl

@@ -96,13 +96,27 @@ class Trainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.accelerator = None  # the run's Accelerator once train() has started
         self.state, self.control = TrainerState(), TrainerControl()
-        self._callbacks = TrainerCallbacks([], self.args, self.state, self.control)
+        # Trainer's callbacks, in Trainer's order: DefaultFlowCallback, the trackers report_to names (transformers'
+        # integrations, in place of the loop's own trackers), the caller's, then the progress bar or the printer
+        # (in place of the loop's own bar)
+        self._trainer_output = not isinstance(self.args, TrainConfig)
+        integrations = []
+        if self._trainer_output:
+            from transformers.integrations import get_reporting_integration_callbacks
+
+            integrations = get_reporting_integration_callbacks(self.args.report_to)
+        self._callbacks = TrainerCallbacks(integrations, self.args, self.state, self.control)
         self.callback_handler = self._callbacks.handler
         self._loop_callbacks = []
         for cb in callbacks or []:
             self.add_callback(cb)
+        if self._trainer_output:
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            self.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
         self._run, self._trial, self._trial_model, self.hp_name = None, None, None, None
         self.callback_handler.model, self.callback_handler.processing_class = model, processing_class
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ------------------------------------------------------------------ callbacks
@@ -197,6 +211,17 @@ class Trainer:
         self.fast = result.fast  # the levers the run used, and why the others stayed off (loop.fast.Plan)
         return TrainOutput(result.global_step, result.training_loss, result.metrics)
 
+    def _run_config(self):
+        """The run's settings: with TrainingArguments, Trainer's progress/printer and tracker callbacks report, so the
+        loop's own bar and trackers stay off."""
+        import dataclasses
+
+        if not self._trainer_output:
+            return self.config
+        # and, as Trainer, a new run may write into an output_dir another run used (the loop's own refusal is for
+        # its command line and loop.train: TrainingArguments have no overwrite_output_dir since transformers 5)
+        return dataclasses.replace(self.config, disable_tqdm=True, report_to="none", reuse_output_dir=True)
+
     def _train(self, resume_from_checkpoint, eval_dataset, hooks):
         from .fit import train
         from .run import call_model_init
@@ -209,7 +234,7 @@ class Trainer:
             model_init = lambda: call_model_init(self.model_init, self._trial)  # noqa: E731
 
         return train(
-            self.config,
+            self._run_config(),
             train_dataset=self.train_dataset,
             eval_dataset=eval_dataset,
             data_collator=self.data_collator,
@@ -226,13 +251,83 @@ class Trainer:
             **hooks,
         )
 
+    # ------------------------------------------------------------------ Trainer's helpers, for code that calls them
+    def create_optimizer_and_scheduler(self, num_training_steps):
+        """Trainer's: create_optimizer(), then create_scheduler() over `num_training_steps`."""
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps=num_training_steps, optimizer=self.optimizer)
+
+    def get_train_dataloader(self):
+        """The training DataLoader the loop builds (Trainer's sampler, collator, column removal and workers),
+        prepared by the Accelerator; the running one during train()."""
+        if self.train_dataset is None:
+            raise LoopError("Trainer: training requires a train_dataset")
+        if self._run is not None:
+            return self._run.loader
+        return self._loader(self.train_dataset, "train")
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The evaluation DataLoader of `eval_dataset` (or the Trainer's; a name picks one of a dict of them)."""
+        data = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict):
+            data = self.eval_dataset[eval_dataset]
+        if data is None:
+            raise LoopError("Trainer: evaluation requires an eval_dataset")
+        if self._run is not None and data is self.eval_dataset and self._run.evaluator is not None:
+            return self._run.evaluator
+        return self._loader(data, "eval")
+
+    def get_test_dataloader(self, test_dataset):
+        return self._loader(test_dataset, "eval")
+
+    def _loader(self, dataset, what):
+        from .data import default_collator, default_label_names, eval_loader, prepare_dataset, train_loader
+        from .run import make_accelerator
+
+        if self.accelerator is None:  # Trainer has one from construction; the loop's runs make their own
+            self.accelerator = make_accelerator(self.config)
+        model = self.model
+        labels = list(self.config.label_names) if self.config.label_names is not None else default_label_names(model)
+        collator = default_collator(self.data_collator, self.processing_class)
+        data, collate = prepare_dataset(dataset, collator, model, self.config, labels, what)
+        if what == "train":
+            return train_loader(self.config, data, collate, self.accelerator)
+        return eval_loader(self.config, data, collate, self.accelerator)
+
+    def _prepare_inputs(self, inputs):
+        """Trainer's: the batch moved to the run's device."""
+        from accelerate.utils import send_to_device
+
+        device = self.accelerator.device if self.accelerator is not None else self.args.device
+        return send_to_device(inputs, device)
+
+    def compute_loss_context_manager(self):
+        """Trainer's: the context a loss is computed in. The loop's prepared model autocasts itself: nothing to add."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def autocast_smart_context_manager(self, cache_enabled=True):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Trainer's: (loss, logits, labels) of one batch, without gradients, as the loop's evaluation computes them."""
+        from .evaluation import batch_prediction
+
+        return batch_prediction(self._active_run("prediction_step"), model, inputs, prediction_loss_only, ignore_keys)
+
+    def _load_callback_state(self):
+        """Trainer's: the stateful callbacks and the TrainerControl restored from self.state.stateful_callbacks."""
+        self._callbacks.load_state_dict(self.state.stateful_callbacks or {})
+        self.control = self._callbacks.control
+
     def _loss_override(self):
         return self.compute_loss if _overrides(self, "compute_loss") else None
 
     def _eval_for_training(self):
-        if isinstance(self.eval_dataset, dict):
-            raise LoopError("a dict of eval datasets is evaluated by evaluate(); loop.Trainer's train() takes one")
-        return self.eval_dataset
+        return self.eval_dataset  # one set, or a dict of named ones (each evaluated under eval_<name>_)
 
     def _active_run(self, what):
         if self._run is None:

@@ -78,6 +78,7 @@ class TrainerCallbacks(Callback):
             t.best_checkpoint,
         )
         s.total_flos, s.num_input_tokens_seen = t.total_flos, t.num_input_tokens_seen
+        self.handler.eval_dataloader = run.evaluating or run.evaluator  # the set being evaluated, as Trainer sets it
 
     def event(self, name, run, **kwargs):
         self.sync(run)
@@ -145,7 +146,8 @@ class TrainerCallbacks(Callback):
         return saved
 
     def load_state_dict(self, saved):
-        """Trainer's _load_callback_state: the saved values set on the callbacks of the same class, in order."""
+        """Trainer's _load_callback_state: the saved values set on the callbacks of the same class, in order; a saved
+        callback the run does not have is named in Trainer's warning (on transformers.trainer's logger)."""
         seen = {}
         for cb in [*self.handler.callbacks, self.control]:
             name = type(cb).__name__
@@ -156,6 +158,14 @@ class TrainerCallbacks(Callback):
             if got is not None:
                 for key, value in {**got.get("args", {}), **got.get("attributes", {})}.items():
                     setattr(cb, key, value)
+        not_found = [name for name in saved if name not in seen]
+        if not_found:
+            from transformers.trainer import logger
+
+            logger.warning(
+                "Checkpoint included callbacks not included in current configuration. Ignoring. "
+                f"({', '.join(not_found)})"
+            )
 
 
 def split(callbacks, args=None):

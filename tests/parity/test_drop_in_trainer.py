@@ -112,3 +112,28 @@ def test_state_save_and_metrics_files_as_trainer_writes_them(tmp_path):
     assert json.load(open(tmp_path / "loop" / "all_results.json"))["train_loss"] == output.training_loss
     trainer.save_model(str(tmp_path / "saved"))
     assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "saved") is not None
+
+
+def test_a_dict_of_eval_sets_during_training_gives_trainers_records_and_best_checkpoint(tmp_path):
+    """Each named set evaluated under eval_<name>_, one record and one on_evaluate each, the best checkpoint chosen on
+    one of them; the run written into an output_dir a previous run used, as Trainer does."""
+    model, train = tiny_gpt2(dropout=0.1), LMData(40)
+    evals = {"near": LMData(9, seed=1), "far": LMData(6, seed=2, ragged=True)}
+    kw = dict(save_strategy="steps", save_steps=4, metric_for_best_model="far_loss", load_best_model_at_end=True)
+    runs = {}
+    for Base in (transformers.Trainer, loop.Trainer):
+        args = _args(tmp_path, "dict-" + Base.__module__, **kw)
+        callback = LossLoggingCallback()
+        for _ in range(2):  # the second run writes into the first one's output_dir
+            trainer = Base(model=clone(model), args=args, train_dataset=train, eval_dataset=evals, callbacks=[callback])
+            trainer.train()
+        runs[Base] = trainer
+    theirs, ours = runs[transformers.Trainer], runs[loop.Trainer]
+    assert_same(theirs.state.log_history, ours.state.log_history)
+    names = [k for r in ours.state.log_history for k in r if k.endswith("_loss") and k.startswith("eval_")]
+    assert names == ["eval_near_loss", "eval_far_loss"] * 2
+    assert ours.state.best_global_step == theirs.state.best_global_step
+    assert ours.state.best_metric == theirs.state.best_metric
+    assert all(torch.equal(a, b) for a, b in zip(theirs.model.state_dict().values(), ours.model.state_dict().values()))
+    kept = sorted(p.name for p in (tmp_path / "dict-loop.trainer").glob("metrics*.jsonl"))
+    assert len(kept) == 2 and "metrics.jsonl" in kept  # the first run's records moved aside, not mixed in
