@@ -208,8 +208,9 @@ def _choose(value, output_dir: str, checker: bool = True, everyone=lambda x: [x]
                     f"{', '.join(f'{PREFIX}{s}' for s in whole if s > step)})"
                 )
             return path
-    raise LoopError(
-        f"resume_from_checkpoint={value!r}: no complete checkpoint in {output_dir}"
+    raise LoopError(  # Trainer's words first: code written for Trainer's message still finds it
+        f"resume_from_checkpoint={value!r}: No valid checkpoint found in output directory ({output_dir}): no "
+        f"complete checkpoint in {output_dir}"
         f"{' is whole on every node' if each_node else ''}; train without --resume_from_checkpoint or "
         "point it at a checkpoint folder"
     )
@@ -220,6 +221,11 @@ def _path_problem(path: str, checksums: bool):
 
 
 def _cannot(path: str, problem: str, where: str = ":") -> str:
+    if problem == "it does not exist":  # Trainer's words
+        return (
+            f"resume_from_checkpoint: Can't find a valid checkpoint at {path}: it does not exist; pass another "
+            "checkpoint, or 'latest' to take the newest whole one"
+        )
     return (
         f"resume_from_checkpoint: {path} cannot be resumed{where} {problem}; pass another checkpoint, or 'latest' "
         "to take the newest whole one"

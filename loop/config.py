@@ -185,6 +185,9 @@ class TrainConfig:
         "whole set (compute_result True on the last batch); predictions are not kept.",
     )
     eval_do_concat_batches: bool = _f(True, "Concatenate predictions across batches (false: one array per batch).")
+    eval_use_gather_object: bool = _f(
+        False, "Gather predictions across processes as Python objects (predictions that are not tensors)."
+    )
     metric_for_best_model: typing.Optional[str] = _f(
         None, "Metric that picks the best checkpoint and drives early stopping."
     )

@@ -11,6 +11,7 @@ evaluations during training, run.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -82,6 +83,7 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     from transformers.trainer_utils import EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
     acc, model, cfg = run.accelerator, run.model, run.config
+    gather = functools.partial(acc.gather_for_metrics, use_gather_object=cfg.eval_use_gather_object)  # Trainer's
     if run.evaluate_eagerly and hasattr(model, "_orig_mod"):
         # `fast` evaluates without compilation: evaluation's shapes (eval batch size, a short last batch, other
         # lengths) each cost a compilation, which on SST-2 took longer than evaluating eagerly ever would
@@ -102,19 +104,19 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
         loss, logits, labels = batch_prediction(run, model, batch, False, ignore)
         fire(run.callbacks, "on_prediction_step", run)  # Trainer's event after each evaluation batch
         if loss is not None:
-            loss = acc.gather_for_metrics(loss.repeat(batch_size))
+            loss = gather(loss.repeat(batch_size))
             losses.add(loss)
         if loss_only:
             continue
         if "inputs" in cfg.include_for_metrics and batch.get(main_input) is not None and keep:
-            inputs_all.add(acc.gather_for_metrics(acc.pad_across_processes(batch[main_input], dim=1, pad_index=-100)))
+            inputs_all.add(gather(acc.pad_across_processes(batch[main_input], dim=1, pad_index=-100)))
         if labels is not None:
             labels = acc.pad_across_processes(labels, dim=1, pad_index=-100)
         logits = acc.pad_across_processes(logits, dim=1, pad_index=-100)
         if run.preprocess_logits_for_metrics is not None:
             logits = run.preprocess_logits_for_metrics(logits, labels)
-        logits = acc.gather_for_metrics(logits)
-        labels = acc.gather_for_metrics(labels) if labels is not None else None
+        logits = gather(logits)
+        labels = gather(labels) if labels is not None else None
         if keep:
             preds.add(logits)
             if labels is not None:

@@ -66,7 +66,6 @@ REFUSED = {
     "trackio_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
-    "eval_use_gather_object": "predictions are gathered as tensors",
     "push_to_hub": "push the saved output_dir with huggingface_hub yourself",
     "hub_token": "Hub upload is not implemented",
     "hub_private_repo": "Hub upload is not implemented",

@@ -50,7 +50,7 @@ def test_round_trip_through_training_arguments():
 
 @pytest.mark.parametrize(
     "name,value",
-    [("eval_use_gather_object", True), ("fsdp", "full_shard"), ("push_to_hub", True), ("auto_find_batch_size", True)],
+    [("fsdp", "full_shard"), ("push_to_hub", True), ("auto_find_batch_size", True)],
 )
 def test_unsupported_training_arguments_are_refused_by_name(name, value):
     kwargs = {name: value}
