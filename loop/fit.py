@@ -90,6 +90,8 @@ def train(
     compute_loss=None,
     training_step=None,
     create_scheduler=None,
+    log=None,
+    evaluate=None,
 ) -> TrainResult:
     """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (docs/api.md).
 
@@ -97,12 +99,16 @@ def train(
     optimizers=(optimizer, lr_scheduler), optimizer_cls_and_kwargs=(cls, kwargs), model_init (a fresh model per
     run, instead of `model`); a Trainer subclass's compute_loss(model, inputs, return_outputs, num_items_in_batch)
     and training_step(model, inputs, num_items_in_batch) (once per micro-batch, its own backward: Trainer's contract;
-    loop.Trainer hands them over). optimizer_step(run, window) -> grad_norm replaces the whole step (loop/step.py).
+    loop.Trainer hands them over), and its log(logs, start_time) and evaluate(), through which every record and every
+    evaluation in training go (loop.Trainer's log() and evaluate() record and evaluate the running run).
+    optimizer_step(run, window) -> grad_norm replaces the whole step (loop/step.py).
     """
     for name, fn in (
         ("compute_loss", compute_loss),
         ("training_step", training_step),
         ("create_scheduler", create_scheduler),
+        ("log", log),
+        ("evaluate", evaluate),
     ):
         if fn is not None and not callable(fn):
             raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
@@ -143,6 +149,8 @@ def train(
             compute_loss=compute_loss,
             training_step=training_step,
             create_scheduler=create_scheduler,
+            log=log,
+            evaluate=evaluate,
         )
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
         for_the_run.enter_context(prints_above_the_bar(not config.disable_tqdm and run.accelerator.is_main_process))
@@ -256,6 +264,8 @@ def build(
     compute_loss=None,
     training_step=None,
     create_scheduler=None,
+    log=None,
+    evaluate=None,
 ) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
@@ -271,6 +281,8 @@ def build(
         config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func, optimizer_step
     )
     run.compute_loss, run.training_step = compute_loss, training_step  # a Trainer subclass's overrides
+    run.log_hook = log  # a Trainer subclass's log(logs, start_time): every record goes through it
+    run.evaluate_hook = evaluate  # a Trainer subclass's evaluate(): every evaluation in training goes through it
     collator = default_collator(data_collator, processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
     # a dict of named eval sets is evaluated set by set, each under eval_<name>_ (Trainer's rule)
@@ -516,18 +528,27 @@ def log_loss(run):
     run.records.log(record, run.start_time, telemetry=True)
 
 
-def run_eval(run, on_start=False):
-    """Evaluate each eval set (and the EMA weights, swapped in place); returns (metrics, a callback asked to stop).
-    Each set of a dict is its own record and on_evaluate, under eval_<name>_, as Trainer's evaluate() does."""
-    metrics, stop_now = {}, False
+def evaluate_sets(run) -> dict:
+    """Each eval set evaluated, recorded and handed to on_evaluate; a dict's sets each under eval_<name>_, as
+    Trainer's evaluate() does. A callback's request to stop is kept in run.eval_stop."""
+    metrics = {}
     for name, loader in run.evaluators.items():
         prefix = "eval" if name is None else f"eval_{name}"
         run.evaluating = loader  # what TrainerCallbacks hand over as eval_dataloader
         got = evaluate_metrics(run, loader, prefix)
         run.records.log(got)
         got["epoch"] = run.state.epoch  # Trainer's log() adds it to the metrics that on_evaluate then receives
-        stop_now = fire(run.callbacks, "on_evaluate", run, got) or stop_now
+        run.eval_stop = fire(run.callbacks, "on_evaluate", run, got) or run.eval_stop
         metrics.update(got)
+    return metrics
+
+
+def run_eval(run, on_start=False):
+    """Evaluate each eval set (and the EMA weights, swapped in place); returns (metrics, a callback asked to stop).
+    A Trainer subclass's evaluate() is called in its place; its super().evaluate() comes back to evaluate_sets."""
+    run.eval_stop = False
+    metrics = dict(run.evaluate_hook()) if run.evaluate_hook is not None else evaluate_sets(run)
+    stop_now = run.eval_stop
     if run.ema is not None:
         for name, loader in run.evaluators.items():
             with run.ema.swapped(run.unwrapped):  # EMA weights in, the trained ones back after (also on failure)
@@ -627,11 +648,20 @@ class _Records:
     def __init__(self, run, max_steps, start_step):
         from .records import Records
 
-        self.run = run
+        self.run, self.telemetry = run, False
         self.out = Records(run.config, run.accelerator, max_steps, start_step)
 
     def log(self, logs: dict, start_time=None, telemetry=False):
+        """A record; through a Trainer subclass's log(logs, start_time) when it has one (its super().log() comes
+        back to emit(), as Trainer's log does the recording)."""
+        if self.run.log_hook is None:
+            return self.emit(logs, start_time, telemetry)
+        self.telemetry = telemetry
+        self.run.log_hook(dict(logs), start_time)
+
+    def emit(self, logs: dict, start_time=None, telemetry=None):
         run, state = self.run, self.run.state
+        telemetry = self.telemetry if telemetry is None else telemetry
         logs = dict(logs)
         logs["epoch"] = state.epoch
         # reduces the step counters across ranks: a log-boundary sync

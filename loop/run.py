@@ -42,6 +42,8 @@ class Run:
         self.loss_func_takes_items = compute_loss_func is not None and _takes(compute_loss_func, "num_items_in_batch")
         self.step_fn = step_fn or optimizer_step  # optimizer_step(run, window) -> grad_norm
         self.compute_loss = self.training_step = None  # a Trainer subclass's overrides (loop.Trainer hands them over)
+        self.log_hook = self.evaluate_hook = None
+        self.eval_stop = False  # a callback asked to stop in on_evaluate (fit.evaluate_sets)
         self.window_size = 1  # micro-batches in the window being stepped (what Trainer divides a per-batch mean by)
         self.state = TrainState()
         self.optimizer = self.scheduler = self.ema = None

@@ -9,10 +9,12 @@ A subclass's overrides plug into the loop's hooks at Trainer's points:
   * training_step(model, inputs, num_items_in_batch): once per micro-batch, doing its own backward (Trainer's
     contract); super().training_step() is the loop's own micro-batch;
   * create_optimizer(): called before training, its optimizer handed to the loop;
-  * create_scheduler(num_training_steps, optimizer): called once the run's length is known.
+  * create_scheduler(num_training_steps, optimizer): called once the run's length is known;
+  * log(logs, start_time): every record of the run goes through it; super().log() records it;
+  * evaluate(): every evaluation in training goes through it; super().evaluate() evaluates the run's eval sets.
 A subclass that overrides none of them runs the loop's own step, with the loop's numbers and speed. Overrides of
-Trainer's internals that the loop cannot honour (its dataloaders, prediction_step, create_scheduler, log, the inner
-loop) are refused when the Trainer is made, in one line naming them.
+Trainer's internals that the loop does not call (NOT_HONOURED: its dataloaders, prediction_step, the inner loop) are
+refused when the Trainer is made, in one line naming them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ NOT_HONOURED = (
     "get_test_dataloader",
     "prediction_step",
     "create_optimizer_and_scheduler",
-    "log",
     "evaluation_loop",
     "_inner_training_loop",
     "_maybe_log_save_evaluate",
@@ -201,6 +202,10 @@ class Trainer:
             hooks["compute_loss"] = self.compute_loss
         if _overrides(self, "training_step"):
             hooks["training_step"] = self.training_step
+        if _overrides(self, "log"):
+            hooks["log"] = self.log  # every record of the run goes through it, as Trainer's records do
+        if _overrides(self, "evaluate"):
+            hooks["evaluate"] = self.evaluate  # every evaluation in training, called as Trainer calls it
         if _overrides(self, "create_scheduler") and self.lr_scheduler is None:
             hooks["create_scheduler"] = self.create_scheduler  # called with the run's length, once it is known
         self._trial = trial  # model_init(trial), and the state's trial_params (as Trainer's train(trial=))
@@ -337,7 +342,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and prediction
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         from .evaluation import evaluate
+        from .fit import evaluate_sets
 
+        if self._run is not None and eval_dataset is None:  # an evaluation of the run (a subclass's super() call)
+            return evaluate_sets(self._run)
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         if data is None:
             raise LoopError("evaluate() needs an eval_dataset (here or given to the Trainer)")
@@ -382,7 +390,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ records and saving
     def log(self, logs, start_time=None):
-        """Trainer.log outside training: the epoch added, appended to state.log_history, on_log called."""
+        """Trainer.log: during training the run's record (epoch and token counts added, appended to log_history,
+        written, on_log); outside training the epoch added, appended to state.log_history, on_log called."""
+        if self._run is not None:
+            self._run.records.emit(logs, start_time)
+            return
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         self.state.log_history.append({**logs, "step": self.state.global_step})

@@ -137,3 +137,49 @@ def test_a_dict_of_eval_sets_during_training_gives_trainers_records_and_best_che
     assert all(torch.equal(a, b) for a, b in zip(theirs.model.state_dict().values(), ours.model.state_dict().values()))
     kept = sorted(p.name for p in (tmp_path / "dict-loop.trainer").glob("metrics*.jsonl"))
     assert len(kept) == 2 and "metrics.jsonl" in kept  # the first run's records moved aside, not mixed in
+
+
+def test_a_subclass_log_override_sees_and_shapes_every_record_as_under_trainer(tmp_path):
+    """Trainer subclasses (TRL's among them) override log() to add their own keys: every record (losses, evaluations,
+    the final train metrics) goes through it, and what it hands to super().log() is what is recorded."""
+
+    def logged(Base):
+        class LogMore(Base):
+            def log(self, logs, start_time=None):
+                logs = {**logs, "records_so_far": len(self.state.log_history)}
+                super().log(logs, start_time)
+
+        trainer = LogMore(
+            model=tiny_gpt2(), args=_args(tmp_path, Base.__module__), train_dataset=LMData(40), eval_dataset=LMData(9)
+        )
+        trainer.train()
+        return trainer.state.log_history
+
+    theirs, ours = logged(transformers.Trainer), logged(loop.Trainer)
+    assert_same(theirs, ours)
+    assert [r["records_so_far"] for r in ours] == list(range(len(ours))) and len(ours) > 8
+
+
+def test_a_subclass_evaluate_override_is_every_evaluation_in_training_as_under_trainer(tmp_path):
+    """A subclass's evaluate() runs at each evaluation in training; the metrics it returns choose the best checkpoint."""
+
+    def run(Base):
+        class EvalMore(Base):
+            calls = 0
+
+            def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+                type(self).calls += 1
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                return {**metrics, "eval_score": -metrics["eval_loss"] * (1 + self.state.global_step % 3)}
+
+        args = _args(tmp_path, Base.__module__, eval_steps=2, save_strategy="steps", save_steps=2)
+        args.metric_for_best_model, args.greater_is_better = "score", True
+        trainer = EvalMore(model=tiny_gpt2(), args=args, train_dataset=LMData(40), eval_dataset=LMData(9))
+        trainer.train()
+        return trainer
+
+    theirs, ours = run(transformers.Trainer), run(loop.Trainer)
+    assert_same(theirs.state.log_history, ours.state.log_history)
+    assert type(ours).calls == type(theirs).calls == 4
+    assert ours.state.best_global_step == theirs.state.best_global_step
+    assert ours.state.best_metric == theirs.state.best_metric
