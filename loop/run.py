@@ -51,10 +51,10 @@ class Run:
         self.last_lr, self.group_names, self.last_group_lrs = None, [], []
         self.epoch_start_rng = None
         self.saved_rng = None  # the random streams a resumed checkpoint holds (checkpoint.RankState)
-        # the first step (1-based) whose loss or grad norm was non-finite, 0 if none: kept on device, read at
-        # log/eval/save boundaries only. fp16 overflows are skipped by the scaler and are not watched.
+        # whether each loss and grad norm was finite, as (1-based step, flag on the device) since the last
+        # log/eval/save boundary, where fit.check_finite reads them. fp16 overflows are skipped by the scaler and are
+        # not watched.
         self.watch_nonfinite = config.stop_on_nonfinite and config.mixed_precision != "fp16"
-        # (step, finite flag on the device) since the last boundary; check_finite reads them there (fit.py)
         self.finite_flags = []
         self.telemetry = None
         self.attention = contextlib.nullcontext  # around every forward: the SDPA kernels allowed (fast.Plan.attention)

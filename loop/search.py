@@ -73,23 +73,7 @@ def trial_params(trial) -> dict:
     return dict(trial.params) if hasattr(trial, "params") else dict(trial)
 
 
-def default_hp_space(trial) -> dict:
-    from transformers.trainer_utils import default_hp_space_optuna
-
-    return default_hp_space_optuna(trial)
-
-
-def default_compute_objective(metrics: dict):
-    from transformers.trainer_utils import default_compute_objective as theirs
-
-    return theirs(metrics)
-
-
 # ---------------------------------------------------------------------------------------------- reporting
-class TrialPruned(Exception):
-    """Raised on every process of a trial that the pruner stopped (optuna.TrialPruned on the first one)."""
-
-
 class Report(Callback):
     """The objective at each evaluation, reported to the trial so that the pruner can stop the run there."""
 
@@ -110,17 +94,11 @@ class Report(Callback):
             from accelerate.utils import broadcast_object_list
 
             prune = broadcast_object_list([prune])[0]
-        if prune:
+        if prune:  # on every rank (a search runs only where Optuna is installed: check_backend)
+            import optuna
+
             fire(run.callbacks, "on_train_end", run)  # as Trainer calls on_train_end before raising
-            raise _pruned()
-
-
-def _pruned():
-    if _installed("optuna"):
-        import optuna
-
-        return optuna.TrialPruned()
-    return TrialPruned()
+            raise optuna.TrialPruned()
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -145,7 +123,7 @@ def optimize(run_trial, hp_space, n_trials: int, direction, study_kwargs: dict, 
             trial = optuna.trial.FixedTrial(params, number)
             try:
                 run_trial(trial)
-            except (optuna.TrialPruned, TrialPruned):
+            except optuna.TrialPruned:
                 pass
         return None
 

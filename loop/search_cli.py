@@ -183,10 +183,12 @@ def _optimize(options, values, space, base):
 def run_trial(trial, values, space, base, metric):
     """One trial: the job with the trial's values, in run-<number> (a retried trial continues the killed run's newest
     whole checkpoint, in its folder)."""
+    from transformers.trainer_utils import default_compute_objective
+
     from . import checkpoint as ckpt
     from .fit import train
     from .job import build_task, job_from_values
-    from .search import Report, default_compute_objective
+    from .search import Report
 
     params = suggest(trial, space)
     out, resume = os.path.join(base, f"run-{trial.number}"), None

@@ -40,6 +40,10 @@ NOT_HONOURED = (
 )
 
 
+# a subclass's overrides of these are handed to loop.train's hooks of the same names
+HOOKED = ("compute_loss", "training_step", "log", "evaluate", "create_scheduler")
+
+
 class Trainer:
     """transformers.Trainer's constructor, attributes and public methods, running the loop (see the module docstring)."""
 
@@ -190,27 +194,20 @@ class Trainer:
 
         if kwargs:
             raise LoopError(f"train() got unexpected arguments {', '.join(kwargs)}")
-        eval_dataset = self._eval_for_training()  # refused before anything is built
         if self.model_init is not None:  # a fresh model: the previous run's optimizer and scheduler go (Trainer's rule)
             self.optimizer, self.lr_scheduler = None, None
         if _overrides(self, "create_optimizer"):
             if self.model is None:
                 raise LoopError("a create_optimizer override needs the model: pass model=, not model_init")
             self.create_optimizer()
-        hooks = {}
-        if self._loss_override() is not None:
-            hooks["compute_loss"] = self.compute_loss
-        if _overrides(self, "training_step"):
-            hooks["training_step"] = self.training_step
-        if _overrides(self, "log"):
-            hooks["log"] = self.log  # every record of the run goes through it, as Trainer's records do
-        if _overrides(self, "evaluate"):
-            hooks["evaluate"] = self.evaluate  # every evaluation in training, called as Trainer calls it
-        if _overrides(self, "create_scheduler") and self.lr_scheduler is None:
-            hooks["create_scheduler"] = self.create_scheduler  # called with the run's length, once it is known
+        # a subclass's overrides, handed to the loop's hooks of the same names (the module docstring says when each
+        # is called); a scheduler already made is used as it is
+        hooks = {name: getattr(self, name) for name in HOOKED if _overrides(self, name)}
+        if self.lr_scheduler is not None:
+            hooks.pop("create_scheduler", None)
         self._trial = trial  # model_init(trial), and the state's trial_params (as Trainer's train(trial=))
         try:
-            result = self._train(resume_from_checkpoint, eval_dataset, hooks)
+            result = self._train(resume_from_checkpoint, hooks)
         finally:
             self._run, self.control = None, self._callbacks.control  # the run is over, also when it raised
         self.fast = result.fast  # the levers the run used, and why the others stayed off (loop.fast.Plan)
@@ -227,7 +224,7 @@ class Trainer:
         # its command line and loop.train: TrainingArguments have no overwrite_output_dir since transformers 5)
         return dataclasses.replace(self.config, disable_tqdm=True, report_to="none", reuse_output_dir=True)
 
-    def _train(self, resume_from_checkpoint, eval_dataset, hooks):
+    def _train(self, resume_from_checkpoint, hooks):
         from .fit import train
         from .run import call_model_init
 
@@ -241,7 +238,7 @@ class Trainer:
         return train(
             self._run_config(),
             train_dataset=self.train_dataset,
-            eval_dataset=eval_dataset,
+            eval_dataset=self.eval_dataset,  # one set, or a dict of named ones (each evaluated under eval_<name>_)
             data_collator=self.data_collator,
             compute_metrics=self.compute_metrics,
             callbacks=[*self._loop_callbacks, _Bind(self), self._callbacks],
@@ -331,9 +328,6 @@ class Trainer:
     def _loss_override(self):
         return self.compute_loss if _overrides(self, "compute_loss") else None
 
-    def _eval_for_training(self):
-        return self.eval_dataset  # one set, or a dict of named ones (each evaluated under eval_<name>_)
-
     def _active_run(self, what):
         if self._run is None:
             raise LoopError(f"Trainer.{what} runs inside train() (it needs the run's model and settings)")
@@ -354,7 +348,21 @@ class Trainer:
             for name, ds in data.items():
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        metrics = evaluate(
+        metrics = self._inference(evaluate, data, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        from .evaluation import predict
+
+        output = self._inference(predict, test_dataset, metric_key_prefix)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
+        return output
+
+    def _inference(self, fn, data, metric_key_prefix):
+        """loop.evaluate or loop.predict on `data` with the Trainer's model, data handling, metrics and loss."""
+        return fn(
             self.config,
             self.model,
             data,
@@ -366,27 +374,6 @@ class Trainer:
             metric_key_prefix=metric_key_prefix,
             compute_loss=self._loss_override(),
         )
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return metrics
-
-    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
-        from .evaluation import predict
-
-        output = predict(
-            self.config,
-            self.model,
-            test_dataset,
-            self.data_collator,
-            self.compute_metrics,
-            self.processing_class,
-            self.preprocess_logits_for_metrics,
-            self.compute_loss_func,
-            metric_key_prefix=metric_key_prefix,
-            compute_loss=self._loss_override(),
-        )
-        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
-        return output
 
     # ------------------------------------------------------------------ records and saving
     def log(self, logs, start_time=None):
@@ -450,6 +437,8 @@ class Trainer:
         values set on the arguments and a fresh model from model_init(trial), in <output_dir>/run-<number>. kwargs go
         to optuna.create_study, except timeout, n_jobs, gc_after_trial and catch (to study.optimize). Returns
         transformers' BestRun (a list for several directions; None on processes other than the first)."""
+        from transformers.trainer_utils import default_compute_objective, default_hp_space_optuna
+
         from . import search
 
         search.check_backend(backend)
@@ -457,9 +446,9 @@ class Trainer:
             raise LoopError(
                 "hyperparameter_search needs a model_init (each trial trains a fresh model): pass model_init="
             )
-        self.hp_space = hp_space or search.default_hp_space
+        self.hp_space = hp_space or default_hp_space_optuna
         self.hp_name = hp_name
-        self.compute_objective = compute_objective or search.default_compute_objective
+        self.compute_objective = compute_objective or default_compute_objective
         optimize_kwargs = {k: kwargs.pop(k) for k in ("timeout", "n_jobs", "gc_after_trial", "catch") if k in kwargs}
         base = self.args, self.config
         self._search_args = copy.copy(self.args)  # what each trial's values are set on, in turn (Trainer's rule)

@@ -288,6 +288,29 @@ def seeds(Base):
     return CustomTrainer, EMATrainer, CustomOptimizerTrainer, CustomSchedulerTrainer
 
 
+def worker_args(output_dir, **kw):
+    """The TrainingArguments of the torchrun workers' Trainer runs: windows of 2 micro-batches of 3, 5 steps, every
+    loss logged, one evaluation at the end."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=5,
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        label_names=["labels"],
+        eval_strategy="steps",
+        eval_steps=5,
+        per_device_eval_batch_size=3,
+    )
+    return TrainingArguments(output_dir=output_dir, **{**base, **kw})
+
+
 class LossLoggingCallback(TrainerCallback):
     """The seeds' callback: the last logged loss from state.log_history at every step end."""
 

@@ -2,7 +2,7 @@
 same TrainerState and TrainerControl as under Trainer, control obeyed, and the same numbers (CPU, fp32)."""
 
 import pytest
-from helpers import LMData, assert_same, clone, tiny_gpt2
+from helpers import LMData, LossLoggingCallback, assert_same, clone, tiny_gpt2
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 import loop
@@ -52,17 +52,6 @@ class Recorder(TrainerCallback):
 
             return record
         return super().__getattribute__(name)
-
-
-class LossLoggingCallback(TrainerCallback):
-    """The seeds' callback: reads the last logged loss from state.log_history at every step end."""
-
-    def __init__(self):
-        self.losses = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.log_history and "loss" in state.log_history[-1]:
-            self.losses.append((state.global_step, state.log_history[-1]["loss"]))
 
 
 def _args(tmp_path, name, **kw):

@@ -9,28 +9,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 import torch  # noqa: E402
-from helpers import ClsData, SimpleClassifier, cross_entropy_over_items  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from helpers import ClsData, SimpleClassifier, cross_entropy_over_items, worker_args  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 import loop  # noqa: E402
 
 out, side = sys.argv[1], sys.argv[2]
-args = TrainingArguments(
-    output_dir=os.path.join(out, "trainer"),
-    per_device_train_batch_size=3,
-    gradient_accumulation_steps=2,
-    max_steps=5,
-    logging_steps=1,
-    learning_rate=1e-2,
-    save_strategy="no",
-    report_to="none",
-    disable_tqdm=True,
-    use_cpu=True,
-    label_names=["labels"],
-    eval_strategy="steps",
-    eval_steps=5,
-    per_device_eval_batch_size=3,
-)
+args = worker_args(os.path.join(out, "trainer"))
 train, val = ClsData(40), ClsData(11, seed=1)
 result = {"world_size": None}
 if side == "trainer":

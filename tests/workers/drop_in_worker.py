@@ -9,8 +9,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 import transformers  # noqa: E402
-from helpers import ClsData, LossLoggingCallback, SimpleClassifier, cross_entropy_over_items, seeds  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from helpers import (  # noqa: E402
+    ClsData,
+    LossLoggingCallback,
+    SimpleClassifier,
+    cross_entropy_over_items,
+    seeds,
+    worker_args,
+)
 
 import loop  # noqa: E402
 
@@ -22,23 +28,7 @@ for name, cls, hooks in (
     ("compute_loss", CustomTrainer, {}),
     ("create_optimizer", CustomOptimizerTrainer, {"compute_loss_func": cross_entropy_over_items}),
 ):
-    args = TrainingArguments(
-        output_dir=os.path.join(out, side, name),
-        per_device_train_batch_size=3,
-        gradient_accumulation_steps=2,
-        max_steps=5,
-        logging_steps=1,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        label_names=["labels"],
-        eval_strategy="steps",
-        eval_steps=5,
-        per_device_eval_batch_size=3,
-        seed=5,
-    )
+    args = worker_args(os.path.join(out, side, name), seed=5)
     callback = LossLoggingCallback()
     trainer = cls(
         model=SimpleClassifier(),
