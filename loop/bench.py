@@ -1,6 +1,6 @@
 """`loop bench`: training speed of Trainer and the loop, side by side, each side in a fresh process of its own.
 
-    loop bench --workload gpt2-124m|bert-base|tiny-bert|minilm-sst2|tiny-gpt2 [--sides S1,S2,..] [--steps N]
+    loop bench --workload gpt2-124m|gpt2-124m-llmc|bert-base|tiny-bert|minilm-sst2|tiny-gpt2 [--sides S1,..] [--steps N]
     loop bench --config JOB [...]           (any job file; --<field> VALUE overrides as in `loop train`)
 
 Per side: ms per optimizer step, tokens/s and samples/s (steady state: the first steps are excluded as warm-up),
@@ -90,6 +90,24 @@ WORKLOADS = {
         "outputs/bench-tiny-gpt2",
     ],
 }
+# llm.c's GPT-2 124M settings (train_gpt2.cu), as options over gpt2-124m's (later options win): dropout 0, 64 rows of
+# 1024 tokens an optimizer step (16 x accumulation 4; --per_device_train_batch_size 64 --gradient_accumulation_steps 1
+# for one micro-batch), AdamW at 6e-4 with betas (0.9, 0.95), weight decay 0.1 and clipping at 1.0
+WORKLOADS["gpt2-124m-llmc"] = WORKLOADS["gpt2-124m"] + [
+    "--model_config",
+    '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257, '
+    '"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}',
+    "--gradient_accumulation_steps",
+    "4",
+    "--adam_beta2",
+    "0.95",
+    "--weight_decay",
+    "0.1",
+    "--max_grad_norm",
+    "1.0",
+    "--output_dir",
+    "outputs/bench-gpt2-124m-llmc",
+]
 _BERT = [
     "--task",
     "text_classification",
@@ -217,6 +235,7 @@ def cmd_bench(argv) -> int:
     if problem := unwritable(config.output_dir):  # every rank, so that none waits for one that stopped
         raise LoopError(problem)  # before any side runs, not when the report is written
     rows = []
+    os.makedirs(config.output_dir, exist_ok=True)  # the sides' logs and results, then the report
     for i, name in enumerate(names):
         path = os.path.join(config.output_dir, f".bench-{i}-rank{rank}.json")
         env = dict(os.environ)

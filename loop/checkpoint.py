@@ -98,8 +98,16 @@ def damage(path: str, checksums: bool = False):
             json.load(f)
     except (OSError, ValueError):
         return "its loop_state.json or manifest is unreadable"
+    resharded = None
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        # weights re-sharded after saving (an index and its shards in place of model.safetensors): whole when every
+        # shard is there; the shards have no manifest entry, so only their presence is checked
+        shards = weight_files(path)
+        resharded = shards is not None and shards != ["pytorch_model.bin"]
     for rel, (size, crc) in (files or {}).items():
         full = os.path.join(path, rel)
+        if rel == "model.safetensors" and resharded:
+            continue
         if not os.path.isfile(full):
             return f"{rel} is missing"
         if os.path.getsize(full) != size:
@@ -244,14 +252,21 @@ def clean_stale(output_dir: str):
 
 
 def unwritable(folder: str):
-    """Why `folder` cannot be made or written in (one phrase with the fix), or None. A probe file, removed at once."""
+    """Why `folder` cannot be made or written in (one phrase with the fix), or None. A probe file, removed at once,
+    written in the folder or, while it does not exist, in its nearest existing parent (where it would be made): a
+    run that writes nothing leaves no folder, as Trainer's runs."""
+    fix = "choose a folder you can write to with --output_dir"
+    where = os.path.abspath(folder)
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):  # the folder, or what would hold it, is a file
+        return f"output_dir {folder} cannot be written (Not a directory); {fix}"
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+        probe = os.path.join(where, f".write-probe-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        return f"output_dir {folder} cannot be written ({e.strerror or e}); choose a folder you can write to with --output_dir"
+        return f"output_dir {folder} cannot be written ({e.strerror or e}); {fix}"
     return None
 
 
@@ -267,8 +282,8 @@ def previous_run(config) -> list[str]:
     if not os.path.isdir(out):
         return []
     names = sorted(os.listdir(out))
-    metrics = os.path.join(out, config.metrics_file)
-    left = [config.metrics_file] if os.path.isfile(metrics) and os.path.getsize(metrics) > 0 else []
+    metrics = os.path.join(out, config.metrics_file or "metrics.jsonl")  # another run's records, whatever this writes
+    left = [os.path.basename(metrics)] if os.path.isfile(metrics) and os.path.getsize(metrics) > 0 else []
     left += [n for n in names if _NAME.match(n) and os.path.isdir(os.path.join(out, n))]
     left += [n for n in FINAL_MODEL if n in names]
     return left
@@ -284,8 +299,8 @@ def new_run_problem(config) -> str | None:
     if not left:
         return None
     if config.reuse_output_dir:  # Trainer's way: write over what has the same names; the records are kept apart
-        metrics = os.path.join(config.output_dir, config.metrics_file)
-        if config.metrics_file in left:
+        metrics = os.path.join(config.output_dir, config.metrics_file or "metrics.jsonl")
+        if os.path.basename(metrics) in left:
             stem, ext = os.path.splitext(metrics)
             os.replace(metrics, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{ext}")
         return None
@@ -327,6 +342,7 @@ def check_output_dir(config, acc, resuming: bool = False):
     prefix = f".node-probe-{broadcast_object_list([os.urandom(4).hex()])[0]}-"
     probe = os.path.join(config.output_dir, f"{prefix}{acc.process_index}")
     if acc.is_local_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
         open(probe, "w").close()
     acc.wait_for_everyone()
     sees_another = acc.is_local_main_process and any(
@@ -446,11 +462,40 @@ def strip_prefixes(state_dict: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_weights(model, path: str):
-    """Load model.safetensors into an unwrapped model; tied weights saved once are fine."""
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(path: str):
+    """The files that hold a folder's weights: model.safetensors, or the shards its index names (as save_pretrained
+    writes a large model, or as weights are re-sharded after saving), or Trainer's older pytorch_model.bin. None when
+    they are not all there."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    try:
+        with open(os.path.join(path, WEIGHTS_INDEX)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = None
+    if shards is not None:
+        return shards if all(os.path.isfile(os.path.join(path, s)) for s in shards) else None
+    return ["pytorch_model.bin"] if os.path.isfile(os.path.join(path, "pytorch_model.bin")) else None
+
+
+def read_weights(path: str) -> dict:
+    """A folder's weights as one state dict, whichever form weight_files found."""
+    import torch
     from safetensors.torch import load_file
 
-    weights = load_file(os.path.join(path, "model.safetensors"))
+    weights = {}
+    for name in weight_files(path) or ["model.safetensors"]:  # none there: the error names the file looked for
+        full = os.path.join(path, name)
+        weights.update(load_file(full) if name.endswith(".safetensors") else torch.load(full, weights_only=True))
+    return weights
+
+
+def load_weights(model, path: str):
+    """Load a folder's weights (weight_files) into an unwrapped model; tied weights saved once are fine."""
+    weights = read_weights(path)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if _is_tied(model, k, weights)}
     if unexpected or set(missing) - tied:

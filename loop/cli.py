@@ -148,6 +148,7 @@ def cmd_evaluate(argv):
         for k, v in results.items():  # printed first: a file that cannot be written loses nothing
             print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
         out = os.path.join(config.output_dir, "eval_results.json")
+        os.makedirs(config.output_dir, exist_ok=True)
         with open(out, "w") as f:
             json.dump({"model": os.path.abspath(folder), **results}, f, indent=1)
         print(f"written to {out}")

@@ -36,6 +36,7 @@ SCHEDULERS = (
     "cosine_with_min_lr",
     "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
+    "greedy",  # transformers' GreedyLR, in the transformers versions that have it (validation checks)
 )
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "sgd", "adafactor", "adagrad", "rmsprop")
 INTERVALS = ("no", "steps", "epoch")
@@ -70,6 +71,11 @@ class TrainConfig:
     output_dir: str = _f("trainer_output", "Where checkpoints, metrics.jsonl and the final model are written.")
     per_device_train_batch_size: int = _f(8, "Micro-batch size per device (process) for training.")
     per_device_eval_batch_size: int = _f(8, "Batch size per device for evaluation.")
+    auto_find_batch_size: bool = _f(
+        False,
+        "On running out of device memory, start the run again with 0.9x the per-device batch (accelerate's "
+        "find_executable_batch_size, as Trainer); a resume starts from the batch its checkpoint recorded.",
+    )
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated into one optimizer step.")
     num_train_epochs: float = _f(3.0, "Epochs to train (fractional allowed); ignored when max_steps > 0.")
     max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
@@ -344,8 +350,11 @@ class TrainConfig:
         "or false under `fast` (faster on one host's GPUs; docs/benchmarks/).",
         group="loop",
     )
-    metrics_file: str = _f(
-        "metrics.jsonl", "File in output_dir that receives every record as one JSON line.", group="loop"
+    metrics_file: str | None = _f(
+        "metrics.jsonl",
+        "File in output_dir that receives every record as one JSON line; none: no file (loop.Trainer given "
+        "TrainingArguments writes Trainer's files only).",
+        group="loop",
     )
     save_final_model: bool = _f(
         True,

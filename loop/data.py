@@ -120,6 +120,15 @@ def _loader_kwargs(config, collator, batch_size):
     return kw
 
 
+def given_loader(accelerator, loader):
+    """A loader handed to the loop (a Trainer subclass's get_*_dataloader): a torch DataLoader the Accelerator has
+    not prepared is prepared (device placement, sharding across processes), as Trainer's own are; any other iterable
+    of batches is used as it is."""
+    if isinstance(loader, torch.utils.data.DataLoader) and not hasattr(loader, "total_batch_size"):
+        return accelerator.prepare(loader)
+    return loader
+
+
 def train_loader(config, dataset, collator, accelerator, table=None, model_input_name="input_ids"):
     """The training DataLoader, prepared; with a DeviceTable (fast.resolve decides) its batches are cut on the device."""
     kw = _loader_kwargs(config, collator, config.per_device_train_batch_size)

@@ -128,7 +128,8 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
             )
     all_losses, all_preds, all_labels = losses.get_arrays(), preds.get_arrays(), labels_all.get_arrays()
     all_inputs = inputs_all.get_arrays()
-    num_samples = len(loader.dataset) if hasattr(loader.dataset, "__len__") else seen
+    dataset = getattr(loader, "dataset", None)  # a custom loader (a subclass's get_eval_dataloader) may have none
+    num_samples = len(dataset) if hasattr(dataset, "__len__") else seen
     if (
         run.compute_metrics is not None
         and all_preds is not None
@@ -194,8 +195,9 @@ def _inference_run(
     what,
     changes,
     compute_loss=None,
+    dataloader=None,
 ):
-    from .data import default_collator, eval_loader, prepare_dataset
+    from .data import default_collator, eval_loader, given_loader, prepare_dataset
     from .fast import attention_context, evaluates_eagerly
     from .run import Run, place_model, start
 
@@ -221,6 +223,8 @@ def _inference_run(
         dataset, default_collator(data_collator, processing_class), model, config, run.label_names, what
     )
     loader = eval_loader(config, ds, collate, acc)
+    if dataloader is not None:  # a Trainer subclass's get_eval/test_dataloader; its super() builds the loop's
+        loader = given_loader(acc, dataloader(functools.partial(eval_loader, config, ds, collate, acc)))
     run.attention = attention_context(config.attention_backends)  # as in training
     run.evaluate_eagerly = evaluates_eagerly(config)
     run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
@@ -239,6 +243,7 @@ def evaluate(
     compute_loss_func=None,
     metric_key_prefix: str = "eval",
     compute_loss=None,
+    dataloader=None,
 ) -> dict:
     """Trainer.evaluate for `model` outside a training run: `eval_`-prefixed metrics (loss, compute_metrics' values,
     runtime and rates), over every sample once whatever the number of processes."""
@@ -255,6 +260,7 @@ def evaluate(
             "evaluate",
             changes,
             compute_loss,
+            dataloader,
         )
         return evaluation_loop(run, loader, metric_key_prefix).metrics
 
@@ -270,6 +276,7 @@ def predict(
     compute_loss_func=None,
     metric_key_prefix: str = "test",
     compute_loss=None,
+    dataloader=None,
 ):
     """Trainer.predict: PredictionOutput(predictions, label_ids, metrics), gathered from every process in dataset
     order with no sample counted twice; metrics are `test_`-prefixed (test_loss if the data has labels)."""
@@ -286,5 +293,6 @@ def predict(
             "predict",
             changes,
             compute_loss,
+            dataloader,
         )
         return evaluation_loop(run, loader, metric_key_prefix, loss_only=config.prediction_loss_only, prediction=True)

@@ -12,6 +12,7 @@ Host-device syncs happen only where a record is written (log boundaries, evaluat
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -26,7 +27,7 @@ from . import checkpoint as ckpt
 from . import fast
 from .callbacks import Callback, fire, fires_inside_the_step
 from .config import TrainConfig
-from .data import default_collator, eval_loader, has_length, prepare_dataset, train_loader
+from .data import default_collator, eval_loader, given_loader, has_length, prepare_dataset, train_loader
 from .errors import LoopError
 from .evaluation import check_metrics_function, evaluate_metrics
 from .model_changes import ModelChanges
@@ -92,6 +93,8 @@ def train(
     create_scheduler=None,
     log=None,
     evaluate=None,
+    train_dataloader=None,
+    eval_dataloader=None,
 ) -> TrainResult:
     """Train `model` on `train_dataset` as Trainer would with the same configuration and hooks (docs/api.md).
 
@@ -101,14 +104,21 @@ def train(
     and training_step(model, inputs, num_items_in_batch) (once per micro-batch, its own backward: Trainer's contract;
     loop.Trainer hands them over), and its log(logs, start_time) and evaluate(), through which every record and every
     evaluation in training go (loop.Trainer's log() and evaluate() record and evaluate the running run).
+    train_dataloader(build) and eval_dataloader(name, build) return the loader to use (a Trainer subclass's
+    get_*_dataloader); build() makes a new one of the loop's own, as each of Trainer's get_*_dataloader calls does
+    (an eval set's name: None, or its key in a dict of them).
     optimizer_step(run, window) -> grad_norm replaces the whole step (loop/step.py).
     """
+    if config.auto_find_batch_size:
+        return _find_batch_size(dict(locals()))
     for name, fn in (
         ("compute_loss", compute_loss),
         ("training_step", training_step),
         ("create_scheduler", create_scheduler),
         ("log", log),
         ("evaluate", evaluate),
+        ("train_dataloader", train_dataloader),
+        ("eval_dataloader", eval_dataloader),
     ):
         if fn is not None and not callable(fn):
             raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
@@ -151,6 +161,8 @@ def train(
             create_scheduler=create_scheduler,
             log=log,
             evaluate=evaluate,
+            train_dataloader=train_dataloader,
+            eval_dataloader=eval_dataloader,
         )
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
         for_the_run.enter_context(prints_above_the_bar(not config.disable_tqdm and run.accelerator.is_main_process))
@@ -159,6 +171,32 @@ def train(
                 saved_rng = resume(run, resume_path)
                 train_epochs(run, resumed=resume_path is not None, saved_rng=saved_rng)
             return finish(run, processing_class)
+
+
+def _find_batch_size(arguments) -> TrainResult:
+    """auto_find_batch_size (Trainer's): the run, started again with 0.9x the per-device batch each time it runs out
+    of device memory (accelerate's find_executable_batch_size); a resume starts from the batch its checkpoint
+    recorded (Trainer's rule). An attempt writes over what the one before it left in output_dir."""
+    import dataclasses
+
+    from accelerate.utils import find_executable_batch_size
+
+    config = arguments.pop("config")
+    start = config.per_device_train_batch_size
+    path = ckpt.resolve_resume(arguments["resume_from_checkpoint"], config.output_dir)
+    if path is not None:
+        start = ckpt.read_state(path).geometry.get("per_device_train_batch_size") or start
+    tried = []
+
+    def attempt(batch_size):
+        reuse = config.reuse_output_dir or bool(tried)
+        tried.append(batch_size)
+        run_config = dataclasses.replace(
+            config, per_device_train_batch_size=batch_size, auto_find_batch_size=False, reuse_output_dir=reuse
+        )
+        return train(run_config, **arguments)
+
+    return find_executable_batch_size(attempt, starting_batch_size=start)()
 
 
 # ====================================================================================== 1. check inputs
@@ -266,6 +304,8 @@ def build(
     create_scheduler=None,
     log=None,
     evaluate=None,
+    train_dataloader=None,
+    eval_dataloader=None,
 ) -> Run:
     """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
     acc = start(config)  # seeds first, exactly where Trainer seeds
@@ -311,6 +351,15 @@ def build(
     )
     run.loader = train_loader(config, train_ds, train_collate, acc, table)
     run.evaluators = {name: eval_loader(config, ds, c, acc) for name, (ds, c) in evals.items() if ds is not None}
+    if train_dataloader is not None:  # a Trainer subclass's get_train_dataloader; its super() builds the loop's
+        build = functools.partial(train_loader, config, train_ds, train_collate, acc, table)
+        run.loader = given_loader(acc, train_dataloader(build))
+    if eval_dataloader is not None:
+        run.evaluators = {
+            name: given_loader(acc, eval_dataloader(name, functools.partial(eval_loader, config, ds, c, acc)))
+            for name, (ds, c) in evals.items()
+            if ds is not None
+        }
     run.evaluator = run.evaluators.get(None)  # the one eval set, when there is no dict of them
     run.plan = plan = make_plan(config, run.loader)
     fast.apply(run.fast, run)
@@ -413,6 +462,9 @@ def resume(run, resume_path):
         ckpt.load(run, resume_path)
         if changed:  # inexact: keep the epoch, restart its data
             run.state.batches_in_epoch = 0
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            warnings.warn(f"resuming {resume_path} inexactly ({what}): the current epoch's data starts again")
+    run.resumed_from = resume_path
     run.start_step = run.state.global_step
     run.records = _Records(run, run.plan.max_steps, run.start_step)
     if ckpt.writes(acc, config):
@@ -481,7 +533,10 @@ def _epoch_batches(run, epoch, resumed, saved_rng):
     epoch's start before the iterator draws (so it draws what it drew the first time), then to the saved state."""
     config, acc = run.config, run.accelerator
     skip = run.state.batches_in_epoch if resumed and not config.ignore_data_skip else 0
-    epoch_loader = acc.skip_first_batches(run.loader, skip) if skip else run.loader
+    epoch_loader = run.loader
+    if skip:  # a DataLoader skips by index, loading nothing; another iterable (a custom loader) reads and drops
+        is_loader = isinstance(run.loader, torch.utils.data.DataLoader)
+        epoch_loader = acc.skip_first_batches(run.loader, skip) if is_loader else _dropping(run.loader, skip)
     _set_epoch(epoch_loader, epoch)
     restore = saved_rng if resumed else None
     # a Trainer checkpoint has no epoch-start streams: its loader starts under the current ones, as Trainer's does
@@ -582,9 +637,12 @@ def log_eval_save(run, should_log, should_eval, should_save):
         if config.save_strategy == "best":
             should_save = better
     if should_save:
-        if config.metric_for_best_model is not None and state.best_global_step == state.global_step:
-            # this checkpoint holds the best weights so far; recorded before saving so the saved state knows
-            state.best_checkpoint = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.global_step}")
+        if config.metric_for_best_model is not None and state.best_global_step:
+            # Trainer's rule: the best step's checkpoint, this one or one saved before the evaluation that found it
+            # (eval and save at different points); recorded before saving so the saved state knows
+            best = os.path.join(config.output_dir, f"{ckpt.PREFIX}{state.best_global_step}")
+            if state.best_global_step == state.global_step or os.path.isdir(best):
+                state.best_checkpoint = best
         path = ckpt.save(run)
         run.saved_step = state.global_step
         if ckpt.writes(run.accelerator, config):
@@ -605,6 +663,10 @@ def stop_preempted(run):
         f"SIGTERM: stopped at step {state.global_step} of {run.plan.max_steps} and saved {path}; continue "
         "with --resume_from_checkpoint latest"
     )
+
+
+def _dropping(loader, n):
+    yield from itertools.islice(loader, n, None)
 
 
 def _started(loader):
@@ -657,7 +719,10 @@ class _Records:
         if self.run.log_hook is None:
             return self.emit(logs, start_time, telemetry)
         self.telemetry = telemetry
-        self.run.log_hook(dict(logs), start_time)
+        if start_time is None:  # Trainer calls log(logs) for every record but the loss one
+            self.run.log_hook(dict(logs))
+        else:
+            self.run.log_hook(dict(logs), start_time)
 
     def emit(self, logs: dict, start_time=None, telemetry=None):
         run, state = self.run, self.run.state

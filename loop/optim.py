@@ -156,7 +156,11 @@ def build_scheduler(config, optimizer, total_steps: int):
 
 
 def is_plateau(scheduler) -> bool:
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    """A scheduler that steps on the evaluation metric (ReduceLROnPlateau, transformers' GreedyLR), not each step."""
+    import transformers.optimization
+
+    on_metric = (torch.optim.lr_scheduler.ReduceLROnPlateau, getattr(transformers.optimization, "GreedyLR", ()))
+    return isinstance(scheduler, tuple(t for t in on_metric if isinstance(t, type)))
 
 
 def current_lr(scheduler, optimizer) -> float:

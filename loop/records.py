@@ -28,7 +28,8 @@ class Records:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def _open(self):
-        if self.file is None and self.main:
+        """The records file, opened on first use; None on other processes or with no metrics_file."""
+        if self.file is None and self.main and self.config.metrics_file:
             os.makedirs(self.config.output_dir, exist_ok=True)
             self.file = open(os.path.join(self.config.output_dir, self.config.metrics_file), "a", encoding="utf-8")
         return self.file
@@ -37,9 +38,9 @@ class Records:
         """Append a record to metrics.jsonl and hand it to trackers (main process only)."""
         if not self.main:
             return
-        f = self._open()
-        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        f.flush()
+        if f := self._open():
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.flush()
         if self.trackers:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.accelerator.log(scalars, step=step)
@@ -50,9 +51,9 @@ class Records:
 
     def note(self, event: dict):
         """A line in metrics.jsonl that is not a log record (e.g. where a run resumed); it has an `event` key."""
-        if self.main:
-            self._open().write(json.dumps(event) + "\n")
-            self.file.flush()
+        if f := self._open():
+            f.write(json.dumps(event) + "\n")
+            f.flush()
 
     def advance(self, n: int = 1):
         if self.bar is not None:

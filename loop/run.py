@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ class Run:
         self.last_lr, self.group_names, self.last_group_lrs = None, [], []
         self.epoch_start_rng = None
         self.saved_rng = None  # the random streams a resumed checkpoint holds (checkpoint.RankState)
+        self.resumed_from = None  # the checkpoint this run resumed, once resume() has run
         # whether each loss and grad norm was finite, as (1-based step, flag on the device) since the last
         # log/eval/save boundary, where fit.check_finite reads them. fp16 overflows are skipped by the scaler and are
         # not watched.
@@ -80,12 +82,8 @@ class Run:
             # a logits-only model names no label argument; the loss function needs the `labels` column (Trainer
             # would drop it as an unused column and call compute_loss_func with labels=None)
             self.label_names = ["labels"]
-        self.label_smoother = None
-        self.owns_loss = compute_loss_func is not None or config.label_smoothing_factor != 0  # not the model's loss
-        if config.label_smoothing_factor != 0:
-            from transformers.trainer_pt_utils import LabelSmoother
-
-            self.label_smoother = LabelSmoother(epsilon=config.label_smoothing_factor)
+        self.label_smoother = make_label_smoother(config, model)
+        self.owns_loss = compute_loss_func is not None or self.label_smoother is not None  # not the model's loss
 
     def note_nonfinite(self, value, finite=None):
         """Remember whether `value` is finite at the current step: one flag kept on the device (no sync), read at the
@@ -137,6 +135,23 @@ def _label_shift_rules(model):
     )
     smooth = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if hasattr(model, "_get_name") else False
     return counts, smooth
+
+
+def make_label_smoother(config, model):
+    """Trainer's LabelSmoother for label_smoothing_factor, or None; with Trainer's warning, none for a multi-label
+    classifier (smoothing does not apply to its loss)."""
+    if config.label_smoothing_factor == 0:
+        return None
+    if getattr(getattr(model, "config", None), "problem_type", None) == "multi_label_classification":
+        warnings.warn(
+            "Label smoothing is not compatible with multi-label classification. "
+            "Disabling label smoothing for this training run.",
+            UserWarning,
+        )
+        return None
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    return LabelSmoother(epsilon=config.label_smoothing_factor)
 
 
 def make_accelerator(config):

@@ -11,7 +11,11 @@ A subclass's overrides plug into the loop's hooks at Trainer's points:
   * create_optimizer(): called before training, its optimizer handed to the loop;
   * create_scheduler(num_training_steps, optimizer): called once the run's length is known;
   * log(logs, start_time): every record of the run goes through it; super().log() records it;
-  * evaluate(): every evaluation in training goes through it; super().evaluate() evaluates the run's eval sets.
+  * evaluate(): every evaluation in training goes through it (by way of _evaluate(), as in Trainer: code that patches
+    _evaluate decides the metrics); super().evaluate() evaluates the run's eval sets;
+  * get_train_dataloader(), get_eval_dataloader(eval_dataset), get_test_dataloader(test_dataset): what they return
+    is trained, evaluated or predicted on; each super() call returns a new loader of the loop's own (Trainer's
+    sampler, collator, workers), and a torch DataLoader not yet prepared is prepared by the run's Accelerator.
 A subclass that overrides none of them runs the loop's own step, with the loop's numbers and speed. Overrides of
 Trainer's internals that the loop does not call (NOT_HONOURED: its dataloaders, prediction_step, the inner loop) are
 refused when the Trainer is made, in one line naming them.
@@ -27,9 +31,6 @@ from .errors import LoopError
 
 # Trainer methods a subclass may override that the loop does not call: refused by name rather than silently ignored
 NOT_HONOURED = (
-    "get_train_dataloader",
-    "get_eval_dataloader",
-    "get_test_dataloader",
     "prediction_step",
     "create_optimizer_and_scheduler",
     "evaluation_loop",
@@ -41,7 +42,7 @@ NOT_HONOURED = (
 
 
 # a subclass's overrides of these are handed to loop.train's hooks of the same names
-HOOKED = ("compute_loss", "training_step", "log", "evaluate", "create_scheduler")
+HOOKED = ("compute_loss", "training_step", "log", "create_scheduler")
 
 
 class Trainer:
@@ -66,6 +67,7 @@ class Trainer:
         from transformers.trainer_callback import TrainerControl, TrainerState
 
         from .config import TrainConfig
+        from .run import make_accelerator
         from .trainer_callbacks import TrainerCallbacks
 
         overridden = [name for name in NOT_HONOURED if _overrides(self, name)]
@@ -99,12 +101,19 @@ class Trainer:
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self.accelerator = None  # the run's Accelerator once train() has started
+        # Trainer's attribute (a TrainConfig has no train_batch_size: its per-device batch); after train(), the
+        # batch auto_find_batch_size found
+        self._train_batch_size = getattr(self.args, "train_batch_size", self.config.per_device_train_batch_size)
         self.state, self.control = TrainerState(), TrainerControl()
         # Trainer's callbacks, in Trainer's order: DefaultFlowCallback, the trackers report_to names (transformers'
         # integrations, in place of the loop's own trackers), the caller's, then the progress bar or the printer
         # (in place of the loop's own bar)
         self._trainer_output = not isinstance(self.args, TrainConfig)
+        # as Trainer: an Accelerator from construction (helpers such as get_train_dataloader and callbacks use it);
+        # each train() makes the run's own, which takes its place
+        self.accelerator = make_accelerator(self._run_config())
+        if self._trainer_output and self.args.should_save:  # Trainer makes its output_dir when it is made
+            os.makedirs(self.args.output_dir, exist_ok=True)
         integrations = []
         if self._trainer_output:
             from transformers.integrations import get_reporting_integration_callbacks
@@ -120,6 +129,11 @@ class Trainer:
 
             self.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
         self._run, self._trial, self._trial_model, self.hp_name = None, None, None, None
+        self._default_loader = None  # while a subclass's get_*_dataloader runs: what makes its super()'s loader
+        self._eval_dataloaders = {}
+        from .run import make_label_smoother
+
+        self.label_smoother = make_label_smoother(self.config, model)  # Trainer's attribute (the run makes its own)
         self.callback_handler.model, self.callback_handler.processing_class = model, processing_class
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
@@ -203,6 +217,11 @@ class Trainer:
         # a subclass's overrides, handed to the loop's hooks of the same names (the module docstring says when each
         # is called); a scheduler already made is used as it is
         hooks = {name: getattr(self, name) for name in HOOKED if _overrides(self, name)}
+        hooks["evaluate"] = lambda: self._evaluate(self._trial, None)  # looked up when called: it may be patched
+        if _overrides(self, "get_train_dataloader"):
+            hooks["train_dataloader"] = lambda build: self._handing(build, self.get_train_dataloader)
+        if _overrides(self, "get_eval_dataloader"):
+            hooks["eval_dataloader"] = lambda name, build: self._handing(build, self.get_eval_dataloader, name)
         if self.lr_scheduler is not None:
             hooks.pop("create_scheduler", None)
         self._trial = trial  # model_init(trial), and the state's trial_params (as Trainer's train(trial=))
@@ -211,6 +230,7 @@ class Trainer:
         finally:
             self._run, self.control = None, self._callbacks.control  # the run is over, also when it raised
         self.fast = result.fast  # the levers the run used, and why the others stayed off (loop.fast.Plan)
+        self._train_batch_size = self.state.train_batch_size or self._train_batch_size
         return TrainOutput(result.global_step, result.training_loss, result.metrics)
 
     def _run_config(self):
@@ -220,9 +240,20 @@ class Trainer:
 
         if not self._trainer_output:
             return self.config
-        # and, as Trainer, a new run may write into an output_dir another run used (the loop's own refusal is for
-        # its command line and loop.train: TrainingArguments have no overwrite_output_dir since transformers 5)
-        return dataclasses.replace(self.config, disable_tqdm=True, report_to="none", reuse_output_dir=True)
+        # and, as Trainer: a new run may write into an output_dir another run used (the loop's own refusal is for
+        # its command line and loop.train: TrainingArguments have no overwrite_output_dir since transformers 5); a
+        # checkpoint resumes under other batch settings, with a warning naming them (the loop's own refusal asks for
+        # allow_inexact_resume); and only Trainer's files are written: no metrics.jsonl, no final model when
+        # training ends (Trainer's users call save_model())
+        return dataclasses.replace(
+            self.config,
+            disable_tqdm=True,
+            report_to="none",
+            reuse_output_dir=True,
+            allow_inexact_resume=True,
+            metrics_file=None,
+            save_final_model=False,
+        )
 
     def _train(self, resume_from_checkpoint, hooks):
         from .fit import train
@@ -262,6 +293,8 @@ class Trainer:
     def get_train_dataloader(self):
         """The training DataLoader the loop builds (Trainer's sampler, collator, column removal and workers),
         prepared by the Accelerator; the running one during train()."""
+        if self._default_loader is not None:  # a subclass's super() call: a new loader of the loop's own
+            return self._default_loader()
         if self.train_dataset is None:
             raise LoopError("Trainer: training requires a train_dataset")
         if self._run is not None:
@@ -270,6 +303,8 @@ class Trainer:
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The evaluation DataLoader of `eval_dataset` (or the Trainer's; a name picks one of a dict of them)."""
+        if self._default_loader is not None:
+            return self._default_loader()
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict):
             data = self.eval_dataset[eval_dataset]
@@ -277,17 +312,29 @@ class Trainer:
             raise LoopError("Trainer: evaluation requires an eval_dataset")
         if self._run is not None and data is self.eval_dataset and self._run.evaluator is not None:
             return self._run.evaluator
-        return self._loader(data, "eval")
+        # Trainer's rule: with persistent workers an eval set's loader is made once (its workers live on)
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        if self.config.dataloader_persistent_workers and key in self._eval_dataloaders:
+            return self._eval_dataloaders[key]
+        self._eval_dataloaders[key] = loader = self._loader(data, "eval")
+        return loader
 
     def get_test_dataloader(self, test_dataset):
+        if self._default_loader is not None:
+            return self._default_loader()
         return self._loader(test_dataset, "eval")
+
+    def _handing(self, build, method, *args):
+        """A subclass's get_*_dataloader(*args), each of its super() calls returning a new loader from build()."""
+        self._default_loader = build
+        try:
+            return method(*args)
+        finally:
+            self._default_loader = None
 
     def _loader(self, dataset, what):
         from .data import default_collator, default_label_names, eval_loader, prepare_dataset, train_loader
-        from .run import make_accelerator
 
-        if self.accelerator is None:  # Trainer has one from construction; the loop's runs make their own
-            self.accelerator = make_accelerator(self.config)
         model = self.model
         labels = list(self.config.label_names) if self.config.label_names is not None else default_label_names(model)
         collator = default_collator(self.data_collator, self.processing_class)
@@ -296,12 +343,50 @@ class Trainer:
             return train_loader(self.config, data, collate, self.accelerator)
         return eval_loader(self.config, data, collate, self.accelerator)
 
+    def set_initial_training_values(self, args, dataloader):
+        """Trainer's: (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
+        total_train_batch_size, steps_in_epoch, max_steps) of training on `dataloader`, in the loop's plan
+        (fit.make_plan, Trainer's arithmetic)."""
+        from transformers.trainer_utils import has_length
+
+        from .config import TrainConfig
+        from .fit import make_plan
+
+        config = self.config if args is self.args else args
+        if not isinstance(config, TrainConfig):
+            config = TrainConfig.from_training_arguments(args)
+        plan = make_plan(config, dataloader)
+        total = self.get_total_train_batch_size(args)
+        if has_length(dataloader):
+            examples = self.num_examples(dataloader)
+            samples = plan.max_steps * total if config.max_steps > 0 else examples * config.num_train_epochs
+        else:
+            examples = samples = total * config.max_steps
+        return plan.num_epochs, plan.updates_per_epoch, examples, samples, total, plan.steps_in_epoch, plan.max_steps
+
+    def get_total_train_batch_size(self, args):
+        """Trainer's: the examples of one optimizer step over every process."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return self._train_batch_size * args.gradient_accumulation_steps * world
+
+    def num_examples(self, dataloader):
+        """Trainer's: the examples a dataloader's dataset holds (or its batches times the batch size)."""
+        try:
+            return len(dataloader.dataset)
+        except (TypeError, AttributeError):
+            return len(dataloader) * self.args.per_device_train_batch_size
+
+    def _get_output_dir(self, trial):
+        """Trainer's: where this run's checkpoints go (a search trial's own folder during a search)."""
+        return self.config.output_dir
+
     def _prepare_inputs(self, inputs):
         """Trainer's: the batch moved to the run's device."""
         from accelerate.utils import send_to_device
 
-        device = self.accelerator.device if self.accelerator is not None else self.args.device
-        return send_to_device(inputs, device)
+        return send_to_device(inputs, self.accelerator.device)
 
     def compute_loss_context_manager(self):
         """Trainer's: the context a loss is computed in. The loop's prepared model autocasts itself: nothing to add."""
@@ -348,20 +433,28 @@ class Trainer:
             for name, ds in data.items():
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        metrics = self._inference(evaluate, data, metric_key_prefix)
+        metrics = self._inference(evaluate, data, metric_key_prefix, self.get_eval_dataloader, eval_dataset)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
 
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+        """Trainer's: one evaluation in training, whose metrics decide the best checkpoint and save_strategy="best"
+        (the run's eval sets, or a subclass's evaluate())."""
+        return self.evaluate(ignore_keys=ignore_keys_for_eval)
+
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
         from .evaluation import predict
 
-        output = self._inference(predict, test_dataset, metric_key_prefix)
+        output = self._inference(predict, test_dataset, metric_key_prefix, self.get_test_dataloader, test_dataset)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return output
 
-    def _inference(self, fn, data, metric_key_prefix):
-        """loop.evaluate or loop.predict on `data` with the Trainer's model, data handling, metrics and loss."""
+    def _inference(self, fn, data, metric_key_prefix, get_loader, dataset):
+        """loop.evaluate or loop.predict on `data` with the Trainer's model, data handling, metrics and loss, and the
+        loader a subclass's get_eval/test_dataloader(dataset) returns."""
+        name = get_loader.__name__
+        loader = (lambda build: self._handing(build, get_loader, dataset)) if _overrides(self, name) else None
         return fn(
             self.config,
             self.model,
@@ -373,6 +466,7 @@ class Trainer:
             self.compute_loss_func,
             metric_key_prefix=metric_key_prefix,
             compute_loss=self._loss_override(),
+            dataloader=loader,
         )
 
     # ------------------------------------------------------------------ records and saving
@@ -416,6 +510,18 @@ class Trainer:
 
         os.makedirs(self.config.output_dir, exist_ok=True)
         return save_metrics(self, split, metrics, combined)
+
+    def get_learning_rates(self):
+        """Trainer's: the learning rate of each parameter group (ValueError before an optimizer exists)."""
+        from transformers.trainer_pt_utils import get_learning_rates
+
+        return get_learning_rates(self)
+
+    def get_optimizer_group(self, param=None):
+        """Trainer's: the parameter group holding `param`, or every group's parameters."""
+        from transformers.trainer_pt_utils import get_optimizer_group
+
+        return get_optimizer_group(self, param)
 
     def metrics_format(self, metrics):
         from transformers.trainer_pt_utils import metrics_format
@@ -514,11 +620,27 @@ class _Bind(Callback):
         t.optimizer, t.lr_scheduler = run.optimizer, run.scheduler
         if not isinstance(t.args, type(t.config)):  # checkpoints pickle the TrainingArguments given, as Trainer's
             run.training_args = t.args
+        if t._trainer_output and run.resumed_from is not None:
+            _compare_checkpoint_args(t.args, run.resumed_from)
         if t._trial is not None:  # TrainerState.trial_params and trial_name, as Trainer keeps them
             from .search import trial_params
 
             run.trial_params = trial_params(t._trial)
             run.trial_name = t.hp_name(t._trial) if getattr(t, "hp_name", None) else None
+
+
+def _compare_checkpoint_args(args, checkpoint):
+    """Trainer's warning, in its words, for each of logging/eval/save steps and the batch size that differs from
+    what the checkpoint's trainer_state.json recorded."""
+    from transformers.trainer_callback import TrainerState
+
+    try:
+        from transformers.trainer_utils import compare_trainer_and_checkpoint_args
+    except ImportError:  # a transformers without it has no such warning to give
+        return
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.isfile(path):
+        compare_trainer_and_checkpoint_args(args, TrainerState.load_from_json(path))
 
 
 def _overrides(obj, name) -> bool:

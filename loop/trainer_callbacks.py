@@ -18,6 +18,7 @@ checkpoint and restored on resume. Nothing here reads the device: the state's nu
 
 from __future__ import annotations
 
+from . import trainer_format
 from .callbacks import STEP_EVENTS, STOP, Callback
 
 
@@ -55,7 +56,7 @@ class TrainerCallbacks(Callback):
         """What stays fixed for the run (its length, batch, ranks, objects): taken once, at its first event."""
         s, h, acc = self.state, self.handler, run.accelerator
         s.max_steps, s.num_train_epochs = run.state.max_steps, run.plan.num_epochs
-        s.logging_steps, s.eval_steps, s.save_steps = run.plan.log_every, run.plan.eval_every, run.plan.save_every
+        trainer_format.set_steps(s, run.plan)
         s.train_batch_size = run.config.per_device_train_batch_size  # Trainer's args.train_batch_size (no DataParallel)
         s.is_world_process_zero, s.is_local_process_zero = acc.is_main_process, acc.is_local_main_process
         s.trial_params, s.trial_name = getattr(run, "trial_params", None), getattr(run, "trial_name", None)

@@ -28,7 +28,6 @@ import os
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_ARGS = "training_args.bin"
-WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 # ---------------------------------------------------------------------------------------------- the loop writes
@@ -61,10 +60,18 @@ def trainer_state(run):
         is_world_process_zero=acc.is_main_process,
         stateful_callbacks=adapter.state_dict() if adapter is not None else {"TrainerControl": run.control.state()},
     )
-    s.compute_steps(config, t.max_steps)  # logging/eval/save steps made absolute, as Trainer stores them
+    set_steps(s, run.plan)
     if getattr(run, "trial_params", None) is not None:  # a hyperparameter_search trial (loop.search)
         s.is_hyper_param_search, s.trial_params = True, dict(run.trial_params)
     return s
+
+
+def set_steps(s, plan):
+    """logging/eval/save steps made absolute (integers), as Trainer's compute_steps stores them; an unset one keeps
+    TrainerState's default, as in Trainer."""
+    for kind, every in (("logging", plan.log_every), ("eval", plan.eval_every), ("save", plan.save_every)):
+        if every is not None:
+            setattr(s, f"{kind}_steps", every)
 
 
 def training_arguments(run):
@@ -112,8 +119,10 @@ def problem(path: str):
             json.load(f)
     except (OSError, ValueError):
         return f"its {TRAINER_STATE} is unreadable"
-    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHTS):
-        return "a Trainer checkpoint without model.safetensors (sharded or adapter-only checkpoints are not read)"
+    from .checkpoint import weight_files
+
+    if weight_files(path) is None:
+        return "a Trainer checkpoint without whole weights (model.safetensors, its shards, or pytorch_model.bin)"
     return None
 
 

@@ -62,7 +62,6 @@ REFUSED = {
     "optim_target_modules": "GaLore/APOLLO-style optimizers are not implemented",
     "use_liger_kernel": "Liger kernels are not integrated; `fused_linear_cross_entropy` is the loop's own fused loss (no extra dependency)",
     "liger_kernel_config": "Liger kernels are not integrated",
-    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
     "trackio_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_bucket_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",
     "trackio_static_space_id": "trackio Space options are not wired; use report_to=trackio with its own env vars",

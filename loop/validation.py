@@ -76,8 +76,16 @@ def optimizer_and_schedule(config):
         from .optim import optim_args
 
         optim_args(config.optim, config.optim_args)  # malformed, not a number, or a key the optimizer does not take
-    if config.lr_scheduler_type == "reduce_lr_on_plateau" and config.eval_strategy == "no":
-        bad("lr_scheduler_type='reduce_lr_on_plateau' steps on the eval metric: set eval_strategy to steps or epoch")
+    if config.lr_scheduler_type == "greedy":
+        import transformers.optimization
+
+        if not hasattr(transformers.optimization, "GreedyLR"):
+            bad("lr_scheduler_type='greedy' needs a transformers with GreedyLR: pip install -U transformers")
+    if config.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy") and config.eval_strategy == "no":
+        bad(
+            f"lr_scheduler_type='{config.lr_scheduler_type}' steps on the eval metric: set eval_strategy to steps "
+            "or epoch"
+        )
 
 
 def param_groups(config):
@@ -186,6 +194,11 @@ def logging_evaluation_and_saving(config):
             )
     if config.save_strategy == "best" and config.eval_strategy == "no":
         bad("save_strategy='best' needs evaluation: set eval_strategy to steps or epoch")
+    if config.save_strategy == "best" and config.metric_for_best_model is None:  # Trainer's refusal, in its words
+        bad(
+            "`args.metric_for_best_model` must be provided when using 'best' save_strategy: set metric_for_best_model "
+            "(e.g. loss)"
+        )
     if config.torch_empty_cache_steps is not None and config.torch_empty_cache_steps < 1:
         bad(f"torch_empty_cache_steps must be >= 1 (or unset), got {config.torch_empty_cache_steps}")
 

@@ -288,6 +288,29 @@ def seeds(Base):
     return CustomTrainer, EMATrainer, CustomOptimizerTrainer, CustomSchedulerTrainer
 
 
+def trainer_args(output_dir, **kw):
+    """The parity tests' TrainingArguments for a CPU run: windows of 2 micro-batches of 4, 8 steps, every loss logged,
+    an evaluation every 4 steps, nothing saved; `kw` overrides."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=5,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_steps=8,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=7,
+    )
+    return TrainingArguments(output_dir=str(output_dir), **{**base, **kw})
+
+
 def worker_args(output_dir, **kw):
     """The TrainingArguments of the torchrun workers' Trainer runs: windows of 2 micro-batches of 3, 5 steps, every
     loss logged, one evaluation at the end."""

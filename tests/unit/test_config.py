@@ -50,7 +50,7 @@ def test_round_trip_through_training_arguments():
 
 @pytest.mark.parametrize(
     "name,value",
-    [("fsdp", "full_shard"), ("push_to_hub", True), ("auto_find_batch_size", True)],
+    [("fsdp", "full_shard"), ("push_to_hub", True), ("accelerator_config", {"split_batches": True})],
 )
 def test_unsupported_training_arguments_are_refused_by_name(name, value):
     kwargs = {name: value}
@@ -75,6 +75,7 @@ def test_unsupported_training_arguments_are_refused_by_name(name, value):
         (dict(ema_decay=1.0), "ema_decay"),
         (dict(per_device_train_batch_size="four"), "not a valid int"),
         (dict(save_strategy="best"), "needs evaluation"),
+        (dict(save_strategy="best", eval_strategy="epoch"), "metric_for_best_model. must be provided"),
         (dict(report_to="tensorbord"), "did you mean `tensorboard`"),
         (dict(seed=-1), "seed must be in"),
         (dict(data_seed=2**32), "data_seed must be in"),
