@@ -229,6 +229,12 @@ class TrainConfig:
     ddp_broadcast_buffers: typing.Optional[bool] = _f(None, "DDP broadcast_buffers.")
     ddp_static_graph: typing.Optional[bool] = _f(None, "DDP static_graph.")
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
+    accelerator_config: typing.Optional[dict] = _f(
+        None,
+        "accelerate's settings as Trainer takes them (JSON object on the CLI): split_batches, dispatch_batches, "
+        "even_batches, use_seedable_sampler, non_blocking, and gradient_accumulation_kwargs (num_steps sets "
+        "gradient_accumulation_steps when that is 1; sync_each_batch all-reduces every micro-batch).",
+    )
     ddp_backend: typing.Optional[str] = _f(
         None,
         "Process-group backend (None: accelerate's choice, nccl on CUDA GPUs and gloo on CPUs).",

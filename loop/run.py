@@ -198,20 +198,25 @@ def make_accelerator(config):
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    # The loop does gradient accumulation itself (whole windows), so the Accelerator accumulates over 1 step.
+    # accelerator_config as Trainer applies it. The loop does gradient accumulation itself (whole windows), so the
+    # Accelerator accumulates over 1 step; the rest of gradient_accumulation_kwargs (sync_each_batch) is read by
+    # step.grad_sync
+    acfg = dict(config.accelerator_config or {})
+    accumulation = {**(acfg.get("gradient_accumulation_kwargs") or {}), "num_steps": 1}
     return Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=config.use_cpu,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(**accumulation),
         # non_blocking: batches go to the GPU from pinned memory without a host sync. accelerate's default (and
         # Trainer's) is a blocking copy: the host waits for the device to drain before every batch, so the next
         # step's kernels are queued only after the GPU has gone idle. Same numbers, no idle gap.
         dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True,
+            use_seedable_sampler=acfg.get("use_seedable_sampler", True),
             data_seed=config.data_seed,
-            even_batches=True,
-            split_batches=False,
-            non_blocking=config.dataloader_pin_memory,
+            even_batches=acfg.get("even_batches", True),
+            split_batches=acfg.get("split_batches", False),
+            dispatch_batches=acfg.get("dispatch_batches"),
+            non_blocking=config.dataloader_pin_memory or acfg.get("non_blocking", False),
         ),
         kwargs_handlers=[
             DistributedDataParallelKwargs(**ddp),

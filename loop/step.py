@@ -133,9 +133,12 @@ def window_share(run, loss, num_items, window_size: int) -> torch.Tensor:
 @contextlib.contextmanager
 def grad_sync(run, sync: bool):
     """Backward passes inside reduce gradients across ranks only when `sync` (the window's last backward); the
-    others accumulate locally under DDP's no_sync. accelerate's optimizer steps only after a synced backward."""
-    run.accelerator.gradient_state._set_sync_gradients(sync)
-    with contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model):
+    others accumulate locally under DDP's no_sync, unless accelerator_config's sync_each_batch asks for a reduction
+    after every one (less memory, more traffic: Trainer's rule). accelerate's optimizer steps only when `sync`."""
+    acc = run.accelerator
+    acc.gradient_state._set_sync_gradients(sync)
+    reduce_now = sync or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+    with contextlib.nullcontext() if reduce_now else acc.no_sync(run.model):
         yield
 
 

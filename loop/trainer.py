@@ -83,6 +83,8 @@ class Trainer:
             self.config = args
         else:  # TrainingArguments: mirrored, or refused by name (TrainConfig.from_training_arguments)
             self.config = TrainConfig.from_training_arguments(args)
+            # Trainer's rule: accelerator_config's num_steps becomes the arguments' gradient_accumulation_steps
+            args.gradient_accumulation_steps = self.config.gradient_accumulation_steps
         if model is None and model_init is None:
             raise LoopError("Trainer needs a model, or a model_init that returns one")
         from transformers import set_seed

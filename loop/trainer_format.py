@@ -82,7 +82,8 @@ def training_arguments(run):
         from .training_arguments import to_training_arguments
 
         try:  # use_configured_state: made inside the run, they take its accelerate state instead of resetting it
-            args = to_training_arguments(run.config, accelerator_config={"use_configured_state": True})
+            keep = {**(run.config.accelerator_config or {}), "use_configured_state": True}  # the run's state stays
+            args = to_training_arguments(run.config, accelerator_config=keep)
         except Exception:  # a setting TrainingArguments validates differently: the record is not worth failing a save
             args = False
         run.training_args = args

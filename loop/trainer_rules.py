@@ -18,5 +18,8 @@ def apply(config) -> None:
         config.torch_compile = True  # naming a compile backend or mode turns compilation on
     if config.early_stopping_patience is not None and config.metric_for_best_model is None:
         config.metric_for_best_model, config.greater_is_better = "loss", False  # (the loop's EarlyStopping too)
+    accumulation = (config.accelerator_config or {}).get("gradient_accumulation_kwargs") or {}
+    if "num_steps" in accumulation and config.gradient_accumulation_steps == 1:
+        config.gradient_accumulation_steps = accumulation["num_steps"]  # Trainer's rule (validation: the other case)
     if config.use_cpu:
         config.dataloader_pin_memory = False

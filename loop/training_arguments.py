@@ -26,6 +26,8 @@ def from_training_arguments(cls, args, **loop_fields):
             continue
         value = getattr(args, f.name)
         value = getattr(value, "value", value)  # enums -> their string
+        if dataclasses.is_dataclass(value):  # accelerator_config: an AcceleratorConfig -> its fields; none if default
+            value = None if value == type(value)() else dataclasses.asdict(value)
         values[f.name] = value
     # transformers >= 5.20 names it activation_checkpointing; gradient_checkpointing mirrors it
     if getattr(args, "activation_checkpointing", None):
@@ -72,7 +74,6 @@ REFUSED = {
     "hub_strategy": "Hub upload is not implemented",
     "hub_always_push": "Hub upload is not implemented",
     "hub_revision": "Hub upload is not implemented",
-    "accelerator_config": "configure accelerate with `accelerate launch --config_file launch_configs/...`",
     "parallelism_config": "tensor/context parallelism is not implemented; use a launch config for DDP/FSDP/DeepSpeed",
     "fsdp": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",
     "fsdp_config": "use `accelerate launch --config_file launch_configs/fsdp2.yaml`",

@@ -203,7 +203,35 @@ def logging_evaluation_and_saving(config):
         bad(f"torch_empty_cache_steps must be >= 1 (or unset), got {config.torch_empty_cache_steps}")
 
 
+ACCELERATOR_CONFIG = (
+    "split_batches",
+    "dispatch_batches",
+    "even_batches",
+    "use_seedable_sampler",
+    "non_blocking",
+    "gradient_accumulation_kwargs",
+    "use_configured_state",
+)
+ACCUMULATION_KWARGS = ("num_steps", "adjust_scheduler", "sync_with_dataloader", "sync_each_batch")
+
+
 def data_loading(config):
+    acfg = config.accelerator_config or {}
+    if unknown := [k for k in acfg if k not in ACCELERATOR_CONFIG]:
+        bad(f"accelerator_config: unknown setting {unknown[0]!r}{closest(unknown[0], ACCELERATOR_CONFIG)}")
+    if acfg.get("use_configured_state"):
+        bad(
+            "accelerator_config use_configured_state: the loop makes each run's Accelerator from its own settings; "
+            "drop it (configure accelerate with accelerate launch --config_file)"
+        )
+    accumulation = acfg.get("gradient_accumulation_kwargs") or {}
+    if unknown := [k for k in accumulation if k not in ACCUMULATION_KWARGS]:
+        bad(f"accelerator_config gradient_accumulation_kwargs: unknown setting {unknown[0]!r}")
+    if "num_steps" in accumulation and accumulation["num_steps"] != config.gradient_accumulation_steps:
+        bad(  # Trainer's refusal, in its words
+            "The `AcceleratorConfig`'s `num_steps` is set but `gradient_accumulation_steps` is greater than 1 in the "
+            "passed `TrainingArguments`: set one of them"
+        )
     if config.dataloader_num_workers < 0:
         bad(f"dataloader_num_workers must be >= 0, got {config.dataloader_num_workers}")
     if config.dataloader_prefetch_factor is not None and config.dataloader_num_workers == 0:

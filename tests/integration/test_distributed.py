@@ -116,8 +116,9 @@ def test_two_processes_compute_loss_func_matches_trainer_and_predict_counts_each
 
 def test_two_processes_trainer_subclasses_on_loop_trainer_log_trainers_numbers(tmp_path):
     """The seeds' CustomTrainer (compute_loss) and CustomOptimizerTrainer (create_optimizer), with a TrainerCallback,
-    under torchrun with 2 processes: with loop.Trainer as their base they log what they log on transformers.Trainer
-    (eval_loss aside: Trainer's depends on the world size, the loop's does not; docs/parity.md)."""
+    under torchrun with 2 processes, and CustomTrainer with an accelerator_config (split batches, uneven last
+    batches, a reduction after every micro-batch): with loop.Trainer as their base they log what they log on
+    transformers.Trainer (eval_loss aside: Trainer's depends on the world size, the loop's does not; docs/parity.md)."""
     from helpers import assert_same
 
     for side, port in (("trainer", 29551), ("loop", 29552)):
@@ -127,7 +128,7 @@ def test_two_processes_trainer_subclasses_on_loop_trainer_log_trainers_numbers(t
             timeout=600,
         )
     theirs, ours = (json.load(open(tmp_path / f"{side}.json")) for side in ("trainer", "loop"))
-    for name in ("compute_loss", "create_optimizer"):
+    for name in ("compute_loss", "create_optimizer", "accelerator_config"):
         strip = lambda log: [{k: v for k, v in r.items() if k != "eval_loss"} for r in log]  # noqa: E731
         assert len([r for r in ours[name]["log"] if "loss" in r]) == 5
         assert_same(strip(theirs[name]["log"]), strip(ours[name]["log"]))

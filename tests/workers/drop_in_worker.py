@@ -24,11 +24,20 @@ out, side = sys.argv[1], sys.argv[2]
 Base = transformers.Trainer if side == "trainer" else loop.Trainer
 CustomTrainer, _, CustomOptimizerTrainer, _ = seeds(Base)
 result = {}
-for name, cls, hooks in (
-    ("compute_loss", CustomTrainer, {}),
-    ("create_optimizer", CustomOptimizerTrainer, {"compute_loss_func": cross_entropy_over_items}),
+# accelerator_config: each global batch of 4 split over the ranks, uneven last batches allowed, gradients reduced
+# after every micro-batch
+split = {"split_batches": True, "even_batches": False, "gradient_accumulation_kwargs": {"sync_each_batch": True}}
+for name, cls, hooks, kw in (
+    ("compute_loss", CustomTrainer, {}, {}),
+    ("create_optimizer", CustomOptimizerTrainer, {"compute_loss_func": cross_entropy_over_items}, {}),
+    (
+        "accelerator_config",
+        CustomTrainer,
+        {},
+        {"accelerator_config": split, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4},
+    ),
 ):
-    args = worker_args(os.path.join(out, side, name), seed=5)
+    args = worker_args(os.path.join(out, side, name), seed=5, **kw)
     callback = LossLoggingCallback()
     trainer = cls(
         model=SimpleClassifier(),
