@@ -17,8 +17,8 @@ A subclass's overrides plug into the loop's hooks at Trainer's points:
     is trained, evaluated or predicted on; each super() call returns a new loader of the loop's own (Trainer's
     sampler, collator, workers), and a torch DataLoader not yet prepared is prepared by the run's Accelerator.
 A subclass that overrides none of them runs the loop's own step, with the loop's numbers and speed. Overrides of
-Trainer's internals that the loop does not call (NOT_HONOURED: its dataloaders, prediction_step, the inner loop) are
-refused when the Trainer is made, in one line naming them.
+Trainer's internals that the loop does not call (NOT_HONOURED: prediction_step, the inner loop, its checkpoint writer)
+are refused when the Trainer is made, in one line naming them.
 """
 
 from __future__ import annotations
