@@ -282,11 +282,16 @@ def previous_run(config) -> list[str]:
     if not os.path.isdir(out):
         return []
     names = sorted(os.listdir(out))
-    metrics = os.path.join(out, config.metrics_file or "metrics.jsonl")  # another run's records, whatever this writes
+    metrics = _records_file(config)
     left = [os.path.basename(metrics)] if os.path.isfile(metrics) and os.path.getsize(metrics) > 0 else []
     left += [n for n in names if _NAME.match(n) and os.path.isdir(os.path.join(out, n))]
     left += [n for n in FINAL_MODEL if n in names]
     return left
+
+
+def _records_file(config) -> str:
+    """Where a run's records are (another run's too, when this one writes none: metrics_file None)."""
+    return os.path.join(config.output_dir, config.metrics_file or "metrics.jsonl")
 
 
 FINAL_MODEL = ("model.safetensors", "ema")  # what makes a folder look like a finished run's
@@ -299,7 +304,7 @@ def new_run_problem(config) -> str | None:
     if not left:
         return None
     if config.reuse_output_dir:  # Trainer's way: write over what has the same names; the records are kept apart
-        metrics = os.path.join(config.output_dir, config.metrics_file or "metrics.jsonl")
+        metrics = _records_file(config)
         if os.path.basename(metrics) in left:
             stem, ext = os.path.splitext(metrics)
             os.replace(metrics, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{ext}")

@@ -349,17 +349,16 @@ def build(
         main_input=main_input,
         step_events=fires_inside_the_step(run.callbacks),
     )
-    run.loader = train_loader(config, train_ds, train_collate, acc, table)
-    run.evaluators = {name: eval_loader(config, ds, c, acc) for name, (ds, c) in evals.items() if ds is not None}
-    if train_dataloader is not None:  # a Trainer subclass's get_train_dataloader; its super() builds the loop's
-        build = functools.partial(train_loader, config, train_ds, train_collate, acc, table)
-        run.loader = given_loader(acc, train_dataloader(build))
-    if eval_dataloader is not None:
-        run.evaluators = {
-            name: given_loader(acc, eval_dataloader(name, functools.partial(eval_loader, config, ds, c, acc)))
-            for name, (ds, c) in evals.items()
-            if ds is not None
-        }
+    # the loop's own loaders, or what a Trainer subclass's get_*_dataloader returns (its super() builds the loop's)
+    build = functools.partial(train_loader, config, train_ds, train_collate, acc, table)
+    run.loader = build() if train_dataloader is None else given_loader(acc, train_dataloader(build))
+    run.evaluators = {}
+    for name, (ds, c) in evals.items():
+        if ds is not None:
+            build = functools.partial(eval_loader, config, ds, c, acc)
+            run.evaluators[name] = (
+                build() if eval_dataloader is None else given_loader(acc, eval_dataloader(name, build))
+            )
     run.evaluator = run.evaluators.get(None)  # the one eval set, when there is no dict of them
     run.plan = plan = make_plan(config, run.loader)
     fast.apply(run.fast, run)
