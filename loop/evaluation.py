@@ -85,8 +85,8 @@ def evaluation_loop(run, loader, prefix: str = "eval", loss_only: bool | None = 
     acc, model, cfg = run.accelerator, run.model, run.config
     gather = functools.partial(acc.gather_for_metrics, use_gather_object=cfg.eval_use_gather_object)  # Trainer's
     if run.evaluate_eagerly and hasattr(model, "_orig_mod"):
-        # `fast` evaluates without compilation: evaluation's shapes (eval batch size, a short last batch, other
-        # lengths) each cost a compilation, which on SST-2 took longer than evaluating eagerly ever would
+        # the module itself (fast.evaluates_eagerly): in training as Trainer does, and under `fast`, where evaluation's
+        # shapes (grad mode, eval batch size, a short last batch, other lengths) would each cost a compilation
         model = model._orig_mod
     start = time.time()
     model.eval()
@@ -226,7 +226,7 @@ def _inference_run(
     if dataloader is not None:  # a Trainer subclass's get_eval/test_dataloader; its super() builds the loop's
         loader = given_loader(acc, dataloader(functools.partial(eval_loader, config, ds, collate, acc)))
     run.attention = attention_context(config.attention_backends)  # as in training
-    run.evaluate_eagerly = evaluates_eagerly(config)
+    run.evaluate_eagerly = evaluates_eagerly(config, in_training=False)
     run.model = acc.prepare(model)  # under the Accelerator's precision (autocast) and wrapping
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
     return run, loader

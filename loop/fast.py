@@ -16,7 +16,10 @@ Accelerator into a frozen `Plan`, deciding in the order build() needs the answer
                         unless a compile mode or backend is named.
   7. DDP                no unused-parameter search, gradients as bucket views, one compiled graph (no dynamo DDP
                         optimizer for the length of the run).
-  8. evaluation         eager under `fast` (each evaluation shape would cost a compilation).
+  8. evaluation         in training, on the uncompiled module, as Trainer's evaluation_loop does (it takes self.model,
+                        not the compiled model_wrapped): Trainer's numbers, and no compilation per evaluation shape
+                        (grad mode, eval batch size, a short last batch); outside training (loop.evaluate/predict)
+                        compiled like Trainer's prepare_model, except under `fast`.
 
 A lever asked for explicitly where it cannot run is refused with one line (by resolve, before anything is changed);
 through `fast` it is left off, and the plan says why. `apply()` then makes the changes, in the same order, on the model
@@ -119,9 +122,9 @@ def trainer_settings(config) -> dict:
     return settings
 
 
-def evaluates_eagerly(config) -> bool:
-    """Step 8, for evaluation outside training (loop.evaluate/predict) as inside it."""
-    return bool(config.fast)
+def evaluates_eagerly(config, in_training: bool) -> bool:
+    """Step 8: whether evaluation runs the module itself rather than its compiled wrapper."""
+    return in_training or bool(config.fast)
 
 
 def widths_vary(device_table) -> bool:
@@ -177,7 +180,7 @@ def resolve(
         ddp_find_unused_parameters=find_unused,
         gradient_as_bucket_view=bucket_view,
         ddp_compile_overlap=overlap,
-        evaluate_eagerly=evaluates_eagerly(config),
+        evaluate_eagerly=evaluates_eagerly(config, in_training=True),
     )
     return plan, table
 

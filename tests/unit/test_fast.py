@@ -166,13 +166,20 @@ def test_fast_is_resolved_once_into_a_plan_and_the_config_keeps_what_was_asked(t
 
 def test_compiled_model_loads_its_best_checkpoint_and_saves_plain_weights(tmp_path):
     """torch_compile (part of `fast`) wraps the model; best-model loading, resume and the final save must see the
-    module itself (no `_orig_mod.` keys). Seen on a GPU: load_best_model_at_end failed under torch_compile."""
+    module itself (no `_orig_mod.` keys). Seen on a GPU: load_best_model_at_end failed under torch_compile.
+    Evaluation in training runs the module itself, as Trainer's does (its evaluation_loop takes self.model): a forward
+    run as Python, not as a compiled graph, happens for every evaluation batch and for no training batch."""
     from transformers import GPT2LMHeadModel
 
+    model = tiny_gpt2()
+    eager_forwards = []  # (training?) for each forward that ran as Python rather than as the compiled graph
+    model.register_forward_pre_hook(
+        lambda m, args: None if torch.compiler.is_compiling() else eager_forwards.append(m.training)
+    )
     result = _train(
         tmp_path,
         "compiled",
-        tiny_gpt2(),
+        model,
         torch_compile=True,
         max_steps=4,
         eval_steps=2,
@@ -183,6 +190,8 @@ def test_compiled_model_loads_its_best_checkpoint_and_saves_plain_weights(tmp_pa
     evals = [r for r in result.log_history if "eval_loss" in r]
     best = str(tmp_path / "compiled" / f"checkpoint-{min(evals, key=lambda r: r['eval_loss'])['step']}")
     assert len(evals) == 2 and os.path.isdir(best)
+    # 12 eval rows at Trainer's default eval batch size 8: 2 batches an evaluation (training compiled: no eager forward)
+    assert eager_forwards == [False] * 4
     final = GPT2LMHeadModel.from_pretrained(tmp_path / "compiled").state_dict()
     from safetensors.torch import load_file
 
