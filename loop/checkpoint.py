@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 import torch
 
+from . import zero
 from .errors import LoopError
 
 MARKER = "COMPLETE"
@@ -537,7 +538,8 @@ def _torch_load(path, **kw):
 
 class ModelAndOptimizer:
     """model.safetensors (unwrapped: no module./_orig_mod. prefixes; tied weights stored once) and optimizer.pt; under
-    FSDP/DeepSpeed both sharded, through accelerate's save_state/load_state (which also carries the fp16 scaler there).
+    FSDP/DeepSpeed both sharded, through accelerate's save_state/load_state (which also carries the fp16 scaler there);
+    with sharded_optimizer each rank's optimizer_shard_<rank>.pt instead of optimizer.pt (loop/zero.py).
     save_only_model: the weights alone."""
 
     def save(self, run, folder, writer):
@@ -546,9 +548,11 @@ class ModelAndOptimizer:
             acc.save_state(folder)  # collective
             return
         weights = acc.get_state_dict(run.model)  # collective; unwrapped: no module./_orig_mod. prefixes
+        if run.sharded is not None and not cfg.save_only_model:  # each rank its own shard of the optimizer
+            torch.save(run.sharded.state_dict(), _path(folder, zero.file_name(acc.process_index)))
         if writer:
             save_weights(weights, _path(folder, "model.safetensors"))
-            if not cfg.save_only_model:
+            if not cfg.save_only_model and run.sharded is None:
                 torch.save(run.optimizer.state_dict(), _path(folder, "optimizer.pt"))
 
     def load(self, run, folder):
@@ -557,6 +561,20 @@ class ModelAndOptimizer:
             acc.load_state(folder)
             return
         load_weights(acc.unwrap_model(run.model, keep_torch_compile=False), folder)
+        if run.sharded is not None:
+            shard = _path(folder, zero.file_name(acc.process_index))
+            if not os.path.exists(shard):
+                raise LoopError(
+                    f"{folder} holds no sharded optimizer state for rank {acc.process_index} ({os.path.basename(shard)}); "
+                    "resume it with the settings it was written with (sharded_optimizer, number of processes)"
+                )
+            run.sharded.load_state_dict(_torch_load(shard, map_location="cpu"), folder)
+            return
+        if os.path.exists(_path(folder, zero.file_name(0))):
+            raise LoopError(
+                f"{folder} holds an optimizer sharded over the processes (sharded_optimizer); resume it with "
+                "sharded_optimizer true and the same number of processes"
+            )
         if not os.path.exists(_path(folder, "optimizer.pt")):
             raise LoopError(
                 f"{folder} holds only the model (save_only_model); it can initialise a new run but not resume one"

@@ -356,6 +356,22 @@ class TrainConfig:
         "or false under `fast` (faster on one host's GPUs; docs/benchmarks/).",
         group="loop",
     )
+    sharded_optimizer: bool = _f(
+        False,
+        "Under DDP with several processes: the optimizer sharded over the ranks (ZeRO-1). Each bucket of gradients "
+        "is reduce-scattered as soon as the last micro-batch's backward has finished it, each rank steps the "
+        "optimizer on its own shard (1/R of the state) and the updated shards are all-gathered into the parameters. "
+        "The same numbers as DDP within fp32 rounding (loop/zero.py). Elementwise optimizers only (AdamW, SGD, "
+        "Adagrad, RMSprop); not with fp16, FSDP or DeepSpeed.",
+        group="loop",
+    )
+    grad_reduce_dtype: typing.Optional[str] = _f(
+        None,
+        "Reduce the gradients across processes in this dtype (bf16: half the bytes; the numbers change within "
+        "bf16's rounding): DDP's bf16 compression hook, or the sharded optimizer's reduce-scatter. None: fp32.",
+        group="loop",
+        choices=("bf16",),
+    )
     metrics_file: str | None = _f(
         "metrics.jsonl",
         "File in output_dir that receives every record as one JSON line; none: no file (loop.Trainer given "
@@ -416,6 +432,10 @@ class TrainConfig:
             on.append("telemetry (extra loop/ keys in records; numbers unchanged)")
         if self.allow_inexact_resume:
             on.append("allow_inexact_resume")
+        if self.sharded_optimizer:
+            on.append("sharded_optimizer (ZeRO-1 under DDP)")
+        if self.grad_reduce_dtype:
+            on.append(f"grad_reduce_dtype {self.grad_reduce_dtype} (changes the numbers)")
         if self.param_groups:
             on.append("param_groups (" + ", ".join(e.get("name", e["pattern"]) for e in self.param_groups) + ")")
         return on

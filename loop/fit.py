@@ -165,6 +165,8 @@ def train(
             eval_dataloader=eval_dataloader,
         )
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
+        if run.sharded is not None:
+            for_the_run.callback(run.sharded.remove)  # its hooks come off the caller's parameters
         for_the_run.enter_context(prints_above_the_bar(not config.disable_tqdm and run.accelerator.is_main_process))
         with preemption(run):  # through finish(): a SIGTERM after the last step lets the final model be written
             with noisy_embeddings(run), overflow_debugging(run):
@@ -364,6 +366,7 @@ def build(
     fast.apply(run.fast, run)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
+    gradient_exchange(config, run, optimizer, given_optimizer=optimizers[0] is not None, custom_step=optimizer_step)
     # a scheduler given with its optimizer is used as it is; otherwise a Trainer subclass's create_scheduler(number of
     # steps, optimizer), or Trainer's own
     if scheduler is None and create_scheduler is not None:
@@ -399,6 +402,37 @@ def build(
     }
     run.telemetry = Telemetry(run, main_input)
     return run
+
+
+def gradient_exchange(config, run, optimizer, given_optimizer: bool, custom_step) -> None:
+    """How gradients cross processes under DDP, after prepare() and before the scheduler exists: DDP's all-reduce
+    (fp32, or bf16 through DDP's compression hook), or the sharded optimizer (zero.py), whose optimizer over the rank's
+    shards takes the place of `optimizer` inside accelerate's wrapper. One process: nothing to exchange."""
+    acc = run.accelerator
+    ddp = acc.distributed_type.name in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU")
+    if (config.sharded_optimizer or config.grad_reduce_dtype) and acc.num_processes > 1 and not ddp:
+        raise LoopError(
+            f"sharded_optimizer and grad_reduce_dtype are for DDP; under {acc.distributed_type.name} the framework "
+            "shards and reduces itself: set them off"
+        )
+    if acc.num_processes == 1 or not ddp:
+        return
+    if not config.sharded_optimizer:
+        if config.grad_reduce_dtype:
+            from .zero import bf16_allreduce_hook
+
+            getattr(run.model, "_orig_mod", run.model).register_comm_hook(None, bf16_allreduce_hook)
+        return
+    if given_optimizer or custom_step is not None or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False):
+        raise LoopError(
+            "sharded_optimizer builds the run's optimizer over each rank's shard and reduces the gradients in its own "
+            "step: it cannot take a given optimizer, a custom optimizer_step or sync_each_batch; drop those or set "
+            "sharded_optimizer false"
+        )
+    from .zero import ShardedOptimizer
+
+    run.sharded = ShardedOptimizer(run.unwrapped, optimizer, config.grad_reduce_dtype, config.ddp_bucket_cap_mb or 25)
+    run.optimizer.optimizer = run.sharded.optimizer  # accelerate's wrapper steps the shards (then they are gathered)
 
 
 def deepspeed_follows(config, acc):

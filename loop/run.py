@@ -62,6 +62,7 @@ class Run:
         self.attention = contextlib.nullcontext  # around every forward: the SDPA kernels allowed (fast.Plan.attention)
         self.fast = None  # the levers this run uses (fast.Plan), resolved in build()
         self.evaluate_eagerly = False  # evaluation runs the uncompiled model (fast.evaluates_eagerly)
+        self.sharded = None  # the optimizer sharded over the ranks (zero.ShardedOptimizer), sharded_optimizer only
         # the training loop's own bookkeeping (fit.py)
         self.plan = self.loader = self.evaluator = self.records = None
         self.evaluators, self.evaluating = {}, None  # the eval sets' loaders by name (None: the one set); the current

@@ -138,6 +138,9 @@ def grad_sync(run, sync: bool):
     acc = run.accelerator
     acc.gradient_state._set_sync_gradients(sync)
     reduce_now = sync or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+    if run.sharded is not None:  # DDP never reduces: the sharded optimizer's hooks reduce-scatter the last backward
+        run.sharded.reducing = sync
+        reduce_now = False
     with contextlib.nullcontext() if reduce_now else acc.no_sync(run.model):
         yield
 
@@ -164,9 +167,11 @@ def clip_and_step(run, events: bool = False) -> torch.Tensor:
     `events` (the eager step), the callbacks' on_pre_optimizer_step and on_optimizer_step around optimizer.step()."""
     cfg = run.config
     # accelerate unscales fp16 gradients before measuring; the pre-clip norm is returned (inf: measure only)
-    grad_norm = run.accelerator.clip_grad_norm_(
-        run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    )
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    if run.sharded is not None:  # the norm over every rank's shard of the reduced gradients
+        grad_norm = run.sharded.clip_(max_norm)
+    else:
+        grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
     if events:
         fire(run.callbacks, "on_pre_optimizer_step", run)
     run.optimizer.step()  # a no-op on an fp16 overflow: the scaler skips it

@@ -260,6 +260,19 @@ def trackers(config):
 
 
 def loop_features(config):
+    if config.sharded_optimizer and config.fp16:
+        bad("sharded_optimizer with fp16 is not supported (the loss scaler steps the whole optimizer); use bf16")
+    if config.sharded_optimizer and config.optim not in (
+        "adamw_torch",
+        "adamw_torch_fused",
+        "sgd",
+        "adagrad",
+        "rmsprop",
+    ):
+        bad(
+            f"sharded_optimizer needs an elementwise optimizer (adamw_torch, adamw_torch_fused, sgd, adagrad, "
+            f"rmsprop); {config.optim} is not one: change optim or set sharded_optimizer false"
+        )
     if not 0 <= config.ema_decay < 1:
         bad(f"ema_decay must be in [0, 1) (0 disables the EMA), got {config.ema_decay}")
     if config.ema_start_step < 0:

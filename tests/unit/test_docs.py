@@ -20,6 +20,9 @@ RUN_ELSEWHERE = {
     "test_compare_script_runs_an_unmodified_trainer_script_under_both_trainers",
     "loop search --hp_space docs/examples/search_space.yaml --n_trials 3": "tests/integration/test_search_cli.py::"
     "test_docs_search_command_runs_as_written",
+    "torchrun --nproc_per_node 2 -m loop train --use_cpu true --max_steps 10": "tests/integration/"
+    "test_distributed.py::test_sharded_optimizer_from_the_docs_gives_ddps_numbers_and_bf16_reduction_moves_them_by_"
+    "rounding_only",
     "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
     "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
     "# fgm_step": "tests/parity/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
