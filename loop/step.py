@@ -191,7 +191,10 @@ def finish_step(run, grad_norm):
             run.scheduler.step()
         if run.ema is not None:
             run.ema.update(run.model, run.state.global_step + 1)
-    run.model.zero_grad()
+    if run.sharded is not None:  # the gradients live in its buckets: zeroed there, not set to None
+        run.sharded.zero_grad()
+    else:
+        run.model.zero_grad()
 
 
 def apply_gradients(run) -> torch.Tensor:

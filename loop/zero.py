@@ -7,18 +7,24 @@ backward is still running, steps the optimizer on that shard alone, and hands th
 How, in the order a step runs:
   * Buckets (made once): the trainable parameters, last registered first (about the order the backward finishes
     them), grouped by optimizer param group into buckets of about `ddp_bucket_cap_mb`, each bucket's flat length
-    padded to a multiple of the world size R. Rank r owns slice r of every bucket: an fp32 copy of those elements
-    (the "shard") is what the rank's optimizer steps, with the run's optimizer class and each group's settings.
+    padded to a multiple of the world size R. Each fp32 parameter's .grad is a view of its bucket's flat buffer, so
+    the backward accumulates there. Rank r owns slice r of every bucket: an fp32 copy of those elements (the
+    "shard") is what the rank's optimizer steps, with the run's optimizer class and each group's settings.
   * Backward: micro-batches before a window's last accumulate their gradients locally (DDP's no_sync: nothing is
     sent). In the last one, a hook after each parameter's gradient is complete counts its bucket's ready parameters;
-    when a bucket is complete its gradients are copied into the bucket's flat buffer, divided by R (DDP's average)
-    and reduce-scattered without waiting (`reduce_scatter_tensor(async_op=True)`), while the backward goes on. A
-    bucket with parameters that got no gradient is sent, with zeros for them, when the backward is done.
+    when a bucket is complete its buffer is divided by R (DDP's average) and reduce-scattered without waiting
+    (`reduce_scatter_tensor(async_op=True)`), while the backward goes on. A bucket with parameters that got no
+    gradient is sent, with zeros for them, when the backward is done. Under torch_compile the backward is one graph
+    whose gradients all arrive at its end, unless ddp_compile_overlap splits it at DDP's buckets (the model stays in
+    DDP's wrapper, whose own communication is switched off): then each piece's buckets go out as it finishes.
     `grad_reduce_dtype: bf16` sends the buffers in bf16 (half the bytes; the numbers change, so it is its own field).
   * Clip (`clip_`): wait for the reductions; the grad norm is the square root of the shards' summed squares over the
     ranks (one all-reduce of a scalar), as clip_grad_norm_ over the whole gradients gives; the shards are scaled by
     Trainer's clip coefficient.
-  * Step: the optimizer steps the shards; each bucket's updated shards are all-gathered into the parameters.
+  * Step: the optimizer steps the shards; each bucket's updated shards are all-gathered into the parameters. Then
+    zero_grad zeroes the buffers (the parameters' .grad stay views of them).
+Memory a rank: the optimizer state of 1/R of the model; the gradients once, in the buckets; and DDP's own reducer
+buckets, which the wrapper allocates although it sends nothing.
   * Checkpoints: each rank writes its optimizer state (`optimizer_shard_<rank>.pt`, with the bucket layout); resume
     needs the same world size and parameters, and refuses in one line otherwise.
 """
@@ -47,23 +53,38 @@ class _Bucket:
         self.size = self.shard_len * world
         self.start = rank * self.shard_len
         device = params[0].device
-        flat = torch.zeros(self.size, dtype=torch.float32, device=device)
-        self.buffer = flat  # the gradients to send; after the step, the gathered parameters
+        self.buffer = torch.zeros(self.size, dtype=torch.float32, device=device)  # the gradients, flat
         self.shard = torch.zeros(self.shard_len, dtype=torch.float32, device=device)  # what the optimizer steps
         self.grad = torch.zeros(self.shard_len, dtype=torch.float32, device=device)  # its slice of the summed grads
         self.shard.grad = self.grad
         self.ready = 0
         self.work = self.received = None
 
+    def parts(self):
+        """(parameter, its slice of the flat buffer)."""
+        offset = 0
+        for p, n in zip(self.params, self.numels):
+            yield p, self.buffer[offset : offset + n]
+            offset += n
+
     def read_params(self):
         """The rank's shard from the parameters (at the start, and after a checkpoint's weights are loaded)."""
-        offset = 0
         with torch.no_grad():
-            for p, n in zip(self.params, self.numels):
-                self.buffer[offset : offset + n].copy_(p.detach().reshape(-1))
-                offset += n
-            self.buffer[offset:].zero_()
-            self.shard.copy_(self.buffer[self.start : self.start + self.shard_len])
+            flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
+            end = min(self.start + self.shard_len, flat.numel())
+            self.shard.zero_()
+            if end > self.start:
+                self.shard[: end - self.start].copy_(flat[self.start : end])
+
+    def zero_grad(self):
+        """Zero the buffer and make each fp32 parameter's .grad a view of its slice: the backward accumulates into
+        the buffer itself (no copy before sending, no gradient tensors of its own)."""
+        self.buffer.zero_()
+        for p, part in self.parts():
+            if p.dtype == torch.float32:
+                p.grad = part.view_as(p)
+            else:
+                p.grad = None
 
 
 class ShardedOptimizer:
@@ -103,6 +124,7 @@ class ShardedOptimizer:
         self.of = {p: b for b in self.buckets for p in b.params}
         for b in self.buckets:
             b.read_params()
+            b.zero_grad()
         self.handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.of]
         groups = []
         for gi, g in enumerate(optimizer.param_groups):
@@ -124,16 +146,12 @@ class ShardedOptimizer:
             self._send(b)
 
     def _send(self, b):
-        offset = 0
         with torch.no_grad():
-            for p, n in zip(b.params, b.numels):
-                part = b.buffer[offset : offset + n]
+            for p, part in b.parts():  # gradients the backward did not accumulate into the buffer itself
                 if p.grad is None:
                     part.zero_()
-                else:
+                elif p.grad.data_ptr() != part.data_ptr():
                     part.copy_(p.grad.reshape(-1))
-                offset += n
-            b.buffer[offset:].zero_()
             b.buffer.div_(self.world)  # DDP's average, before the sum
             send = b.buffer if self.reduce_dtype is None else b.buffer.to(self.reduce_dtype)
             b.received = b.grad if self.reduce_dtype is None else torch.empty_like(b.grad, dtype=self.reduce_dtype)
@@ -166,18 +184,21 @@ class ShardedOptimizer:
         return norm
 
     def gather(self):
-        """The updated shards into every rank's parameters."""
+        """The updated shards into every rank's parameters (through one bucket-sized buffer at a time: the gradients
+        stay readable until zero_grad, as without sharding)."""
         with torch.no_grad():
             for b in self.buckets:
-                _all_gather(b.buffer, b.shard, group=self.group)
+                gathered = torch.empty_like(b.buffer)
+                _all_gather(gathered, b.shard, group=self.group)
                 offset = 0
                 for p, n in zip(b.params, b.numels):
-                    p.copy_(b.buffer[offset : offset + n].view_as(p))
+                    p.copy_(gathered[offset : offset + n].view_as(p))
                     offset += n
 
     def zero_grad(self):
+        """After the step, in place of model.zero_grad(): the buffers zeroed, the parameters' .grad views again."""
         for b in self.buckets:
-            b.grad.zero_()
+            b.zero_grad()
 
     def remove(self):
         for h in self.handles:

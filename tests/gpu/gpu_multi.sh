@@ -27,6 +27,11 @@
 #       The sharding table, one run at a time: `loop bench` (loop side, 20 steps) on GPT-2 124M and a GPT-2-XL-shaped
 #       1.5B model on 1 GPU, DDP, FSDP2, ZeRO-2 and ZeRO-3. MODELS="gpt2-124m" or "gpt2-xl" for one model only,
 #       TOPOLOGIES="one ddp fsdp2 zero2 zero3" (all by default) for some rows.
+#   bash tests/gpu/gpu_multi.sh zero OUTDIR
+#       The gradient-exchange table (issue 28): `loop bench` (loop-fast, 40 steps; WORKLOAD, ZERO_SIDES, ZERO_STEPS) on
+#       1 GPU, then on 2 under DDP as it is, with sharded_optimizer, with it and grad_reduce_dtype bf16, and DDP with
+#       grad_reduce_dtype bf16: ms a step, tokens/s, x one GPU, memory a GPU. `resume OUT sharded` is the sharded
+#       optimizer's kill-and-resume check (DDP plus --sharded_optimizer true).
 #   bash tests/gpu/gpu_multi.sh more OUTDIR     # checks, then shard
 #   Two 10-minute calls on a pair of H200s (timed there: resume ~230 s, checks ~90 s, shard ~300 s for gpt2-124m and
 #   ~450 s for gpt2-xl):
@@ -40,7 +45,9 @@ JOB=(--config tasks/configs/gpt2_124m.yaml --disable_tqdm --bf16 false --logging
      --dataloader_num_workers 0 --warmup_steps 2
      --model_config "{\"n_embd\": 768, \"n_layer\": 12, \"n_head\": 12, \"n_positions\": 1024, \"vocab_size\": 50257, $NODROP}"
      ${EXTRA_JOB:-})
-declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3 [one]=single_gpu)
+declare -A CFG=([ddp]=multi_gpu_ddp [fsdp2]=fsdp2 [zero2]=deepspeed_zero2 [zero3]=deepspeed_zero3 [one]=single_gpu
+                [sharded]=multi_gpu_ddp)
+declare -A OPTS=([sharded]="--sharded_optimizer true")  # a topology that is DDP plus the loop's own fields
 # every launch is stopped after RUN_TIMEOUT seconds (exit 124, a failure): a hung collective must not eat the call
 LAUNCH=(timeout -k 10 "${RUN_TIMEOUT:-300}" accelerate launch)
 fail=0
@@ -86,7 +93,7 @@ resume_one() {  # resume_one TOPOLOGY PORT: one topology's kill-and-resume seque
   ema=(--ema_decay 0.99); [ "$t" = zero3 ] && ema=()
   acc=("${LAUNCH[@]}" --config_file launch_configs/${CFG[$t]}.yaml --num_processes ${NPROC:-2})
   # batch 2 x 4 micro-batches (16 sequences a step on 2 GPUs): the 3 runs of all 4 topologies share the GPUs at once
-  worker=(tests/workers/gpu_worker.py "${JOB[@]}" "${ema[@]}" --max_steps 12 --per_device_train_batch_size 2
+  worker=(tests/workers/gpu_worker.py "${JOB[@]}" "${ema[@]}" ${OPTS[$t]:-} --max_steps 12 --per_device_train_batch_size 2
           --gradient_accumulation_steps 4 --per_device_eval_batch_size 4 --eval_strategy steps --eval_steps 6 --save_strategy steps --save_steps 3)
   launch=("${acc[@]}" --main_process_port $p "${worker[@]}")
   start=$(date +%s)
@@ -161,6 +168,34 @@ checks_part() {  # equivalence, two nodes and loop compare, at the same time (co
   done
 }
 
+zero_part() {  # issue 28's table: loop-fast on 1 GPU, then 2 GPUs under DDP as it is and with each gradient-exchange field
+  local w=${WORKLOAD:-gpt2-124m} name opts n cfg
+  for name in one ddp sharded sharded-bf16 ddp-bf16; do
+    n=2; cfg=multi_gpu_ddp; opts=()
+    case $name in
+      one) n=1; cfg=single_gpu ;;
+      sharded) opts=(--sharded_optimizer true) ;;
+      sharded-bf16) opts=(--sharded_optimizer true --grad_reduce_dtype bf16) ;;
+      ddp-bf16) opts=(--grad_reduce_dtype bf16) ;;
+    esac
+    echo "== $w, $name"
+    "${LAUNCH[@]}" --config_file launch_configs/$cfg.yaml --num_processes $n -m loop bench --workload $w \
+      --sides ${ZERO_SIDES:-loop-fast} --steps ${ZERO_STEPS:-40} "${opts[@]}" ${EXTRA_JOB:-} --output_dir "$out/zero-$name" \
+      > "$out/zero-$name.log" 2>&1 || { echo "$name: FAILED"; tail -5 "$out/zero-$name.log"; fail=1; }
+    grep -v '^{' "$out/zero-$name.log" | grep -A3 '^side'
+  done
+  python - "$out" <<'PY'
+import json, os, sys
+rows = {n: json.load(open(os.path.join(sys.argv[1], f"zero-{n}", "bench.json")))["sides"][0]
+        for n in ("one", "ddp", "sharded", "sharded-bf16", "ddp-bf16") if os.path.exists(os.path.join(sys.argv[1], f"zero-{n}", "bench.json"))}
+one = rows.get("one")
+for n, r in rows.items():
+    x = r["tokens_per_second"] / one["tokens_per_second"] if one and r["tokens_per_second"] else float("nan")
+    print(f"{n:13} {r['ms_per_step']:8.1f} ms/step {r['tokens_per_second']:12,.0f} tok/s  {x:5.2f}x one GPU  "
+          f"{r['peak_memory_gb'] or 0:6.2f} GB a GPU  last loss {r['last_loss']:.4f}")
+PY
+}
+
 shard_part() {  # the sharding table: one run at a time
   XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
   for t in ${TOPOLOGIES:-one ddp fsdp2 zero2 zero3}; do
@@ -197,8 +232,9 @@ resume)
     grep -v -e 'Loading weights' "$out/${topologies[$i]}.summary"
   done ;;
 checks) checks_part ;;
+zero) zero_part ;;
 shard) shard_part ;;
 more) checks_part; shard_part ;;
-*) echo "usage: bash tests/gpu/gpu_multi.sh resume|checks|shard|more OUTDIR [topologies]"; exit 2 ;;
+*) echo "usage: bash tests/gpu/gpu_multi.sh resume|checks|zero|shard|more OUTDIR [topologies]"; exit 2 ;;
 esac
 exit $fail
