@@ -102,10 +102,13 @@ class Report(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- the study
-def optimize(run_trial, hp_space, n_trials: int, direction, study_kwargs: dict, optimize_kwargs: dict, callbacks=()):
+def optimize(
+    run_trial, hp_space, n_trials: int, direction, study_kwargs: dict, optimize_kwargs: dict, callbacks=(), cpu=False
+):
     """Run the study: `run_trial(trial)` -> the trial's objective, on every process (it calls hp_space(trial) where
     Trainer does). Returns transformers' BestRun (a list of them for several directions) on the first process, None
-    on the others."""
+    on the others. `cpu`: the runs' use_cpu (accelerate's process state is made here, before the first run's, and
+    must agree with it: on a CPU-only launch of several processes it counts them only with cpu=True)."""
     import optuna
     from accelerate import PartialState
     from transformers.trainer_utils import BestRun
@@ -116,7 +119,7 @@ def optimize(run_trial, hp_space, n_trials: int, direction, study_kwargs: dict, 
             f"n_jobs={n_jobs}: trials in threads of one process would share its random state and its arguments; "
             "run several processes on one storage instead (loop search --storage ...)"
         )
-    state = PartialState()
+    state = PartialState(cpu=cpu)
     if not state.is_main_process:  # the other ranks run the trials the first one hands them, until it says done
         while (got := _broadcast(None)) is not None:
             params, number = got

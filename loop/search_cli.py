@@ -121,7 +121,7 @@ def cmd_search(argv) -> int:
             f"{base} holds another search (trials.csv); choose another --output_dir, or share a study with "
             "--storage URL --study_name NAME"
         )
-    best = _optimize(options, values, space, base)
+    best = _optimize(options, values, space, base, config.use_cpu)
     if best is not None:
         print(f"best trial {best.run_id}: objective {best.objective} with {best.hyperparameters}")
         print(f"trials: {os.path.join(base, 'trials.csv')}, best run: {os.path.join(base, 'best_run.json')}")
@@ -137,7 +137,7 @@ def _job_fields(module) -> set:
     return {f.name for f in dataclasses.fields(TrainConfig)} | set(task_fields(module))
 
 
-def _optimize(options, values, space, base):
+def _optimize(options, values, space, base, cpu):
     import optuna
 
     from .search import optimize
@@ -177,6 +177,7 @@ def _optimize(options, values, space, base):
         study_kwargs,
         {},
         callbacks,
+        cpu=cpu,
     )
 
 

@@ -561,7 +561,9 @@ class Trainer:
         base = self.args, self.config
         self._search_args = copy.copy(self.args)  # what each trial's values are set on, in turn (Trainer's rule)
         try:
-            return search.optimize(self._run_trial, self.hp_space, n_trials, direction, kwargs, optimize_kwargs)
+            return search.optimize(
+                self._run_trial, self.hp_space, n_trials, direction, kwargs, optimize_kwargs, cpu=self.config.use_cpu
+            )
         finally:
             self.args, self.config = base  # the arguments given, not the last trial's
 

@@ -54,6 +54,29 @@ def test_docs_search_command_runs_as_written(tmp_path):
     assert again.returncode == 2 and "holds another search (trials.csv)" in again.stderr
 
 
+def test_a_search_under_two_processes_runs_every_trial_on_both(tmp_path):
+    """docs/search.md's torchrun command as written (2 CPU processes): the first process drives the study and hands
+    each trial's values to the other, so every trial's run holds both ranks' RNG files; the values are those of the
+    same search in one process (the same seeded sampler)."""
+    argv = shlex.split(doc_block("torchrun --nproc_per_node 2 -m loop search"))[5:]
+    argv = [a.replace("docs/examples/", os.path.join(ROOT, "docs", "examples") + "/") for a in argv]
+    argv = [str(tmp_path / a) if a.startswith("outputs/") else a for a in argv]
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581"]
+    proc = subprocess.run([*launch, "-m", "loop", *argv], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = _rows(tmp_path / "outputs" / "search-2proc" / "trials.csv")
+    assert [r["state"] for r in two] == ["COMPLETE", "COMPLETE"]
+    for r in two:
+        saved = os.listdir(tmp_path / "outputs" / "search-2proc" / f"run-{r['number']}" / "checkpoint-6")
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(saved), saved
+    one_argv = [a.replace("search-2proc", "search-1proc") for a in argv]
+    assert run_loop(*one_argv).returncode == 0
+    one = _rows(tmp_path / "outputs" / "search-1proc" / "trials.csv")
+    keys = ("learning_rate", "warmup_steps", "weight_decay")
+    assert [[r[k] for k in keys] for r in two] == [[r[k] for k in keys] for r in one]
+
+
 def test_processes_share_one_study_and_a_killed_trial_runs_again_from_its_checkpoint(tmp_path):
     shared = shlex.split(doc_block("loop search --hp_space docs/examples/search_space.yaml --n_trials 6 --storage"))
     storage = f"sqlite:///{tmp_path}/study.db"

@@ -23,6 +23,8 @@ RUN_ELSEWHERE = {
     "torchrun --nproc_per_node 2 -m loop train --use_cpu true --max_steps 10": "tests/integration/"
     "test_distributed.py::test_sharded_optimizer_from_the_docs_gives_ddps_numbers_and_bf16_reduction_moves_them_by_"
     "rounding_only",
+    "torchrun --nproc_per_node 2 -m loop search": "tests/integration/test_search_cli.py::"
+    "test_a_search_under_two_processes_runs_every_trial_on_both",
     "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
     "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
     "# fgm_step": "tests/parity/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
