@@ -25,6 +25,8 @@ RUN_ELSEWHERE = {
     "rounding_only",
     "torchrun --nproc_per_node 2 -m loop search": "tests/integration/test_search_cli.py::"
     "test_a_search_under_two_processes_runs_every_trial_on_both",
+    "torchrun --nproc_per_node 2 -m loop compare": "tests/integration/test_distributed.py::"
+    "test_compare_script_from_the_docs_under_two_processes",
     "python3 -m venv .venv": ".ci/run (test_the_install_block_is_what_ci_runs checks it)",
     "python -m pytest -q tests -m": ".ci/run runs the whole suite, of which this is the part without the slow tests",
     "# fgm_step": "tests/parity/test_customise.py::test_fgm_step_from_the_readme_trains_and_equals_the_default_step_at_eps_0",
