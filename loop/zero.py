@@ -88,7 +88,8 @@ class _Bucket:
 
 
 class ShardedOptimizer:
-    """The buckets, their hooks and collectives; `optimizer` is the rank's optimizer over its shards (see make)."""
+    """The buckets, their hooks and collectives; `.optimizer` is the rank's optimizer over its shards: the class of
+    the run's optimizer (a subclass whose step also gathers), each group's settings, the rank's shards as params."""
 
     def __init__(self, model, optimizer, reduce_dtype: str | None, bucket_mb: float, group=None):
         self.group = group
@@ -201,9 +202,12 @@ class ShardedOptimizer:
             b.zero_grad()
 
     def remove(self):
+        """After the run: the hooks off the caller's parameters, and their .grad no longer views of the buckets."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        for p in self.of:
+            p.grad = None
 
     # ---------------------------------------------------------------- checkpoints
     def layout(self) -> dict:
