@@ -151,6 +151,7 @@ def test_skipped_step_does_not_update_ema():
         state=SimpleNamespace(global_step=0),
         note_nonfinite=lambda g: None,
         accelerator=SimpleNamespace(optimizer_step_was_skipped=True),
+        sharded=None,  # no sharded optimizer (loop/zero.py)
     )
     finish_step(run, torch.tensor(1.0))
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow)) and scheduler.last_epoch == 0
