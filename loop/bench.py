@@ -196,7 +196,7 @@ def flops_per_token(shape: dict, seq_len: int) -> float:
 
 def cmd_bench(argv) -> int:
     from .checkpoint import unwritable
-    from .compare import _run_side, run_child, take_option
+    from .compare import _run_side, run_child, side_env, take_option
     from .job import build_job
     from .telemetry import PEAK_TFLOPS
 
@@ -238,12 +238,7 @@ def cmd_bench(argv) -> int:
     os.makedirs(config.output_dir, exist_ok=True)  # the sides' logs and results, then the report
     for i, name in enumerate(names):
         path = os.path.join(config.output_dir, f".bench-{i}-rank{rank}.json")
-        env = dict(os.environ)
-        if world > 1:  # a fresh rendezvous per side: rank 0's child hosts it on its own port (not torchrun's store)
-            env.update(
-                TORCHELASTIC_USE_AGENT_STORE="False",
-                MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + i),
-            )
+        env = side_env(i)  # several processes: a rendezvous of the side's children of its own
         # the child takes the same --steps (argv already ends with this process's --max_steps; the child appends its own)
         run_child(
             ["bench", *argv, "--steps", str(steps or 100), "--_side", name, "--_result", path],

@@ -290,6 +290,16 @@ def take_option(argv, flag, kind, example):
     return value, argv[:i] + argv[i + 2 :]
 
 
+def side_env(index: int):
+    """The environment of a side's child under `accelerate launch`/torchrun (None with one process): the children of
+    every rank for side `index` meet in a process group of their own, on a fresh rendezvous that rank 0's child hosts
+    on its own port (not torchrun's store)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    port = int(os.environ.get("MASTER_PORT", "29500")) + 1 + index
+    return dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="False", MASTER_PORT=str(port))
+
+
 def run_child(args, log_path, what, env=None, show=True) -> None:
     """`python -m loop ARGS` in a fresh process with its output (progress bars, Trainer's printed records, warnings)
     in log_path, so that the terminal shows a line a side and then the report. A side that fails: the last lines of

@@ -24,7 +24,7 @@ from .errors import LoopError
 
 
 def cmd_compare_script(argv) -> int:
-    from .compare import _diff, _plot, run_child, take_option
+    from .compare import _diff, _plot, run_child, side_env, take_option
 
     i = argv.index("--script")
     if i + 1 >= len(argv):
@@ -55,13 +55,6 @@ def cmd_compare_script(argv) -> int:
         tag = name if name == "loop" else f"trainer-{k}"
         if rank == 0:  # the side's own folder, from an earlier comparison (its Trainer's output_dir, shared by ranks)
             shutil.rmtree(os.path.join(out, tag), ignore_errors=True)
-        env = None
-        if world > 1:
-            env = dict(
-                os.environ,
-                TORCHELASTIC_USE_AGENT_STORE="False",
-                MASTER_PORT=str(int(os.environ.get("MASTER_PORT", "29500")) + 1 + k),
-            )
         path = os.path.join(out, f".{tag}{suffix}.json")
         run_child(
             [
@@ -78,7 +71,7 @@ def cmd_compare_script(argv) -> int:
             ],
             os.path.join(out, f"compare-{tag}{suffix}.log"),
             f"{tag} ({script})",
-            env=env,
+            env=side_env(k),
             show=rank == 0,
         )
         with open(path) as f:

@@ -406,22 +406,23 @@ def build(
 
 def gradient_exchange(config, run, optimizer, given_optimizer: bool, custom_step) -> None:
     """How gradients cross processes under DDP, after prepare() and before the scheduler exists: DDP's all-reduce
-    (fp32, or bf16 through DDP's compression hook), or the sharded optimizer (zero.py), whose optimizer over the rank's
-    shards takes the place of `optimizer` inside accelerate's wrapper. One process: nothing to exchange."""
+    (fp32, or bf16 through a comm hook, zero.bf16_allreduce_hook), or the sharded optimizer (zero.py), whose optimizer
+    over the rank's shards takes the place of `optimizer` inside accelerate's wrapper. prepare() wraps the model in
+    DDP exactly when there is something to exchange (several processes, no FSDP or DeepSpeed)."""
     acc = run.accelerator
-    ddp = acc.distributed_type.name in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU")
-    if (config.sharded_optimizer or config.grad_reduce_dtype) and acc.num_processes > 1 and not ddp:
-        raise LoopError(
-            f"sharded_optimizer and grad_reduce_dtype are for DDP; under {acc.distributed_type.name} the framework "
-            "shards and reduces itself: set them off"
-        )
-    if acc.num_processes == 1 or not ddp:
+    ddp = getattr(run.model, "_orig_mod", run.model)  # under the compiled wrapper, if any
+    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        if (config.sharded_optimizer or config.grad_reduce_dtype) and acc.num_processes > 1:
+            raise LoopError(
+                f"sharded_optimizer and grad_reduce_dtype are for DDP; under {acc.distributed_type.name} the "
+                "framework shards and reduces itself: set them off"
+            )
         return
     if not config.sharded_optimizer:
         if config.grad_reduce_dtype:
             from .zero import bf16_allreduce_hook
 
-            getattr(run.model, "_orig_mod", run.model).register_comm_hook(None, bf16_allreduce_hook)
+            ddp.register_comm_hook(None, bf16_allreduce_hook)
         return
     if given_optimizer or custom_step is not None or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False):
         raise LoopError(

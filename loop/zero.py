@@ -45,8 +45,8 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class _Bucket:
-    def __init__(self, params, world: int, rank: int):
-        self.params = params
+    def __init__(self, params, group: int, world: int, rank: int):
+        self.params, self.group = params, group  # group: the index of the optimizer param group it belongs to
         self.numels = [p.numel() for p in params]
         total = sum(self.numels)
         self.shard_len = -(-total // world)
@@ -101,7 +101,7 @@ class ShardedOptimizer:
             for p in g["params"]:
                 owner[p] = gi
         cap = max(1, int(bucket_mb * 2**20 / 4))  # elements of fp32
-        self.buckets, self.bucket_groups = [], []
+        self.buckets = []
         trainable = [p for p in model.parameters() if p.requires_grad]
         missing = [p for p in trainable if p not in owner]
         if missing:
@@ -116,12 +116,10 @@ class ShardedOptimizer:
                 current.append(p)
                 size += p.numel()
                 if size >= cap:
-                    self.buckets.append(_Bucket(current, self.world, self.rank))
-                    self.bucket_groups.append(gi)
+                    self.buckets.append(_Bucket(current, gi, self.world, self.rank))
                     current, size = [], 0
             if current:
-                self.buckets.append(_Bucket(current, self.world, self.rank))
-                self.bucket_groups.append(gi)
+                self.buckets.append(_Bucket(current, gi, self.world, self.rank))
         self.of = {p: b for b in self.buckets for p in b.params}
         for b in self.buckets:
             b.read_params()
@@ -129,7 +127,7 @@ class ShardedOptimizer:
         self.handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.of]
         groups = []
         for gi, g in enumerate(optimizer.param_groups):
-            shards = [b.shard for b, bg in zip(self.buckets, self.bucket_groups) if bg == gi]
+            shards = [b.shard for b in self.buckets if b.group == gi]
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": shards})
         cls = type(optimizer)
         sharded_cls = type(f"Sharded{cls.__name__}", (cls,), {"step": _sharded_step})
@@ -175,7 +173,7 @@ class ShardedOptimizer:
     def clip_(self, max_norm: float) -> torch.Tensor:
         """The pre-clip norm of the whole (averaged) gradient; scales the shards to max_norm as clip_grad_norm_."""
         self.wait()
-        squares = torch.stack([b.grad.float().pow(2).sum() for b in self.buckets]).sum()
+        squares = torch.stack([b.grad.pow(2).sum() for b in self.buckets]).sum()  # fp32 shards
         dist.all_reduce(squares, group=self.group)
         norm = squares.sqrt()
         if max_norm != float("inf"):

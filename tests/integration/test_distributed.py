@@ -155,6 +155,11 @@ def _torchrun(*args, port, nnodes=1, node_rank=0, nproc=2):
     ]
 
 
+def _as_written(torchrun_argv, port):
+    """A docs block's `torchrun ...` command as written, run by this interpreter on its own rendezvous port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--master_port", str(port), *torchrun_argv[1:]]
+
+
 def test_two_nodes_on_one_host_match_one_node_with_two_processes(tmp_path):
     """Multi-node without a second machine: node ranks 0 and 1 (one process each, gloo, main process 127.0.0.1) log
     the same losses as one node of 2 processes."""
@@ -208,19 +213,20 @@ def test_sharded_optimizer_from_the_docs_gives_ddps_numbers_and_bf16_reduction_m
     """docs/distributed.md's two commands as written: 2 processes with the sharded optimizer (ZeRO-1: gradients
     reduce-scattered in the last backward, AdamW stepped on each rank's shard, the shards all-gathered) log DDP's
     losses and eval losses within 1e-6 (fp32) and its grad norms within 3e-6 (see below), and each rank's optimizer
-    state is half of DDP's. The same
-    commands with grad_reduce_dtype bf16 (the sharded reduce-scatter, and DDP's all-reduce through its comm hook) move
-    the numbers by bf16's rounding: not equal to DDP's, within 1e-3."""
+    state is half of DDP's. The same commands with grad_reduce_dtype bf16 (the sharded reduce-scatter, and DDP's
+    all-reduce through its comm hook) move the numbers by bf16's rounding: not equal to DDP's, within 1e-3."""
     from helpers import doc_block
 
     lines = doc_block("torchrun --nproc_per_node 2 -m loop train --use_cpu true --max_steps 10").splitlines()
-    runs = {shlex.split(line)[shlex.split(line).index("--output_dir") + 1]: shlex.split(line) for line in lines}
+    commands = [shlex.split(line) for line in lines]
+    runs = {argv[argv.index("--output_dir") + 1]: argv for argv in commands}
     assert list(runs) == ["outputs/ddp", "outputs/sharded"]
     for out, argv in list(runs.items()):
         runs[out + "-bf16"] = [a if a != out else out + "-bf16" for a in argv] + ["--grad_reduce_dtype", "bf16"]
     for i, argv in enumerate(runs.values()):
-        argv = [sys.executable, "-m", "torch.distributed.run", "--master_port", str(29561 + i), *argv[1:]]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+        proc = subprocess.run(
+            _as_written(argv, 29561 + i), capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     def numbers(out, keys):
@@ -281,12 +287,9 @@ def test_compare_script_from_the_docs_under_two_processes(tmp_path):
     the bit (PARITY; eval_loss reported, not judged, with several processes)."""
     from helpers import doc_block
 
-    argv = shlex.split(doc_block("torchrun --nproc_per_node 2 -m loop compare"))[5:]
-    argv = [os.path.join(os.path.dirname(HERE), a) if a.startswith("docs/") else a for a in argv]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29575"]
-    proc = subprocess.run(
-        [*launch, "-m", "loop", *argv], capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path
-    )
+    argv = shlex.split(doc_block("torchrun --nproc_per_node 2 -m loop compare"))
+    argv = [os.path.join(os.path.dirname(HERE), a) if a.startswith("docs/") else a for a in argv]  # run in tmp_path
+    proc = subprocess.run(_as_written(argv, 29575), capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / "compare-script-2proc"
     report = json.load(open(out / "compare.json"))
