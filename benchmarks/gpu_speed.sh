@@ -12,6 +12,8 @@
 #                                           # inside training (benchmarks/eval_in_train.py, each side twice)
 #   bash benchmarks/gpu_speed.sh table OUTDIR   # the five sides (Trainer eager/compiled, loop, loop compiled, loop-fast) of
 #                                           # tiny-bert, bert-base, minilm-sst2, gpt2-124m (TABLE_WORKLOADS), evaluations in
+#   bash benchmarks/gpu_speed.sh compiled OUTDIR  # trainer-compiled and loop-compiled alternately, then loop-fast
+#                                           # (COMPILED_WORKLOADS, COMPILED_SIDES): evaluations and recompilations
 #   bash benchmarks/gpu_speed.sh curves OUTDIR  # default vs loop-fast, 300 steps, seeds 42/43, GPT-2 and llm.c settings
 #                                           # (CURVE_WORKLOADS, CURVE_STEPS), then benchmarks/curve_spread.py
 #   DATA=DIR (default .data) is where minilm/ and sst2/ are.
@@ -28,6 +30,15 @@ what=$1; out=$2; mkdir -p "$out"
 DATA=${DATA:-.data}  # where the MiniLM bf16 copy (minilm/) and SST-2 (sst2/) are
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 show() { grep -v '^{' | grep -v 'it/s\]' | grep -A14 -E '^(loop bench|verdict|side|step)' ; }
+table_args() {  # the table's settings of a workload: steps, and evaluations inside the run
+  case $1 in
+    tiny-bert) echo --steps 300 --eval_strategy steps --eval_steps 150 --max_eval_samples 872 ;;
+    bert-base) echo --steps 60 --eval_strategy steps --eval_steps 30 ;;
+    minilm-sst2) echo --model_name_or_path $DATA/minilm --train_file $DATA/sst2/train.tsv \
+      --validation_file $DATA/sst2/validation.tsv --steps 200 --eval_strategy steps --eval_steps 100 ;;
+    *) echo --steps 40 ;;
+  esac
+}
 case $what in
 gpt2)  # then the fast path without cuDNN attention (masked efficient attention instead), to see which is faster
   python -m loop bench --workload gpt2-124m --steps 100 --output_dir "$out/gpt2" 2>&1 | show
@@ -125,16 +136,19 @@ table)  # issue 27's side-by-side table: the five sides of each workload (TABLE_
   # own process one after the other, the evaluations inside the steady rate where the workload evaluates; tiny-bert,
   # whose host-bound step is within this machine's noise, runs Trainer and the loop alternately three times
   five=trainer,trainer-compiled,loop,loop-compiled,loop-fast
-  sst2=(--model_name_or_path $DATA/minilm --train_file $DATA/sst2/train.tsv --validation_file $DATA/sst2/validation.tsv)
   for w in ${TABLE_WORKLOADS:-tiny-bert bert-base minilm-sst2 gpt2-124m}; do
-    case $w in
-      tiny-bert) extra=(--steps 300 --eval_strategy steps --eval_steps 150 --max_eval_samples 872
-                        --sides trainer,loop,trainer,loop,trainer,loop,trainer-compiled,loop-compiled,loop-fast) ;;
-      bert-base) extra=(--steps 60 --eval_strategy steps --eval_steps 30 --sides $five) ;;
-      minilm-sst2) extra=("${sst2[@]}" --steps 200 --eval_strategy steps --eval_steps 100 --sides $five) ;;
-      *) extra=(--steps 40 --sides $five) ;;
-    esac
-    timeout ${TABLE_TIMEOUT:-420} python -m loop bench --workload $w "${extra[@]}" --output_dir "$out/table-$w" 2>&1 | show
+    sides=$five; [ $w = tiny-bert ] && sides=trainer,loop,trainer,loop,trainer,loop,trainer-compiled,loop-compiled,loop-fast
+    timeout ${TABLE_TIMEOUT:-420} python -m loop bench --workload $w $(table_args $w) --sides $sides \
+      --output_dir "$out/table-$w" 2>&1 | show
+  done ;;
+compiled)  # compiled Trainer against the loop compiled, alternately in one call (COMPILED_WORKLOADS, COMPILED_SIDES), at
+  # the table's settings, then loop-fast; each evaluation's time, and the recompilations each side's log shows
+  for w in ${COMPILED_WORKLOADS:-tiny-bert bert-base}; do
+    TORCH_LOGS=recompiles timeout ${TABLE_TIMEOUT:-420} python -m loop bench --workload $w $(table_args $w) \
+      --sides ${COMPILED_SIDES:-trainer-compiled,loop-compiled,trainer-compiled,loop-compiled,loop-fast} \
+      --output_dir "$out/compiled-$w" 2>&1 | show
+    for f in "$out/compiled-$w"/bench-*.log; do echo "$f: $(grep -c 'Recompiling function' "$f") recompilations"; done
+    python -c "import json,sys; [print(r['side'], 'evaluations (s):', r.get('eval_runtimes_s'), 'peak GB:', r.get('peak_memory_gb')) for r in json.load(open(sys.argv[1]))['sides']]" "$out/compiled-$w/bench.json"
   done ;;
 curves)  # does `fast` stay the same run: the default path and loop-fast over 300 steps with seeds 42 and 43, at GPT-2's
   # settings and llm.c's (CURVE_WORKLOADS chooses); the four runs of a workload go in two lanes at once (the speed
@@ -149,5 +163,5 @@ curves)  # does `fast` stay the same run: the default path and loop-fast over 30
   done
   wait
   for w in ${CURVE_WORKLOADS:-gpt2-124m gpt2-124m-llmc}; do python benchmarks/curve_spread.py "$out" $w; done ;;
-*) echo "usage: bash benchmarks/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval|table|curves OUTDIR"; exit 2 ;;
+*) echo "usage: bash benchmarks/gpu_speed.sh gpt2|bert|sst2|parity|profile|graphs|eval|table|compiled|curves OUTDIR"; exit 2 ;;
 esac

@@ -271,6 +271,7 @@ def cmd_bench(argv) -> int:
                 "last_loss": curve[-1][1] if curve else None,
                 "curve": curve,  # the logged losses, by step
                 "eval_s": summary.get("eval_runtime_s"),
+                "eval_runtimes_s": summary.get("eval_runtimes_s"),
                 "features": got.get("features"),
                 "fast": got.get("fast"),
                 "params": shape["params"],

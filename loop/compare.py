@@ -111,6 +111,7 @@ def _summary(history, wall, tokens, steps, device, clock=None):
         "peak_memory_gb": _peak_gb(device),
         "train_loss": final.get("train_loss"),
         "eval_runtime_s": sum(r["eval_runtime"] for r in history if "eval_runtime" in r) or None,
+        "eval_runtimes_s": [r["eval_runtime"] for r in history if "eval_runtime" in r],  # each one: the first warms up
         "final_eval": {
             k: v
             for k, v in (evals[-1] if evals else {}).items()

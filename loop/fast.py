@@ -241,7 +241,7 @@ def varlen_lever(config, accelerator, model, table, dataset, collate) -> tuple[L
     if not wanted:
         return Lever(False, "varlen_attention false" if config.varlen_attention is False else "not asked for"), None
     if table is not None:
-        batches = iter([table.columns])
+        batches = table.chunks()
     else:
         batches = collated_chunks(dataset, collate) if is_map_style(dataset) else None
     if batches is None:
@@ -357,7 +357,7 @@ def _compile_settings(plan, run, acc):
     table = run.loader.device_table if run.loader is not None else None
     if table is None:
         return
-    model_config, labels = getattr(run.unwrapped, "config", None), table.columns.get("labels")
+    model_config, labels = getattr(run.unwrapped, "config", None), table.dtypes.get("labels")
     if (
         labels is not None
         and hasattr(model_config, "problem_type")
@@ -368,6 +368,6 @@ def _compile_settings(plan, run, acc):
             "regression"
             if model_config.num_labels == 1
             else "single_label_classification"
-            if labels.dtype in (torch.long, torch.int)
+            if labels in (torch.long, torch.int)
             else "multi_label_classification"
         )

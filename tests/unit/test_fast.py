@@ -303,6 +303,38 @@ def test_dataset_on_device_gives_the_default_loaders_batches_and_numbers_and_res
     assert [key(r) for r in resumed.log_history if "loss" in r][-5:] == a[-5:]
 
 
+def test_device_table_keeps_narrow_columns_and_cuts_the_collators_batches():
+    """The table holds each integer column in the narrowest dtype of its values (a quarter to an eighth of the
+    collated set's bytes) and hands out the collator's batches: its dtypes and values, every width."""
+    from loop.data import DeviceTable, _build_table, _nbytes, narrowest
+    from loop.tasks.text_classification import pad_collator
+
+    assert narrowest(torch.tensor([0, 1, 255])).dtype == torch.uint8
+    assert narrowest(torch.tensor([-100, 0, 2])).dtype == torch.int8
+    assert narrowest(torch.tensor([0, 30521])).dtype == torch.int16
+    assert narrowest(torch.tensor([-100, 50256])).dtype == torch.int32
+    assert narrowest(torch.tensor([0, 2**40])).dtype == torch.int64
+    assert narrowest(torch.tensor([0.5, 2.0])).dtype == torch.float32
+    data, collate = RaggedText(40), pad_collator(4)
+    table, why = _build_table(data, collate, "cpu", "input_ids")
+    assert why is None and isinstance(table, DeviceTable)
+    full = collate([data[i] for i in range(len(data))])
+    assert {k: v.dtype for k, v in table.columns.items()} == {
+        "input_ids": torch.uint8,
+        "attention_mask": torch.uint8,
+        "labels": torch.uint8,
+    }
+    assert _nbytes(table.columns) * 8 == _nbytes(full)
+    for pick in ([3], [0, 5, 9], list(range(40))[::-1]):
+        want, got = collate([data[i] for i in pick]), table(pick)
+        assert {k: (v.dtype, v.tolist()) for k, v in got.items()} == {k: (v.dtype, v.tolist()) for k, v in want.items()}
+    chunks = list(table.chunks(size=16))
+    assert [c["input_ids"].shape[0] for c in chunks] == [16, 16, 8]
+    assert all(
+        torch.equal(torch.cat([c[k] for c in chunks]), full[k]) and chunks[0][k].dtype == full[k].dtype for k in full
+    )
+
+
 def test_dataset_on_device_refuses_what_it_cannot_serve_and_fast_skips_it(tmp_path):
     from loop.tasks.text_classification import pad_collator
 
