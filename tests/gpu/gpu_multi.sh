@@ -32,6 +32,10 @@
 #       1 GPU, then on 2 under DDP as it is, with sharded_optimizer, with it and grad_reduce_dtype bf16, and DDP with
 #       grad_reduce_dtype bf16: ms a step, tokens/s, x one GPU, memory a GPU. `resume OUT sharded` is the sharded
 #       optimizer's kill-and-resume check (DDP plus --sharded_optimizer true).
+#   bash tests/gpu/gpu_multi.sh dropin OUTDIR
+#       The drop-in Trainer and the search under DDP on 2 GPUs (issue 28): `loop compare --trainer_runs 2 --script` on
+#       docs/examples/train_text_classification.py (DROPIN_STEPS, default 60; must say PARITY), then `loop search`
+#       with 2 trials, each of which must have run on both processes (both ranks' RNG files in its checkpoint).
 #   bash tests/gpu/gpu_multi.sh more OUTDIR     # checks, then shard
 #   Two 10-minute calls on a pair of H200s (timed there: resume ~230 s, checks ~90 s, shard ~300 s for gpt2-124m and
 #   ~450 s for gpt2-xl):
@@ -196,6 +200,24 @@ for n, r in rows.items():
 PY
 }
 
+dropin_part() {  # issue 28 item 3: the drop-in Trainer and the search under DDP on 2 GPUs
+  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 -m loop compare --trainer_runs 2 \
+    --report_dir "$out/compare-script" --script docs/examples/train_text_classification.py --output_dir "$out/tc" \
+    --max_steps ${DROPIN_STEPS:-60} --logging_steps 5 --eval_strategy steps --eval_steps 30 ${EXTRA_JOB:-} \
+    > "$out/compare-script.log" 2>&1 || { echo "compare --script: FAILED"; tail -5 "$out/compare-script.log"; fail=1; }
+  grep -E '^(script|per-step|tolerance)' "$out/compare-script.log"
+  grep -q 'verdict: PARITY' "$out/compare-script.log" || { echo "compare --script: no PARITY"; fail=1; }
+  "${LAUNCH[@]}" --config_file launch_configs/multi_gpu_ddp.yaml --num_processes 2 -m loop search \
+    --hp_space docs/examples/search_space.yaml --n_trials 2 --sampler_seed 0 --max_steps 20 --eval_steps 10 \
+    --save_steps 10 --max_docs 60 --max_eval_samples 16 ${EXTRA_JOB:-} --output_dir "$out/search" \
+    > "$out/search.log" 2>&1 || { echo "search: FAILED"; tail -5 "$out/search.log"; fail=1; }
+  grep -v '^{' "$out/search.log" | tail -4
+  for run in "$out"/search/run-*; do  # each trial ran on both processes: both ranks' RNG files in its checkpoint
+    n=$(ls "$run"/checkpoint-20/rng_state_*.pth 2>/dev/null | wc -l)
+    echo "$(basename "$run"): $n ranks' RNG files"; [ "$n" = 2 ] || fail=1
+  done
+}
+
 shard_part() {  # the sharding table: one run at a time
   XL='{"n_embd": 1600, "n_layer": 48, "n_head": 25, "n_positions": 1024, "vocab_size": 50257}'
   for t in ${TOPOLOGIES:-one ddp fsdp2 zero2 zero3}; do
@@ -233,8 +255,9 @@ resume)
   done ;;
 checks) checks_part ;;
 zero) zero_part ;;
+dropin) dropin_part ;;
 shard) shard_part ;;
 more) checks_part; shard_part ;;
-*) echo "usage: bash tests/gpu/gpu_multi.sh resume|checks|zero|shard|more OUTDIR [topologies]"; exit 2 ;;
+*) echo "usage: bash tests/gpu/gpu_multi.sh resume|checks|zero|dropin|shard|more OUTDIR [topologies]"; exit 2 ;;
 esac
 exit $fail
