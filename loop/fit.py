@@ -434,6 +434,38 @@ def gradient_exchange(config, run, optimizer, given_optimizer: bool, custom_step
 
     run.sharded = ShardedOptimizer(run.unwrapped, optimizer, config.grad_reduce_dtype, config.ddp_bucket_cap_mb or 25)
     run.optimizer.optimizer = run.sharded.optimizer  # accelerate's wrapper steps the shards (then they are gathered)
+    if ddp_wrapper_unneeded(run, ddp):
+        run.model = module_without_ddp(acc, run.model, ddp)
+
+
+def ddp_wrapper_unneeded(run, ddp) -> bool:
+    """Whether the sharded optimizer's run can drop DDP's wrapper: it sends the gradients itself, so the wrapper only
+    holds a second gradient-sized copy in its reducer's buckets. It is kept where it still does something: a model
+    with buffers (DDP broadcasts them from rank 0 before forwards), or a compiled model whose graph dynamo splits at
+    DDP's buckets (ddp_compile_overlap, torch's default outside `fast`), the split that lets buckets go out during a
+    compiled backward."""
+    from torch._dynamo import config as dynamo_config
+
+    if any(True for _ in ddp.module.buffers()) and ddp.broadcast_buffers:
+        return False
+    compiled = run.model is not ddp
+    overlap = run.fast.ddp_compile_overlap
+    return not (compiled and (dynamo_config.optimize_ddp if overlap is None else overlap))
+
+
+def module_without_ddp(acc, prepared, ddp):
+    """The module in place of DDP's wrapper, compiled as prepare() compiled the wrapper, in accelerate's list of models
+    too; the wrapper and its reducer (buckets and autograd hooks) are then freed. DDP's constructor has already
+    broadcast rank 0's parameters and buffers, so every rank starts from the same weights."""
+    from accelerate.utils import compile_regions
+
+    module = ddp.module
+    if prepared is not ddp:
+        plugin = acc.state.dynamo_plugin
+        compile_fn = compile_regions if plugin.use_regional_compilation else torch.compile
+        module = compile_fn(module, **plugin.to_kwargs())
+    acc._models = [module if m is prepared else m for m in acc._models]
+    return module
 
 
 def deepspeed_follows(config, acc):

@@ -15,16 +15,18 @@ How, in the order a step runs:
     when a bucket is complete its buffer is divided by R (DDP's average) and reduce-scattered without waiting
     (`reduce_scatter_tensor(async_op=True)`), while the backward goes on. A bucket with parameters that got no
     gradient is sent, with zeros for them, when the backward is done. Under torch_compile the backward is one graph
-    whose gradients all arrive at its end, unless ddp_compile_overlap splits it at DDP's buckets (the model stays in
-    DDP's wrapper, whose own communication is switched off): then each piece's buckets go out as it finishes.
+    whose gradients all arrive at its end, unless ddp_compile_overlap splits it at DDP's buckets (the model then stays
+    in DDP's wrapper, whose own communication is switched off): then each piece's buckets go out as it finishes.
     `grad_reduce_dtype: bf16` sends the buffers in bf16 (half the bytes; the numbers change, so it is its own field).
   * Clip (`clip_`): wait for the reductions; the grad norm is the square root of the shards' summed squares over the
     ranks (one all-reduce of a scalar), as clip_grad_norm_ over the whole gradients gives; the shards are scaled by
     Trainer's clip coefficient.
   * Step: the optimizer steps the shards; each bucket's updated shards are all-gathered into the parameters. Then
     zero_grad zeroes the buffers (the parameters' .grad stay views of them).
-Memory a rank: the optimizer state of 1/R of the model; the gradients once, in the buckets; and DDP's own reducer
-buckets, which the wrapper allocates although it sends nothing.
+Memory a rank: the optimizer state of 1/R of the model, and the gradients once, in the buckets. DDP's wrapper, whose
+reducer holds buckets of its own, is dropped after its constructor has broadcast rank 0's weights
+(fit.ddp_wrapper_unneeded says when: not for a model with buffers, which DDP broadcasts before forwards, nor for a
+compiled model split at DDP's buckets).
   * Checkpoints: each rank writes its optimizer state (`optimizer_shard_<rank>.pt`, with the bucket layout); resume
     needs the same world size and parameters, and refuses in one line otherwise.
 """

@@ -205,6 +205,7 @@ def test_two_processes_killed_mid_step_resume_exactly(tmp_path):
         "checkpoint-6",
     ]
     _run(_torchrun(worker, str(tmp_path / "run"), "resume=latest", port=29539))
+    assert json.load(open(tmp_path / "run" / "wrapper.json")) == {"model": "DistributedDataParallel", "ddp_alive": True}
     same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "run" / "checkpoint-6"))
 
@@ -258,6 +259,9 @@ def test_sharded_optimizer_killed_mid_run_resumes_exactly(tmp_path):
 
     worker = os.path.join(HERE, "workers", "resume_worker.py")
     _run(_torchrun(worker, str(tmp_path / "ref"), "sharded_optimizer=true", port=29571))
+    # the sharded optimizer sends the gradients itself: DDP's wrapper (and its reducer's buckets, a second copy of the
+    # gradients) is gone from a model without buffers, which the plain DDP run keeps (test above)
+    assert json.load(open(tmp_path / "ref" / "wrapper.json")) == {"model": "GPT2LMHeadModel", "ddp_alive": False}
     killed = subprocess.run(
         _torchrun(worker, str(tmp_path / "run"), "sharded_optimizer=true", "kill_after_step=8", port=29572),
         capture_output=True,

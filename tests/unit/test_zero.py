@@ -64,3 +64,47 @@ def test_sharded_steps_equal_the_plain_optimizer_and_the_parameters_are_handed_b
     sharded.remove()
     assert all(p.grad is None for p in sharded_model.parameters())
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in sharded_model.parameters())
+
+
+def test_ddps_wrapper_is_dropped_only_where_it_does_nothing(group_of_one):
+    """With the sharded optimizer DDP's wrapper only holds a second copy of the gradients; it stays where it still
+    works: a model with buffers (broadcast before forwards), or a compiled model whose graph dynamo splits at DDP's
+    buckets (ddp_compile_overlap, torch's default). Dropped, the module (compiled again where the wrapper was) takes
+    its place in accelerate's list, and the wrapper is freed."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertModel
+
+    from loop.fit import ddp_wrapper_unneeded, module_without_ddp
+
+    gpt2 = torch.nn.parallel.DistributedDataParallel(tiny_gpt2())
+    bert = torch.nn.parallel.DistributedDataParallel(
+        BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+    )
+    quiet_bert = torch.nn.parallel.DistributedDataParallel(bert.module, broadcast_buffers=False)
+
+    def run(model, overlap=None):
+        return SimpleNamespace(model=model, fast=SimpleNamespace(ddp_compile_overlap=overlap))
+
+    assert ddp_wrapper_unneeded(run(gpt2), gpt2)
+    assert not ddp_wrapper_unneeded(run(bert), bert)  # position_ids and token_type_ids buffers
+    assert ddp_wrapper_unneeded(run(quiet_bert), quiet_bert)
+    compiled = torch.compile(gpt2)
+    assert not ddp_wrapper_unneeded(run(compiled), gpt2)  # torch's default: optimize_ddp splits the graph
+    assert not ddp_wrapper_unneeded(run(compiled, overlap=True), gpt2)
+    assert ddp_wrapper_unneeded(run(compiled, overlap=False), gpt2)  # one graph (`fast`): nothing for DDP to do
+
+    plugin = SimpleNamespace(use_regional_compilation=False, to_kwargs=lambda: {"dynamic": False})
+    acc = SimpleNamespace(state=SimpleNamespace(dynamo_plugin=plugin), _models=[compiled])
+    module = gpt2.module
+    again = module_without_ddp(acc, compiled, gpt2)
+    assert again._orig_mod is module and acc._models == [again]
+    assert not hasattr(module, "_is_accelerate_prepared")  # the caller's module is left as it was
+    acc._models = [gpt2]
+    assert module_without_ddp(acc, gpt2, gpt2) is module and acc._models == [module]
+    gone = weakref.ref(gpt2)
+    del gpt2, compiled, acc
+    gc.collect()
+    assert gone() is None

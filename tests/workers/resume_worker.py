@@ -55,6 +55,22 @@ class Killer(loop.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class Wrapper(loop.Callback):
+    """Records what trains the model (wrapper.json, rank 0): the prepared model's class, and whether any DDP wrapper
+    is still alive (its reducer holds a gradient-sized set of buckets)."""
+
+    def on_train_begin(self, run):
+        import gc
+
+        import torch
+
+        alive = any(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+        if int(os.environ.get("RANK", "0")) == 0:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "wrapper.json"), "w") as f:
+                json.dump({"model": type(run.model).__name__, "ddp_alive": alive}, f)
+
+
 model = tiny_gpt2(dropout=0.1)
 if kill_in_microbatch:
     calls = {"n": 0}
@@ -95,7 +111,7 @@ try:
         model,
         LMData(n_train, ragged=True),
         eval_dataset=LMData(10, seed=1),
-        callbacks=[Killer()],
+        callbacks=[Killer(), Wrapper()],
         resume_from_checkpoint=resume,
     )
 except loop.Preempted as e:
