@@ -143,6 +143,11 @@ def grad_sync(run, sync: bool):
         reduce_now = False
     with contextlib.nullcontext() if reduce_now else acc.no_sync(run.model):
         yield
+    ddp = getattr(run.model, "_orig_mod", run.model)
+    if sync and run.sharded is not None and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        # a wrapper kept for its buffers (fit.ddp_wrapper_unneeded) runs under no_sync throughout, which tells it not
+        # to broadcast them before the next forward; a synchronised window would have: the flag DDP sets after one
+        ddp.require_forward_param_sync = True
 
 
 def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:

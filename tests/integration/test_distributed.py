@@ -251,6 +251,21 @@ def test_sharded_optimizer_from_the_docs_gives_ddps_numbers_and_bf16_reduction_m
     assert not os.path.exists(tmp_path / "outputs/sharded/checkpoint-10/optimizer.pt")
 
 
+def test_sharded_optimizer_broadcasts_buffers_as_ddp_does(tmp_path):
+    """A model whose forward changes its buffers (BatchNorm's running statistics) keeps DDP's wrapper under the
+    sharded optimizer, and its buffers travel as under DDP (from rank 0 before the forward after each synchronised
+    window): the same losses, grad norms and eval losses, the evaluation on every rank using rank 0's statistics."""
+    worker = os.path.join(HERE, "workers", "ddp_worker.py")
+    for i, (name, extra) in enumerate((("ddp", []), ("sharded", ["sharded_optimizer=true"]))):
+        _run(_torchrun(worker, str(tmp_path / name), "3", "model=bn", *extra, port=29581 + i))
+    ddp, sharded = (json.load(open(tmp_path / d / "log.json")) for d in ("ddp", "sharded"))
+    keys = ("loss", "grad_norm", "eval_loss")
+    a = [r[k] for r in ddp for k in keys if k in r]
+    b = [r[k] for r in sharded for k in keys if k in r]
+    assert len(a) == len(b) == 6 * 2 + 2
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-6, list(zip(a, b))
+
+
 def test_sharded_optimizer_killed_mid_run_resumes_exactly(tmp_path):
     """A 2-process run with the sharded optimizer is SIGKILLed after step 8 and resumed from its last checkpoint (each
     rank's optimizer_shard_<rank>.pt): the log equals the uninterrupted run's. The shards cannot resume into an

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 from helpers import LMData, tiny_gpt2  # noqa: E402
@@ -13,6 +15,7 @@ import loop  # noqa: E402
 out, batch = sys.argv[1], int(sys.argv[2])
 extra = dict(a.split("=", 1) for a in sys.argv[3:])
 vocab = int(extra.pop("vocab", 64))  # a larger vocabulary makes the model span several 1 MB DDP buckets
+model_name = extra.pop("model", "gpt2")  # bn: a regressor with BatchNorm, whose running statistics are buffers
 config = loop.TrainConfig(
     output_dir=os.path.join(out, "run"),
     per_device_train_batch_size=batch,
@@ -42,13 +45,33 @@ class SeenDuringTheRun(loop.Callback):
         SeenDuringTheRun.optimize_ddp = torch._dynamo.config.optimize_ddp
 
 
-result = loop.train(
-    config,
-    tiny_gpt2(vocab=vocab),
-    LMData(48, ragged=True),
-    eval_dataset=LMData(12, seed=1, ragged=True),
-    callbacks=[SeenDuringTheRun()],
+class BatchNormRegressor(torch.nn.Module):
+    """Its BatchNorm's running statistics are buffers the forward changes: DDP broadcasts them from rank 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+        )
+
+    def forward(self, x, labels=None):
+        y = self.net(x).squeeze(-1)
+        return {"loss": torch.nn.functional.mse_loss(y, labels), "logits": y}
+
+
+def rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g) * torch.linspace(0.5, 3, 8) + torch.arange(8.0)
+    return [{"x": x[i], "labels": float(x[i].sum() / 8)} for i in range(n)]
+
+
+model, train, evaluation = (
+    (BatchNormRegressor(), rows(48, 0), rows(12, 1))
+    if model_name == "bn"
+    else (tiny_gpt2(vocab=vocab), LMData(48, ragged=True), LMData(12, seed=1, ragged=True))
 )
+result = loop.train(config, model, train, eval_dataset=evaluation, callbacks=[SeenDuringTheRun()])
 if int(os.environ.get("RANK", "0")) == 0:
     with open(os.path.join(out, "log.json"), "w") as f:
         json.dump(result.log_history, f)
