@@ -145,8 +145,9 @@ def grad_sync(run, sync: bool):
         yield
     ddp = getattr(run.model, "_orig_mod", run.model)
     if sync and run.sharded is not None and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        # a wrapper kept for its buffers (fit.ddp_wrapper_unneeded) runs under no_sync throughout, which tells it not
-        # to broadcast them before the next forward; a synchronised window would have: the flag DDP sets after one
+        # DDP's wrapper kept for the model's buffers (fit.ddp_wrapper_unneeded) runs under no_sync throughout, and a
+        # no_sync forward tells DDP to skip the buffer broadcast before the next forward. Plain DDP broadcasts there
+        # after a window's synchronised forward: set the flag that forward would have set.
         ddp.require_forward_param_sync = True
 
 
