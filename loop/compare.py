@@ -97,6 +97,7 @@ def _clocks(skip):
 def _summary(history, wall, tokens, steps, device, clock=None):
     final = next((r for r in reversed(history) if "train_runtime" in r), {})
     evals = [r for r in history if any(k.startswith("eval_") and k.endswith("loss") for k in r)]
+    eval_runtimes = [r["eval_runtime"] for r in history if "eval_runtime" in r]  # each one: the first warms up
     runtime = final.get("train_runtime", wall)
     steady = clock.rate() if clock is not None else None
     per_step_tokens = tokens / steps if tokens and steps else None
@@ -110,8 +111,8 @@ def _summary(history, wall, tokens, steps, device, clock=None):
         "tokens_per_second": tokens / runtime if runtime and tokens else None,
         "peak_memory_gb": _peak_gb(device),
         "train_loss": final.get("train_loss"),
-        "eval_runtime_s": sum(r["eval_runtime"] for r in history if "eval_runtime" in r) or None,
-        "eval_runtimes_s": [r["eval_runtime"] for r in history if "eval_runtime" in r],  # each one: the first warms up
+        "eval_runtime_s": sum(eval_runtimes) or None,
+        "eval_runtimes_s": eval_runtimes,
         "final_eval": {
             k: v
             for k, v in (evals[-1] if evals else {}).items()

@@ -436,6 +436,8 @@ def gradient_exchange(config, run, optimizer, given_optimizer: bool, custom_step
     run.optimizer.optimizer = run.sharded.optimizer  # accelerate's wrapper steps the shards (then they are gathered)
     if ddp_wrapper_unneeded(run, ddp):
         run.model = module_without_ddp(acc, run.model, ddp)
+    else:
+        run.sharded.kept_ddp = ddp
 
 
 def ddp_wrapper_unneeded(run, ddp) -> bool:

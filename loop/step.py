@@ -143,12 +143,11 @@ def grad_sync(run, sync: bool):
         reduce_now = False
     with contextlib.nullcontext() if reduce_now else acc.no_sync(run.model):
         yield
-    ddp = getattr(run.model, "_orig_mod", run.model)
-    if sync and run.sharded is not None and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        # DDP's wrapper kept for the model's buffers (fit.ddp_wrapper_unneeded) runs under no_sync throughout, and a
+    if sync and run.sharded is not None and run.sharded.kept_ddp is not None:
+        # DDP's wrapper where it is kept (fit.ddp_wrapper_unneeded) runs under no_sync throughout, and a
         # no_sync forward tells DDP to skip the buffer broadcast before the next forward. Plain DDP broadcasts there
         # after a window's synchronised forward: set the flag that forward would have set.
-        ddp.require_forward_param_sync = True
+        run.sharded.kept_ddp.require_forward_param_sync = True
 
 
 def micro_batch_loss(run, batch, num_items, window_size: int) -> torch.Tensor:

@@ -98,6 +98,7 @@ class ShardedOptimizer:
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.reduce_dtype = REDUCE_DTYPES.get(reduce_dtype) if reduce_dtype else None
         self.reducing = False  # True during a window's last backward: the hooks send the gradients
+        self.kept_ddp = None  # DDP's wrapper, where the run keeps it (fit.ddp_wrapper_unneeded)
         owner = {}
         for gi, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
