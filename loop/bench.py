@@ -94,6 +94,8 @@ WORKLOADS = {
 # 1024 tokens an optimizer step (16 x accumulation 4; --per_device_train_batch_size 64 --gradient_accumulation_steps 1
 # for one micro-batch), AdamW at 6e-4 with betas (0.9, 0.95), weight decay 0.1 and clipping at 1.0
 WORKLOADS["gpt2-124m-llmc"] = WORKLOADS["gpt2-124m"] + [
+    "--group_texts",  # llm.c's data: one token stream cut into rows, attention across documents
+    "true",
     "--model_config",
     '{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257, '
     '"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}',

@@ -298,7 +298,8 @@ class TrainConfig:
         "recorded: there the eager step is recorded, which is faster short of ~40,000 steps; name a "
         "torch_compile_mode to compile anyway), fused AdamW (optim adamw_torch becomes "
         "adamw_torch_fused, the same algorithm), fused_linear_cross_entropy where the model "
-        "supports it (causal LMs), varlen_attention on packed rows, dataset_on_device where it applies "
+        "supports it (causal LMs), varlen_attention on packed rows, skip_causal_mask on plain causal rows, "
+        "dataset_on_device where it applies "
         "(when batch widths vary: cuDNN attention left out, compiled once with dynamic shapes), "
         "cuda_graph_step where it applies (one CUDA process, the training set on the device), and DDP without "
         "find_unused_parameters (unless set) with gradients as bucket views and the compiled model as one "
@@ -345,6 +346,14 @@ class TrainConfig:
         "sequence per document, dropout included, instead of SDPA with a dense block-diagonal "
         "mask. CUDA, bf16/fp16. None: on under `fast` where it applies; false: off even under "
         "fast (loop/varlen_attention.py).",
+        group="loop",
+    )
+    skip_causal_mask: typing.Optional[bool] = _f(
+        None,
+        "Causal LMs on plain rows (no attention_mask, no position_ids: group_texts): no dense causal mask, "
+        "SDPA with is_causal as in eager mode (under torch.compile transformers builds the [batch, 1, T, T] mask, "
+        "and SDPA's kernels then compute its masked half). None: on under `fast` where it applies; false: off "
+        "even under fast (loop/causal_attention.py).",
         group="loop",
     )
     ddp_compile_overlap: typing.Optional[bool] = _f(

@@ -9,6 +9,7 @@ Accelerator into a frozen `Plan`, deciding in the order build() needs the answer
   1. dataset_on_device  the training set collated once and kept on the device: decides the loader.
   2. fused_linear_cross_entropy   the training loss from the last hidden states: patches the model before prepare().
   3. varlen_attention   the flash varlen kernel for packed rows: needs the collated data (the table, or collated here).
+     skip_causal_mask   SDPA's is_causal for plain causal rows (no mask built under compile): needs the same data.
   4. attention_backends the SDPA kernels; `fast` leaves cuDNN out when batch widths vary (a new plan per shape).
   5. cuda_graph_step    the whole step as one CUDA graph: needs the optimizer and the table.
   6. torch_compile      compiled by prepare(); dynamic shapes when widths vary; not at all when widths vary and the
@@ -62,6 +63,7 @@ class Plan:
     fused_linear_cross_entropy: Lever
     varlen_attention: Lever
     varlen_segments: int | None  # the per-batch document bound the varlen kernel is sized for
+    skip_causal_mask: Lever
     attention_backends: str | None
     cuda_graph_step: Lever
     torch_compile: Lever
@@ -163,6 +165,7 @@ def resolve(
     table, dataset_on_device = dataset_lever(config, accelerator, train_dataset, collate, main_input)
     fused = fused_loss_lever(config, accelerator, model, own_loss)
     varlen, segments = varlen_lever(config, accelerator, model, table, train_dataset, collate)
+    skip_mask = skip_mask_lever(config, model, table, train_dataset, collate, varlen)
     graph = graph_lever(config, accelerator, optimizer, table, custom_step, step_events)
     compiled, dynamic = compile_lever(config, table, graph)
     find_unused, bucket_view, overlap = ddp_levers(config)
@@ -173,6 +176,7 @@ def resolve(
         fused_linear_cross_entropy=fused,
         varlen_attention=varlen,
         varlen_segments=segments,
+        skip_causal_mask=skip_mask,
         attention_backends=attention_backends(config, table),
         cuda_graph_step=graph,
         torch_compile=compiled,
@@ -235,20 +239,12 @@ def fused_loss_lever(config, accelerator, model, own_loss: bool) -> Lever:
 def varlen_lever(config, accelerator, model, table, dataset, collate) -> tuple[Lever, int | None]:
     """3. (Lever, per-batch document bound): counted over the collated training set (the table, or collated here)."""
     from . import varlen_attention as va
-    from .data import collated_chunks, is_map_style
 
     wanted, required = _asked(config.varlen_attention, config.fast)
     if not wanted:
         return Lever(False, "varlen_attention false" if config.varlen_attention is False else "not asked for"), None
-    if table is not None:
-        batches = table.chunks()
-    else:
-        batches = collated_chunks(dataset, collate) if is_map_style(dataset) else None
-    if batches is None:
-        why = "the training set is iterable, so the documents in a batch cannot be counted beforehand"
-    elif (first := next(batches, None)) is None:
-        why = "the training set is empty"
-    else:
+    batches, first, why = _training_batches(table, dataset, collate)
+    if why is None:
         why = va.why_not(model, accelerator.device, config.mixed_precision, first)
     if why and required:
         raise LoopError(f"varlen_attention cannot be used here: {why}; set varlen_attention false")
@@ -256,6 +252,39 @@ def varlen_lever(config, accelerator, model, table, dataset, collate) -> tuple[L
         return Lever(False, why), None
     segments = va.segment_bound(va.count_documents([first, *batches]), config.per_device_train_batch_size)
     return Lever(True, "asked for" if required else "fast"), segments
+
+
+def _training_batches(table, dataset, collate):
+    """(the collated training batches as an iterator, the first of them, None) or (None, None, why there are none)."""
+    from .data import collated_chunks, is_map_style
+
+    if table is not None:
+        batches = table.chunks()
+    else:
+        batches = collated_chunks(dataset, collate) if is_map_style(dataset) else None
+    if batches is None:
+        return None, None, "the training set is iterable, so its batches cannot be looked at beforehand"
+    first = next(batches, None)
+    if first is None:
+        return None, None, "the training set is empty"
+    return batches, first, None
+
+
+def skip_mask_lever(config, model, table, dataset, collate, varlen: Lever) -> Lever:
+    """3b. SDPA's is_causal for plain causal rows: decided on the first collated training batch."""
+    from . import causal_attention as ca
+
+    wanted, required = _asked(config.skip_causal_mask, config.fast)
+    if not wanted:
+        return Lever(False, "skip_causal_mask false" if config.skip_causal_mask is False else "not asked for")
+    if varlen.on:
+        why = "varlen_attention serves these packed rows"
+    else:
+        _, first, why = _training_batches(table, dataset, collate)
+        why = why or ca.why_not(model, first)
+    if why and required:
+        raise LoopError(f"skip_causal_mask cannot be used here: {why}; set skip_causal_mask false")
+    return Lever(why is None, why or ("asked for" if required else "fast"))
 
 
 def attention_backends(config, table) -> str | None:
@@ -313,7 +342,7 @@ def apply(plan: Plan, run) -> None:
     """Make the plan's changes, in its order, before prepare(): the model (fused head, attention implementation, the
     problem_type a compiled head would otherwise set in its first forward), the step, the Accelerator's compile and
     DDP settings. Everything done to the model is undone after the run (model_changes.ModelChanges)."""
-    from . import fused_loss
+    from . import causal_attention, fused_loss
     from . import varlen_attention as va
     from .run import topology
 
@@ -322,6 +351,8 @@ def apply(plan: Plan, run) -> None:
         fused_loss.enable(run.unwrapped, topology(acc))
     if plan.varlen_attention.on:
         va.enable(run.unwrapped, plan.varlen_segments)
+    if plan.skip_causal_mask.on:
+        causal_attention.enable(run.unwrapped)
     run.attention = plan.attention()
     run.evaluate_eagerly = plan.evaluate_eagerly
     if plan.cuda_graph_step.on:

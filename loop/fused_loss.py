@@ -13,6 +13,9 @@ the loss is one chunk's logits; no full logits exist at any time. It is the same
 hidden @ W^T in the autocast dtype, normalised by num_items_in_batch (else by the count of targets), with Trainer's
 label shift; the tests check loss and gradients against the plain path to 1e-6 in fp32.
 
+On CUDA the chunk's softmax is one Triton kernel (loop/fused_loss_kernel.py; inductor compiles the same maths
+where Triton is missing); on a CPU the chunk runs eagerly.
+
 Evaluation and anything under no_grad go through the model's own head and loss unchanged (metrics need logits).
 """
 
@@ -55,10 +58,28 @@ def _chunk(hidden, weight, targets, vocab: int):
 _compiled = {}
 
 
+def _chunk_triton(hidden, weight, targets, vocab: int):
+    """`_chunk` with the softmax in one Triton kernel (loop/fused_loss_kernel.py) that overwrites the chunk's logits
+    with the gradient: two reads and one write of the logits and no fp32 copy; faster than inductor's kernel over the
+    same maths (docs/benchmarks/2026-12-02-h200-llmc-stream.md)."""
+    from .fused_loss_kernel import softmax_minus_onehot_
+
+    logits = hidden @ weight.t()
+    loss_rows = softmax_minus_onehot_(logits, targets, vocab, IGNORE_INDEX)
+    return loss_rows.sum(), logits @ weight, (logits.t() @ hidden).float()
+
+
 def _chunk_fn(device):
-    """The chunk maths, compiled on CUDA (one fused reduction and one pointwise kernel around the GEMMs)."""
+    """The chunk maths on CUDA: the Triton kernel where Triton is installed (it is, with torch's CUDA wheels), else
+    compiled by inductor (one fused reduction and one pointwise kernel around the GEMMs)."""
     if device.type != "cuda":
         return _chunk
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return _chunk_triton
     if "cuda" not in _compiled:
         _compiled["cuda"] = torch.compile(_chunk, dynamic=False)
     return _compiled["cuda"]

@@ -6,6 +6,11 @@ varlen kernels for flash attention; this needs use_cache=False, which the loop s
 evaluation as Trainer does): no token attends across a document boundary. The first token of every
 document is labelled -100, so no loss term predicts one document from another. Padded mode keeps one document
 per row. Both modes train on exactly the same targets (tested).
+
+`group_texts` instead joins the documents into one stream (each ends with the end-of-document token) and cuts it into
+block_size rows, as transformers' run_clm.py (`group_texts`) and llm.c do: positions run 0..block_size-1 in every row,
+every token is a target, and attention crosses document boundaries. The remainder shorter than a row at the end of
+each map batch is dropped, as in run_clm.py.
 """
 
 from __future__ import annotations
@@ -56,6 +61,13 @@ class Task(DataSource):
     block_size: int = field(default=128, metadata={"help": "Tokens per training row."})
     packing: bool = field(
         default=True, metadata={"help": "Pack documents into full rows (False: one padded document per row)."}
+    )
+    group_texts: bool = field(
+        default=False,
+        metadata={
+            "help": "Join the documents into one stream cut into block_size rows (run_clm.py's group_texts, llm.c): "
+            "no position restarts, attention crosses documents. Needs packing true."
+        },
     )
     validation_split_percentage: int = field(
         default=5, metadata={"help": "Held-out share when there is no validation split."}
@@ -122,6 +134,14 @@ def pack(docs: list[list[int]], block_size: int, pad_id: int) -> dict:
     return rows
 
 
+def group_texts(docs: list[list[int]], block_size: int) -> dict:
+    """run_clm.py's group_texts: the documents (each already ending with the end-of-document token) joined and cut
+    into block_size rows; the remainder shorter than a row is dropped. Labels are the inputs (the model shifts)."""
+    stream = [t for doc in docs for t in doc]
+    rows = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    return {"input_ids": rows, "labels": [list(r) for r in rows]}
+
+
 def pad_collator(pad_id: int):
     """One document per row: right-pad input_ids (pad_id), labels (-100) and attention_mask (0)."""
 
@@ -164,6 +184,8 @@ def build(task: Task, config) -> dict:
         raise LoopError(f"block_size must be >= 2 tokens, got {task.block_size}")
     if not 0 < task.validation_split_percentage < 100:
         raise LoopError(f"validation_split_percentage must be between 1 and 99, got {task.validation_split_percentage}")
+    if task.group_texts and not task.packing:
+        raise LoopError("group_texts joins documents into packed rows; set packing true (or group_texts false)")
     if task.max_docs is not None and task.max_docs < 1:
         raise LoopError(f"max_docs must be >= 1 (or unset for all), got {task.max_docs}")
     # ----------------------------------------------------------------- tokenizer
@@ -238,7 +260,10 @@ def build(task: Task, config) -> dict:
         ids = [encode(t)[:block] for t in batch[task.text_column] if t]
         return {"input_ids": ids, "labels": ids}
 
-    fn = tokenize_pack if task.packing else tokenize_one
+    def tokenize_group(batch):
+        return group_texts([encode(t) for t in batch[task.text_column] if t], block)
+
+    fn = tokenize_group if task.group_texts else tokenize_pack if task.packing else tokenize_one
     out = {}
     with main_process_first(config):  # the other ranks read the main process's cache (file-backed data)
         for split, ds in raw.items():
@@ -269,4 +294,4 @@ def build(task: Task, config) -> dict:
     )
 
 
-__all__ = ["Task", "build", "pack", "pad_collator", "ByteTokenizer", "stdlib_documents"]
+__all__ = ["Task", "build", "pack", "group_texts", "pad_collator", "ByteTokenizer", "stdlib_documents"]

@@ -1,6 +1,6 @@
 """Pass/fail checks that need a CUDA GPU: `python -m pytest tests/gpu` on a GPU machine (skipped elsewhere).
 
-What the CPU suite cannot run: the CUDA-only levers of `fast` (the recorded step, the flash varlen kernel, the compiled
+What the CPU suite cannot run: the CUDA-only levers of `fast` (the recorded step, the flash varlen kernel, the Triton
 chunk of the fused loss), that each engages where the plan says and gives the eager path's numbers, and that the
 caller's model is handed back as it was after them. Each test takes seconds to a minute on one H200.
 """
@@ -191,6 +191,25 @@ def test_fused_loss_equals_the_plain_loss_on_the_gpu():
     assert abs(fused.item() - plain.item()) <= 1e-5 * abs(plain.item())
     for g, r in zip(got, (hidden.grad, weight.grad)):
         assert (g - r).abs().max().item() <= 1e-4 * r.abs().max().item()
+
+
+def test_fused_loss_triton_softmax_equals_inductors_chunk_in_bf16():
+    """The Triton kernel the loss runs on CUDA against the same chunk maths compiled by inductor (what ran before it),
+    in bf16 with ignored rows and GPT-2's unaligned vocabulary: the loss to fp32 rounding, gradients to bf16's."""
+    from loop import fused_loss
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(3000, 256, device="cuda") * 0.5).to(torch.bfloat16)
+    weight = torch.cat([torch.randn(50257, 256, device="cuda") * 0.05, torch.zeros(47, 256, device="cuda")])
+    weight = weight.to(torch.bfloat16)
+    targets = torch.randint(0, 50257, (3000,), device="cuda")
+    targets[::7] = -100
+    assert fused_loss._chunk_fn(hidden.device) is fused_loss._chunk_triton
+    got = fused_loss._chunk_triton(hidden, weight, targets, 50257)
+    ref = torch.compile(fused_loss._chunk, dynamic=False)(hidden, weight, targets, 50257)
+    assert abs(got[0].item() - ref[0].item()) <= 1e-6 * abs(ref[0].item())
+    for g, r in zip(got[1:], ref[1:]):
+        assert (g.float() - r.float()).abs().max().item() <= 1e-2 * r.float().abs().max().item()
 
 
 def test_compare_reports_parity_in_bf16_on_the_gpu(tmp_path):

@@ -99,7 +99,12 @@ def test_fast_path_example_prints_its_plan(tmp_path, monkeypatch):
     plan = scope["plan"]
     assert not plan.cuda_graph_step.on and "CUDA device" in plan.cuda_graph_step.why
     assert plan.fused_linear_cross_entropy.on and plan.torch_compile.on and plan.dataset_on_device.on
-    assert plan.report()[:3] == ["dataset_on_device", "fused_linear_cross_entropy", "torch_compile"]
+    assert plan.report()[:4] == [
+        "dataset_on_device",
+        "fused_linear_cross_entropy",
+        "skip_causal_mask",
+        "torch_compile",
+    ]
 
 
 def test_drop_in_trainer_example_runs_on_the_loop(tmp_path, monkeypatch, capsys):

@@ -148,6 +148,7 @@ def test_fast_is_resolved_once_into_a_plan_and_the_config_keeps_what_was_asked(t
     assert lm.fused_linear_cross_entropy.on and lm.torch_compile.on and lm.dataset_on_device.on
     assert not lm.cuda_graph_step.on and "CUDA device" in lm.cuda_graph_step.why
     assert not lm.varlen_attention.on and "packed rows" in lm.varlen_attention.why
+    assert lm.skip_causal_mask.on and lm.skip_causal_mask.why == "fast"  # plain causal rows
     assert lm.ddp_find_unused_parameters is False and lm.gradient_as_bucket_view and lm.ddp_compile_overlap is False
     assert lm.evaluate_eagerly and lm.optim == "adamw_torch_fused"
     assert "fused_linear_cross_entropy" in lm.report() and json.loads(json.dumps(lm.to_dict()))["fast"] is True
@@ -160,7 +161,7 @@ def test_fast_is_resolved_once_into_a_plan_and_the_config_keeps_what_was_asked(t
     # without `fast`, nothing is on and each lever says it was not asked for
     off = plan(tiny_gpt2(), LMData(16), fast=False)
     levers = [v for v in vars(off).values() if isinstance(v, fast.Lever)]
-    assert len(levers) == 5 and all(not v.on and v.why == "not asked for" for v in levers)
+    assert len(levers) == 6 and all(not v.on and v.why == "not asked for" for v in levers)
     assert off.report() == [] and not off.gradient_as_bucket_view and off.ddp_find_unused_parameters is None
 
 
@@ -639,6 +640,60 @@ def test_varlen_attention_is_the_block_diagonal_attention_of_packed_rows():
             varlen(batch["input_ids"], attention_mask=mask).logits,
         )
     assert torch.isfinite(y).all() and (x - y)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_skip_causal_mask_builds_no_mask_under_compile_and_trains_like_the_eager_default(tmp_path, monkeypatch):
+    """Plain causal rows, compiled: the mask rule gives SDPA no mask where transformers' eager path gives none (no
+    padding, no cache) and transformers' own mask otherwise; the run logs the eager default path's numbers, the model
+    gets its attention back, and on packed rows the lever asked for is refused in one line."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from loop import causal_attention as ca
+
+    kw = dict(batch_size=2, q_offset=0, kv_offset=0, mask_function=causal_mask_function, device="cpu")
+    assert ca._mask(q_length=8, kv_length=8, **kw) is None
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[0, :3] = False
+    for q_length, mask in ((8, pad), (3, pad[:, :8])):
+        got = ca._mask(q_length=q_length, kv_length=8, attention_mask=mask, **kw)
+        assert torch.equal(got, sdpa_mask(q_length=q_length, kv_length=8, attention_mask=mask, **kw))
+    common = dict(
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        telemetry=False,
+    )
+    compiled = dict(torch_compile=True, torch_compile_backend="eager")  # dynamo without code generation
+
+    def train(name, data=LMData, **overrides):
+        model = tiny_gpt2()
+        model.config.use_cache = False
+        config = TrainConfig(output_dir=str(tmp_path / name), **common, **overrides)
+        return loop.train(config, model, train_dataset=data(40), eval_dataset=data(12, seed=1)), model
+
+    returned = []
+    real_mask = ca._mask
+    monkeypatch.setattr(ca, "_mask", lambda **kw: returned.append(real_mask(**kw)) or returned[-1])
+    eager, _ = train("eager")
+    assert not returned  # the default path leaves transformers' attention alone
+    skip, model = train("skip", skip_causal_mask=True, **compiled)
+    assert returned and all(m is None for m in returned)  # no mask was built, in training or evaluation
+    assert skip.fast.skip_causal_mask.on and model.config._attn_implementation == "sdpa"
+    assert_same_numbers(eager, skip, rel=1e-6)
+    assert ca.NAME not in (tmp_path / "skip" / "config.json").read_text()
+    with pytest.raises(
+        LoopError,
+        match="^skip_causal_mask cannot be used here: the training batches carry an attention_mask or position_ids "
+        r"\(padded or packed rows\); set skip_causal_mask false$",
+    ):
+        train("packed", data=PackedLM, skip_causal_mask=True)
 
 
 def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_where_it_cannot_run(

@@ -35,6 +35,28 @@ def test_pack_restarts_positions_and_never_targets_a_document_start():
                 assert pos[i - 1] == p - 1
 
 
+def test_group_texts_cuts_the_joined_stream_into_rows_that_attend_across_documents():
+    """run_clm.py's group_texts: the stream in order, full rows only, every token a target, no position restarts; and
+    the model sees one stream (its loss on a row differs from the per-document packing of the same tokens)."""
+    docs = _docs(n=9)
+    rows = causal_lm.group_texts(docs, 8)
+    stream = sum(docs, [])
+    assert len(rows["input_ids"]) == len(stream) // 8 > 1
+    assert sum(rows["input_ids"], []) == stream[: len(stream) // 8 * 8]  # the remainder is dropped
+    assert rows["labels"] == rows["input_ids"] and "position_ids" not in rows
+    model = tiny_gpt2(vocab=64).eval()
+    grouped = {k: torch.tensor(v) for k, v in rows.items()}
+    n = grouped["input_ids"].numel()
+    # positions restarting at each document: transformers then keeps the documents apart
+    per_doc = torch.tensor([p for d in docs for p in range(len(d))][:n]).view(-1, 8)
+    with torch.no_grad():
+        loss = model(**grouped, use_cache=False).loss
+        plain = model(**grouped, position_ids=torch.arange(8).expand(len(rows["input_ids"]), 8), use_cache=False).loss
+        isolated = model(**grouped, position_ids=per_doc, use_cache=False).loss
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)  # one causal stream per row, positions 0..7
+    assert abs(float(loss - isolated)) > 1e-3  # not what documents kept apart give
+
+
 def _sum_loss(model, batch):
     # use_cache=False as in training: with a KV cache transformers does not look for packed sequences
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
@@ -294,6 +316,13 @@ def test_task_options_that_would_hang_or_fail_deep_are_refused_in_one_line(tmp_p
             "the longest tokenized row has 65 tokens, more than the model's 64 positions",
         ),
     ]
+    cases.append(
+        (
+            causal_lm,
+            dict(text_source="stdlib", tokenizer_name="bytes", group_texts=True, packing=False),
+            "group_texts joins documents into packed rows; set packing true",
+        )
+    )
     for module, fields, match in cases:
         with pytest.raises(loop.LoopError, match=match):
             module.build(module.Task(**fields), config)
