@@ -36,7 +36,7 @@ def test_fused_linear_cross_entropy_equals_plain_loss_and_gradients(num_items, c
         assert (g - r).abs().max().item() <= 1e-6 * r.abs().max().item()
 
 
-def _train(tmp_path, name, model, **overrides):
+def _train(tmp_path, name, model, data=None, **overrides):
     cfg = dict(
         output_dir=str(tmp_path / name),
         max_steps=6,
@@ -53,7 +53,7 @@ def _train(tmp_path, name, model, **overrides):
         telemetry=False,
     )
     cfg.update(overrides)
-    data = LMData(48, ragged=True)
+    data = LMData(48, ragged=True) if data is None else data
     return loop.train(TrainConfig(**cfg), model, train_dataset=data, eval_dataset=LMData(12, seed=1))
 
 
@@ -657,26 +657,12 @@ def test_skip_causal_mask_builds_no_mask_under_compile_and_trains_like_the_eager
     for q_length, mask in ((8, pad), (3, pad[:, :8])):
         got = ca._mask(q_length=q_length, kv_length=8, attention_mask=mask, **kw)
         assert torch.equal(got, sdpa_mask(q_length=q_length, kv_length=8, attention_mask=mask, **kw))
-    common = dict(
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=3,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        report_to="none",
-        telemetry=False,
-    )
     compiled = dict(torch_compile=True, torch_compile_backend="eager")  # dynamo without code generation
 
-    def train(name, data=LMData, **overrides):
+    def train(name, data=None, **overrides):
         model = tiny_gpt2()
         model.config.use_cache = False
-        config = TrainConfig(output_dir=str(tmp_path / name), **common, **overrides)
-        return loop.train(config, model, train_dataset=data(40), eval_dataset=data(12, seed=1)), model
+        return _train(tmp_path, name, model, data, **overrides), model
 
     returned = []
     real_mask = ca._mask
@@ -693,7 +679,7 @@ def test_skip_causal_mask_builds_no_mask_under_compile_and_trains_like_the_eager
         match="^skip_causal_mask cannot be used here: the training batches carry an attention_mask or position_ids "
         r"\(padded or packed rows\); set skip_causal_mask false$",
     ):
-        train("packed", data=PackedLM, skip_causal_mask=True)
+        train("packed", data=PackedLM(40), skip_causal_mask=True)
 
 
 def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_where_it_cannot_run(
