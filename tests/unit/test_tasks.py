@@ -94,13 +94,13 @@ def test_packing_without_position_ids_would_leak_across_documents():
     assert abs(float(isolated - leaky)) > 1e-3
 
 
-def test_causal_lm_trains_packed_and_unpacked_from_local_text(tmp_path):
+def test_causal_lm_trains_packed_unpacked_and_grouped_from_local_text(tmp_path):
     text = tmp_path / "docs.jsonl"
     with open(text, "w") as f:
         for i in range(60):
             f.write(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n")
-    for packing in ("true", "false"):
-        out = tmp_path / f"out_{packing}"
+    for packing, group in (("true", "false"), ("false", "false"), ("true", "true")):  # group: run_clm.py's rows
+        out = tmp_path / f"out_{packing}_{group}"
         proc = subprocess.run(
             [
                 sys.executable,
@@ -115,6 +115,8 @@ def test_causal_lm_trains_packed_and_unpacked_from_local_text(tmp_path):
                 "20",
                 "--packing",
                 packing,
+                "--group_texts",
+                group,
                 "--block_size",
                 "64",
                 "--output_dir",
