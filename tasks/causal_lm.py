@@ -278,6 +278,11 @@ def build(task: Task, config) -> dict:
     val = subsample(out["validation"], task.max_eval_samples)
     if len(train) == 0:
         raise LoopError("tokenization left no training rows; check text_column and the data")
+    if task.group_texts and len(val) == 0 and getattr(config, "eval_strategy", "no") != "no":
+        raise LoopError(
+            f"group_texts left the validation split no full row of {block} tokens (the remainder is dropped); "
+            "lower --block_size, raise --validation_split_percentage or set --eval_strategy no"
+        )
     collator = None if task.packing else pad_collator(pad)
     if task.packing:
         from transformers import default_data_collator

@@ -57,6 +57,16 @@ def test_group_texts_cuts_the_joined_stream_into_rows_that_attend_across_documen
     assert abs(float(loss - isolated)) > 1e-3  # not what documents kept apart give
 
 
+def test_group_texts_with_too_short_a_validation_split_stops_in_one_line_naming_block_size(tmp_path):
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": f"def f{i}(x): return {i}"}) + "\n" for i in range(30)))
+    task = causal_lm.Task(train_file=str(text), tokenizer_name="bytes", group_texts=True, block_size=64)
+    config = loop.TrainConfig(output_dir=str(tmp_path / "o"), use_cpu=True, eval_strategy="steps")
+    with pytest.raises(LoopError, match="^group_texts left the validation split no full row of 64 tokens"):
+        causal_lm.build(task, config)
+    assert len(causal_lm.build(task, loop.TrainConfig(output_dir=str(tmp_path / "o"), use_cpu=True))["train_dataset"])
+
+
 def _sum_loss(model, batch):
     # use_cache=False as in training: with a KV cache transformers does not look for packed sequences
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
