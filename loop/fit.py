@@ -72,6 +72,47 @@ class Plan:
     save_every: int | None
 
 
+@dataclass
+class Inputs:
+    """What the caller hands train() besides the config: the task's objects and Trainer's hooks, None where not given
+    (train()'s docstring says what each is). check_inputs judges them, build() uses them."""
+
+    model: object = None
+    train_dataset: object = None
+    eval_dataset: object = None
+    data_collator: object = None
+    compute_metrics: object = None
+    callbacks: object = None
+    processing_class: object = None
+    resume_from_checkpoint: object = None
+    preprocess_logits_for_metrics: object = None
+    compute_loss_func: object = None
+    optimizers: object = (None, None)
+    optimizer_cls_and_kwargs: object = None
+    model_init: object = None
+    optimizer_step: object = None
+    compute_loss: object = None
+    training_step: object = None
+    create_scheduler: object = None
+    log: object = None
+    evaluate: object = None
+    train_dataloader: object = None
+    eval_dataloader: object = None
+
+    # the hooks that must be functions when given
+    FUNCTIONS = (
+        "compute_loss_func",
+        "optimizer_step",
+        "compute_loss",
+        "training_step",
+        "create_scheduler",
+        "log",
+        "evaluate",
+        "train_dataloader",
+        "eval_dataloader",
+    )
+
+
 def train(
     config: TrainConfig,
     model=None,
@@ -111,59 +152,12 @@ def train(
     """
     if config.auto_find_batch_size:
         return _find_batch_size(dict(locals()))
-    for name, fn in (
-        ("compute_loss", compute_loss),
-        ("training_step", training_step),
-        ("create_scheduler", create_scheduler),
-        ("log", log),
-        ("evaluate", evaluate),
-        ("train_dataloader", train_dataloader),
-        ("eval_dataloader", eval_dataloader),
-    ):
-        if fn is not None and not callable(fn):
-            raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
-    callbacks, resume_path = check_inputs(
-        config,
-        model,
-        model_init,
-        train_dataset,
-        eval_dataset,
-        callbacks,
-        optimizers,
-        optimizer_cls_and_kwargs,
-        compute_loss_func,
-        optimizer_step,
-        resume_from_checkpoint,
-        compute_metrics,
-    )
+    given = Inputs(**{k: v for k, v in locals().items() if k != "config"})
+    callbacks, resume_path = check_inputs(config, given)
     # everything the run changes on the model (fused head, attention implementation, hooks, wrappers, settings) is
     # put back when it returns or raises: the caller's model is theirs (model_changes.py)
     with ModelChanges() as changes, contextlib.ExitStack() as for_the_run:
-        run = build(
-            config,
-            model,
-            model_init,
-            train_dataset,
-            eval_dataset,
-            data_collator,
-            compute_metrics,
-            callbacks,
-            processing_class,
-            preprocess_logits_for_metrics,
-            compute_loss_func,
-            optimizers,
-            optimizer_cls_and_kwargs,
-            optimizer_step,
-            changes,
-            resume_path is not None,
-            compute_loss=compute_loss,
-            training_step=training_step,
-            create_scheduler=create_scheduler,
-            log=log,
-            evaluate=evaluate,
-            train_dataloader=train_dataloader,
-            eval_dataloader=eval_dataloader,
-        )
+        run = build(config, given, callbacks, changes, resuming=resume_path is not None)
         for_the_run.enter_context(run.fast.ddp_overlap())  # process-wide dynamo setting, put back after the run
         if run.sharded is not None:
             for_the_run.callback(run.sharded.remove)  # its hooks come off the caller's parameters
@@ -202,23 +196,13 @@ def _find_batch_size(arguments) -> TrainResult:
 
 
 # ====================================================================================== 1. check inputs
-def check_inputs(
-    config,
-    model,
-    model_init,
-    train_dataset,
-    eval_dataset,
-    callbacks,
-    optimizers,
-    optimizer_cls_and_kwargs,
-    compute_loss_func,
-    optimizer_step,
-    resume_from_checkpoint,
-    compute_metrics,
-):
+def check_inputs(config, given: Inputs):
     """Refuse bad input with one line before anything is touched. Returns (callbacks, checkpoint to resume or None)."""
+    model, model_init, optimizers = given.model, given.model_init, given.optimizers
+    optimizer_cls_and_kwargs = given.optimizer_cls_and_kwargs
+    train_dataset, eval_dataset = given.train_dataset, given.eval_dataset
     require_config(config)
-    check_metrics_function(config, compute_metrics)
+    check_metrics_function(config, given.compute_metrics)
     if model is None and model_init is None:
         raise LoopError("train needs a model, or a model_init that returns one")
     if model is not None and model_init is not None:
@@ -248,7 +232,8 @@ def check_inputs(
         not isinstance(optimizer_cls_and_kwargs, (tuple, list)) or len(optimizer_cls_and_kwargs) != 2
     ):
         raise LoopError("optimizer_cls_and_kwargs must be a pair (optimizer class, dict of its keyword arguments)")
-    for name, fn in (("compute_loss_func", compute_loss_func), ("optimizer_step", optimizer_step)):
+    for name in Inputs.FUNCTIONS:
+        fn = getattr(given, name)
         if fn is not None and not callable(fn):
             raise LoopError(f"{name} must be a function, got {type(fn).__name__}")
     if train_dataset is None:
@@ -262,7 +247,7 @@ def check_inputs(
     if config.eval_on_start and eval_dataset is None:
         raise LoopError("eval_on_start needs an eval_dataset")
     # transformers' TrainerCallbacks (instances or classes) behind one adapter, served by the same dispatch
-    callbacks, trainer_callbacks = trainer_callbacks_split(list(callbacks or []))
+    callbacks, trainer_callbacks = trainer_callbacks_split(list(given.callbacks or []))
     if trainer_callbacks is not None:
         callbacks.append(trainer_callbacks)
     if config.early_stopping_patience is not None:
@@ -279,53 +264,40 @@ def check_inputs(
                 f"{type(cb).__name__} judges metric_for_best_model, which is unset; set it (e.g. "
                 "--metric_for_best_model loss) or drop the callback"
             )
-    resume = resume_from_checkpoint if resume_from_checkpoint is not None else config.resume_from_checkpoint
+    resume = given.resume_from_checkpoint
+    resume = resume if resume is not None else config.resume_from_checkpoint
     return callbacks, ckpt.precheck_resume(resume, config.output_dir, config.save_on_each_node)
 
 
 # ====================================================================================== 2. build
-def build(
-    config,
-    model,
-    model_init,
-    train_dataset,
-    eval_dataset,
-    data_collator,
-    compute_metrics,
-    callbacks,
-    processing_class,
-    preprocess_logits_for_metrics,
-    compute_loss_func,
-    optimizers,
-    optimizer_cls_and_kwargs,
-    optimizer_step,
-    changes=None,
-    resuming=False,
-    compute_loss=None,
-    training_step=None,
-    create_scheduler=None,
-    log=None,
-    evaluate=None,
-    train_dataloader=None,
-    eval_dataloader=None,
-) -> Run:
-    """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step."""
+def build(config, given: Inputs, callbacks, changes=None, resuming=False) -> Run:
+    """Seed, Accelerator, model, data, the plan, optimizer and scheduler, EMA: a Run ready for its first step.
+    `callbacks` are check_inputs' (the caller's, with Trainer's callbacks behind one adapter)."""
+    model, optimizers = given.model, given.optimizers
+    train_dataset, eval_dataset = given.train_dataset, given.eval_dataset
     acc = start(config)  # seeds first, exactly where Trainer seeds
     ckpt.check_output_dir(config, acc, resuming)
     if config.report_to:
         acc.init_trackers(config.run_name or config.project, config=_flat(config.to_dict()))
-    if model_init is not None:
-        model = call_model_init(model_init)  # after the seed, as Trainer.train() does
+    if given.model_init is not None:
+        model = call_model_init(given.model_init)  # after the seed, as Trainer.train() does
     if changes is not None:  # train()'s record of the model as handed over, put back when the run ends
         changes.track(model)
     model = place_model(config, model, acc)
     run = Run(
-        config, model, acc, callbacks, compute_metrics, preprocess_logits_for_metrics, compute_loss_func, optimizer_step
+        config,
+        model,
+        acc,
+        callbacks,
+        given.compute_metrics,
+        given.preprocess_logits_for_metrics,
+        given.compute_loss_func,
+        given.optimizer_step,
     )
-    run.compute_loss, run.training_step = compute_loss, training_step  # a Trainer subclass's overrides
-    run.log_hook = log  # a Trainer subclass's log(logs, start_time): every record goes through it
-    run.evaluate_hook = evaluate  # a Trainer subclass's evaluate(): every evaluation in training goes through it
-    collator = default_collator(data_collator, processing_class)
+    run.compute_loss, run.training_step = given.compute_loss, given.training_step  # a Trainer subclass's overrides
+    run.log_hook = given.log  # a Trainer subclass's log(logs, start_time): every record goes through it
+    run.evaluate_hook = given.evaluate  # a Trainer subclass's evaluate(): every evaluation in training goes through it
+    collator = default_collator(given.data_collator, given.processing_class)
     train_ds, train_collate = prepare_dataset(train_dataset, collator, model, config, run.label_names, "train")
     # a dict of named eval sets is evaluated set by set, each under eval_<name>_ (Trainer's rule)
     named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
@@ -335,7 +307,7 @@ def build(
         deepspeed_follows(config, acc)
     optimizer, scheduler = optimizers
     if optimizer is None:
-        optimizer = build_optimizer(config, model, optimizer_cls_and_kwargs)
+        optimizer = build_optimizer(config, model, given.optimizer_cls_and_kwargs)
         run.group_names = parameter_groups(config, model)[1] if config.param_groups else []
     run.optimizer = optimizer
     # what `fast` and the levers' own fields turn on, decided once (fast.py), then applied before prepare()
@@ -347,30 +319,32 @@ def build(
         train_collate,
         optimizer,
         own_loss=run.owns_loss,
-        custom_step=optimizer_step is not None or training_step is not None,
+        custom_step=given.optimizer_step is not None or given.training_step is not None,
         main_input=main_input,
         step_events=fires_inside_the_step(run.callbacks),
     )
     # the loop's own loaders, or what a Trainer subclass's get_*_dataloader returns (its super() builds the loop's)
     build = functools.partial(train_loader, config, train_ds, train_collate, acc, table)
-    run.loader = build() if train_dataloader is None else given_loader(acc, train_dataloader(build))
+    run.loader = build() if given.train_dataloader is None else given_loader(acc, given.train_dataloader(build))
     run.evaluators = {}
     for name, (ds, c) in evals.items():
         if ds is not None:
             build = functools.partial(eval_loader, config, ds, c, acc)
             run.evaluators[name] = (
-                build() if eval_dataloader is None else given_loader(acc, eval_dataloader(name, build))
+                build() if given.eval_dataloader is None else given_loader(acc, given.eval_dataloader(name, build))
             )
     run.evaluator = run.evaluators.get(None)  # the one eval set, when there is no dict of them
     run.plan = plan = make_plan(config, run.loader)
     fast.apply(run.fast, run)
     run.model, run.optimizer = acc.prepare(model, optimizer)
     run.unwrapped = acc.unwrap_model(run.model, keep_torch_compile=False)  # the module itself, not its compiled wrapper
-    gradient_exchange(config, run, optimizer, given_optimizer=optimizers[0] is not None, custom_step=optimizer_step)
+    gradient_exchange(
+        config, run, optimizer, given_optimizer=optimizers[0] is not None, custom_step=given.optimizer_step
+    )
     # a scheduler given with its optimizer is used as it is; otherwise a Trainer subclass's create_scheduler(number of
     # steps, optimizer), or Trainer's own
-    if scheduler is None and create_scheduler is not None:
-        scheduler = create_scheduler(plan.max_steps, run.optimizer)
+    if scheduler is None and given.create_scheduler is not None:
+        scheduler = given.create_scheduler(plan.max_steps, run.optimizer)
     run.scheduler = scheduler if scheduler is not None else build_scheduler(config, run.optimizer, plan.max_steps)
     if config.ema_decay > 0:
         if topology(acc) == "DEEPSPEED_ZERO3":

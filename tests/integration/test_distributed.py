@@ -15,8 +15,13 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: he
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}  # every launch: one thread a rank
 
 
+def _launch(cmd, timeout=600, cwd=None, env=ENV):
+    """One launch's CompletedProcess, its output captured as text; every launch's environment unless told."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
 def _run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    proc = _launch(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -192,13 +197,7 @@ def test_two_processes_killed_mid_step_resume_exactly(tmp_path):
 
     worker = os.path.join(HERE, "workers", "resume_worker.py")
     _run(_torchrun(worker, str(tmp_path / "ref"), port=29537))
-    killed = subprocess.run(
-        _torchrun(worker, str(tmp_path / "run"), "kill_after_step=8", port=29538),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-    )
+    killed = _launch(_torchrun(worker, str(tmp_path / "run"), "kill_after_step=8", port=29538))
     assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "model.safetensors")
     assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-")) == [
         "checkpoint-3",
@@ -225,9 +224,7 @@ def test_sharded_optimizer_from_the_docs_gives_ddps_numbers_and_bf16_reduction_m
     for out, argv in list(runs.items()):
         runs[out + "-bf16"] = [a if a != out else out + "-bf16" for a in argv] + ["--grad_reduce_dtype", "bf16"]
     for i, argv in enumerate(runs.values()):
-        proc = subprocess.run(
-            _as_written(argv, 29561 + i), capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path
-        )
+        proc = _launch(_as_written(argv, 29561 + i), cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     def numbers(out, keys):
@@ -277,24 +274,16 @@ def test_sharded_optimizer_killed_mid_run_resumes_exactly(tmp_path):
     # the sharded optimizer sends the gradients itself: DDP's wrapper (and its reducer's buckets, a second copy of the
     # gradients) is gone from a model without buffers, which the plain DDP run keeps (test above)
     assert json.load(open(tmp_path / "ref" / "wrapper.json")) == {"model": "GPT2LMHeadModel", "ddp_alive": False}
-    killed = subprocess.run(
-        _torchrun(worker, str(tmp_path / "run"), "sharded_optimizer=true", "kill_after_step=8", port=29572),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
+    killed = _launch(
+        _torchrun(worker, str(tmp_path / "run"), "sharded_optimizer=true", "kill_after_step=8", port=29572)
     )
     assert killed.returncode != 0 and not os.path.exists(tmp_path / "run" / "model.safetensors")
     saved = set(os.listdir(tmp_path / "run" / "checkpoint-6"))
     assert {"optimizer_shard_0.pt", "optimizer_shard_1.pt"} <= saved and "optimizer.pt" not in saved
     _run(_torchrun(worker, str(tmp_path / "run"), "sharded_optimizer=true", "resume=latest", port=29573))
     same_history(json.load(open(tmp_path / "ref" / "result.json")), json.load(open(tmp_path / "run" / "result.json")))
-    unsharded = subprocess.run(
-        _torchrun(worker, str(tmp_path / "run"), f"resume={tmp_path / 'run' / 'checkpoint-6'}", port=29574),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
+    unsharded = _launch(
+        _torchrun(worker, str(tmp_path / "run"), f"resume={tmp_path / 'run' / 'checkpoint-6'}", port=29574)
     )
     assert unsharded.returncode != 0
     assert "holds an optimizer sharded over the processes (sharded_optimizer)" in unsharded.stderr
@@ -308,7 +297,7 @@ def test_compare_script_from_the_docs_under_two_processes(tmp_path):
 
     argv = shlex.split(doc_block("torchrun --nproc_per_node 2 -m loop compare"))
     argv = [os.path.join(os.path.dirname(HERE), a) if a.startswith("docs/") else a for a in argv]  # run in tmp_path
-    proc = subprocess.run(_as_written(argv, 29575), capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+    proc = _launch(_as_written(argv, 29575), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "outputs" / "compare-script-2proc"
     report = json.load(open(out / "compare.json"))
@@ -327,14 +316,10 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resume_is_exact(tmp
 
     worker = os.path.join(HERE, "workers", "resume_worker.py")
     _run(_torchrun(worker, str(tmp_path / "ref"), "enable_jit_checkpoint=true", port=29545))
-    stopped = subprocess.run(
+    stopped = _launch(
         _torchrun(
             worker, str(tmp_path / "run"), "enable_jit_checkpoint=true", "term_after_step=8", "term_rank=1", port=29548
         ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
     )
     assert stopped.returncode != 0 and "SIGTERM: stopped at step 8 of 14" in stopped.stderr, stopped.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run" / "model.safetensors")
@@ -357,7 +342,7 @@ def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
     (tmp_path / "train.txt").write_text("\n".join(open(f).read() for f in files))
     (tmp_path / "val.txt").write_text(open(files[0]).read())
     env = {**ENV, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
+    proc = _launch(
         _torchrun(
             "-m",
             "loop",
@@ -383,9 +368,6 @@ def test_tokenisation_runs_once_on_the_main_process_first(tmp_path):
             str(tmp_path / "out"),
             port=29540,
         ),
-        capture_output=True,
-        text=True,
-        timeout=600,
         env=env,
         cwd=os.path.dirname(HERE),
     )
@@ -405,13 +387,13 @@ def test_a_single_process_state_made_before_the_loop_is_refused(tmp_path):
         "loop.train(loop.TrainConfig(output_dir=%r, use_cpu=True, max_steps=1), tiny_gpt2(), LMData(8))\n"
         % str(tmp_path / "out")
     )
-    proc = subprocess.run(_torchrun(str(script), port=29541), capture_output=True, text=True, timeout=600, env=ENV)
+    proc = _launch(_torchrun(str(script), port=29541))
     assert proc.returncode != 0 and "launched as one of 2 but accelerate's state says 1" in proc.stderr
 
 
 def test_loop_compare_under_a_two_process_launch(tmp_path):
     """`loop compare` under torchrun: both sides data-parallel in one process each rank, the same per-step numbers."""
-    proc = subprocess.run(
+    proc = _launch(
         _torchrun(
             "-m",
             "loop",
@@ -435,10 +417,6 @@ def test_loop_compare_under_a_two_process_launch(tmp_path):
             str(tmp_path),
             port=29542,
         ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
         cwd=os.path.dirname(HERE),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -451,7 +429,7 @@ def test_loop_compare_under_a_two_process_launch(tmp_path):
 def test_loop_bench_under_a_two_process_launch(tmp_path):
     """`loop bench` under torchrun: each side's processes form their own group; rank 0 reports rates for both
     processes together, and on CPU in fp32 the two sides end on the same loss."""
-    proc = subprocess.run(
+    proc = _launch(
         _torchrun(
             "-m",
             "loop",
@@ -470,10 +448,7 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
             str(tmp_path),
             port=29543,
         ),
-        capture_output=True,
-        text=True,
         timeout=900,
-        env=ENV,
         cwd=os.path.dirname(HERE),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -493,13 +468,7 @@ def test_loop_bench_under_a_two_process_launch(tmp_path):
 def test_ema_over_fsdp2_shards_equals_the_unsharded_ema(tmp_path):
     """FSDP2 on 2 CPU processes: each rank keeps the EMA of its own shards, gathered it equals the unsharded EMA,
     it round-trips through the per-rank checkpoint files, and swapping it in and out is exact."""
-    proc = subprocess.run(
-        _torchrun(os.path.join(HERE, "workers", "fsdp_ema_worker.py"), str(tmp_path), port=29547),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-    )
+    proc = _launch(_torchrun(os.path.join(HERE, "workers", "fsdp_ema_worker.py"), str(tmp_path), port=29547))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2
     assert sorted(os.listdir(tmp_path)) == ["ema_shards_0.safetensors", "ema_shards_1.safetensors"]
@@ -509,13 +478,7 @@ def test_fused_loss_over_fsdp2_shards_equals_the_unsharded_fused_loss(tmp_path):
     """FSDP2 on 2 CPU processes: GPT-2 (tied head) trained with the fused linear cross-entropy gives, bit for bit, the
     losses and weights of the same model unsharded; evaluation still returns real logits. And `loop compare`'s hash
     of the initial weights works on the DTensor shards."""
-    proc = subprocess.run(
-        _torchrun(os.path.join(HERE, "workers", "fsdp_fused_worker.py"), port=29549),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-    )
+    proc = _launch(_torchrun(os.path.join(HERE, "workers", "fsdp_fused_worker.py"), port=29549))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": OK,") == 2
 

@@ -36,7 +36,7 @@ def test_fused_linear_cross_entropy_equals_plain_loss_and_gradients(num_items, c
         assert (g - r).abs().max().item() <= 1e-6 * r.abs().max().item()
 
 
-def _train(tmp_path, name, model, data=None, **overrides):
+def _train(tmp_path, name, model, data=None, eval_data=None, **overrides):
     cfg = dict(
         output_dir=str(tmp_path / name),
         max_steps=6,
@@ -54,7 +54,8 @@ def _train(tmp_path, name, model, data=None, **overrides):
     )
     cfg.update(overrides)
     data = LMData(48, ragged=True) if data is None else data
-    return loop.train(TrainConfig(**cfg), model, train_dataset=data, eval_dataset=LMData(12, seed=1))
+    eval_data = LMData(12, seed=1) if eval_data is None else eval_data
+    return loop.train(TrainConfig(**cfg), model, train_dataset=data, eval_dataset=eval_data)
 
 
 def assert_same_numbers(first, second, rel=1e-5):
@@ -404,22 +405,8 @@ def test_fast_records_the_eager_step_instead_of_compiling_when_widths_vary(tmp_p
 
     def build(name, data, collator, **cfg):
         config = TrainConfig(output_dir=str(tmp_path / name), fast=True, use_cpu=True, report_to="none", **cfg)
-        run = loop.fit.build(
-            config,
-            model=tiny_bert_classifier(),
-            model_init=None,
-            train_dataset=data,
-            eval_dataset=None,
-            data_collator=collator,
-            compute_metrics=None,
-            callbacks=[],
-            processing_class=None,
-            preprocess_logits_for_metrics=None,
-            compute_loss_func=None,
-            optimizers=(None, None),
-            optimizer_cls_and_kwargs=None,
-            optimizer_step=None,
-        )
+        given = loop.fit.Inputs(model=tiny_bert_classifier(), train_dataset=data, data_collator=collator)
+        run = loop.fit.build(config, given, callbacks=[])
         assert run.loader.device_table is not None  # dataset_on_device, through `fast`
         return isinstance(run.model, OptimizedModule), run.accelerator.state.dynamo_plugin
 
@@ -514,19 +501,8 @@ def test_graph_step_is_refused_in_one_line_where_it_cannot_record_and_fast_skips
 
     run = loop.fit.build(
         TrainConfig(output_dir=str(tmp_path / "f"), fast=True, use_cpu=True, report_to="none"),
-        model=tiny_bert_classifier(),
-        model_init=None,
-        train_dataset=RaggedText(9),
-        eval_dataset=None,
-        data_collator=pad_collator(4),
-        compute_metrics=None,
+        loop.fit.Inputs(model=tiny_bert_classifier(), train_dataset=RaggedText(9), data_collator=pad_collator(4)),
         callbacks=[],
-        processing_class=None,
-        preprocess_logits_for_metrics=None,
-        compute_loss_func=None,
-        optimizers=(None, None),
-        optimizer_cls_and_kwargs=None,
-        optimizer_step=None,
     )
     assert run.step_fn is optimizer_step
 
@@ -689,30 +665,10 @@ def test_varlen_attention_trains_like_the_block_mask_and_is_refused_in_one_line_
 
     from loop import varlen_attention as va
 
-    common = dict(
-        max_steps=6,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=3,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        report_to="none",
-        telemetry=False,
-    )
-
     def train(name, **overrides):
         model = tiny_gpt2()
         model.config.use_cache = False
-        return loop.train(
-            TrainConfig(output_dir=str(tmp_path / name), **common, **overrides),
-            model,
-            train_dataset=PackedLM(60),
-            eval_dataset=PackedLM(20, seed=1),
-        ), model
+        return _train(tmp_path, name, model, PackedLM(60), eval_data=PackedLM(20, seed=1), **overrides), model
 
     # asked for on a CPU: one line, nothing written
     with pytest.raises(
