@@ -17,6 +17,7 @@ evaluation where it is taken (a host-side broadcast at an evaluation boundary, n
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 from .callbacks import Callback, fire
 from .errors import LoopError
@@ -141,7 +142,8 @@ def optimize(
         direction=None if directions else direction, directions=list(directions) if directions else None, **study_kwargs
     )
     try:
-        study.optimize(objective, n_trials=n_trials, callbacks=list(callbacks), **optimize_kwargs)
+        while not _optimized(study, objective, n_trials, callbacks, optimize_kwargs):
+            pass
     finally:
         if state.num_processes > 1:
             _broadcast(None)  # the other ranks stop waiting for trials
@@ -149,6 +151,29 @@ def optimize(
         best = study.best_trial
         return BestRun(str(best.number), best.value, best.params)
     return [BestRun(str(t.number), t.values, t.params) for t in study.best_trials]
+
+
+def _optimized(study, objective, n_trials, callbacks, optimize_kwargs) -> bool:
+    """study.optimize; False when it must go on. On a storage shared by processes (heartbeats), a process that is
+    alive but slow can be judged dead by another: that one marks the trial failed and runs it again (from this run's
+    checkpoints), and Optuna then refuses this process's result with "Cannot tell a FAIL trial". The search goes on
+    here until the study holds n_trials finished trials, instead of this process stopping with a traceback."""
+    import optuna
+
+    try:
+        study.optimize(objective, n_trials=n_trials, callbacks=list(callbacks), **optimize_kwargs)
+        return True
+    except (ValueError, AssertionError) as e:  # Optuna's _run_trial turns the ValueError into an AssertionError
+        if not any(str(x).startswith("Cannot tell a FAIL trial") for x in (e, e.__context__)):
+            raise
+    warnings.warn(
+        "a trial of this process was marked failed by another process sharing the study (its heartbeat looked older "
+        "than the grace period) and runs again there; this process goes on with the next trial"
+    )
+    finished = study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
+    return len(finished) >= n_trials
 
 
 def _broadcast(value):

@@ -113,8 +113,6 @@ def cmd_search(argv) -> int:
         raise LoopError(
             f"{options['hp_space']}: {unknown[0]} is not a field of the job; `loop train --help` lists them"
         )
-    if config.eval_strategy == "no" and not options["metric"]:
-        raise LoopError("loop search needs evaluations to score trials: set --eval_strategy steps (or epoch)")
     base = config.output_dir
     if not options["storage"] and os.path.isfile(os.path.join(base, "trials.csv")):
         raise LoopError(
@@ -206,8 +204,28 @@ def run_trial(trial, values, space, base, metric):
     built["callbacks"] = [*built.get("callbacks", []), report]
     train(config, resume_from_checkpoint=resume, **built)
     if report.objective is None:
-        raise LoopError("the trial ended without an evaluation to score it; set --eval_strategy steps (or epoch)")
+        # no evaluation inside the run (none asked for, or a retried trial whose killed run had already saved its last
+        # step, so nothing was left to train): the final model evaluated once, Trainer's rule (run_hp_search_optuna)
+        return report.compute_objective(_final_evaluation(config, built))
     return report.objective
+
+
+def _final_evaluation(config, built) -> dict:
+    from .evaluation import evaluate
+
+    if built.get("eval_dataset") is None or built.get("model") is None:
+        raise LoopError(
+            "the trial ended without an evaluation to score it and its task gives no validation set (or no model) "
+            "to evaluate afterwards; give the task a validation split"
+        )
+    keys = (
+        "data_collator",
+        "compute_metrics",
+        "processing_class",
+        "preprocess_logits_for_metrics",
+        "compute_loss_func",
+    )
+    return evaluate(config, built["model"], built["eval_dataset"], **{k: built[k] for k in keys if k in built})
 
 
 def _metric(metric):
