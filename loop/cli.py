@@ -19,6 +19,7 @@ from .job import (
     DEFAULT_TASK,
     build_job,
     build_task,
+    evaluate_built,
     job_from_values,
     job_values,
     parse_overrides,
@@ -97,7 +98,6 @@ def cmd_evaluate(argv):
     import json
 
     from . import checkpoint as ckpt
-    from .evaluation import evaluate
 
     values = job_values(argv)
     folder = values.get("model_name_or_path")
@@ -131,19 +131,7 @@ def cmd_evaluate(argv):
         if not os.path.isfile(os.path.join(path, "model.safetensors")):
             continue
         ckpt.load_weights(model, path)  # the task's model, with the saved weights (any nn.Module)
-        results.update(
-            evaluate(
-                config,
-                model,
-                built["eval_dataset"],
-                data_collator=built.get("data_collator"),
-                compute_metrics=built.get("compute_metrics"),
-                processing_class=built.get("processing_class"),
-                preprocess_logits_for_metrics=built.get("preprocess_logits_for_metrics"),
-                compute_loss_func=built.get("compute_loss_func"),
-                metric_key_prefix=prefix,
-            )
-        )
+        results.update(evaluate_built(config, model, built, metric_key_prefix=prefix))
     if _is_main():
         for k, v in results.items():  # printed first: a file that cannot be written loses nothing
             print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")

@@ -119,3 +119,18 @@ def build_task(module, task, config) -> dict:
             "loop.train keyword arguments (model, train_dataset, ...)"
         )
     return built
+
+
+def evaluate_built(config, model, built: dict, metric_key_prefix: str = "eval") -> dict:
+    """loop.evaluate of `model` on a built task's eval_dataset, with the task's collator, metrics and loss."""
+    from .evaluation import evaluate
+
+    keys = (
+        "data_collator",
+        "compute_metrics",
+        "processing_class",
+        "preprocess_logits_for_metrics",
+        "compute_loss_func",
+    )
+    task_parts = {k: built.get(k) for k in keys}
+    return evaluate(config, model, built["eval_dataset"], **task_parts, metric_key_prefix=metric_key_prefix)

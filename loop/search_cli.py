@@ -211,21 +211,14 @@ def run_trial(trial, values, space, base, metric):
 
 
 def _final_evaluation(config, built) -> dict:
-    from .evaluation import evaluate
+    from .job import evaluate_built
 
     if built.get("eval_dataset") is None or built.get("model") is None:
         raise LoopError(
             "the trial ended without an evaluation to score it and its task gives no validation set (or no model) "
             "to evaluate afterwards; give the task a validation split"
         )
-    keys = (
-        "data_collator",
-        "compute_metrics",
-        "processing_class",
-        "preprocess_logits_for_metrics",
-        "compute_loss_func",
-    )
-    return evaluate(config, built["model"], built["eval_dataset"], **{k: built[k] for k in keys if k in built})
+    return evaluate_built(config, built["model"], built)
 
 
 def _metric(metric):
