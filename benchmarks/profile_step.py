@@ -98,6 +98,33 @@ def report(name, p):
     ):
         n = sum(e.count for e in ka if e.key == key)
         print(f"  {key}: {n / PROF:.2f}/step")
+    events = p.prof.events()
+    # where each host-side sync is called from: its chain of enclosing ops (runtime calls carry no Python stack)
+    chains = {}
+    for e in events:
+        if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync"):
+            up, names = e.cpu_parent, []
+            while up is not None and len(names) < 6:
+                names.append(up.name[:60])
+                up = up.cpu_parent
+            key = e.name + " <- " + (" <- ".join(names) or "(no enclosing op)")
+            chains[key] = chains.get(key, 0) + 1
+    for key, n in sorted(chains.items(), key=lambda kv: -kv[1]):
+        print(f"  x{n / PROF:.1f}/step {key}")
+    # the device's idle time: the profiled span less the union of every kernel, copy and memset on the device
+    busy = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if busy:
+        covered, (lo, hi) = 0.0, busy[0]
+        for a, b in busy[1:]:
+            if a > hi:
+                covered, lo, hi = covered + hi - lo, a, b
+            else:
+                hi = max(hi, b)
+        covered += hi - lo
+        span = busy[-1][1] - busy[0][0]
+        print(f"  device busy {covered / PROF / 1000:.2f} ms/step, idle {(span - covered) / PROF / 1000:.2f} ms/step")
     for e in p.prof.key_averages(group_by_stack_n=12):  # where the host waits for the device
         if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize") and e.count >= PROF // 2:
             frames = [f for f in e.stack if "torch/" not in f or "_tensor.py" in f][:6]

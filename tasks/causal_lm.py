@@ -264,6 +264,12 @@ def build(task: Task, config) -> dict:
         return group_texts([encode(t) for t in batch[task.text_column] if t], block)
 
     fn = tokenize_group if task.group_texts else tokenize_pack if task.packing else tokenize_one
+    # the columns' types given, as datasets would infer them (input_ids narrowed to int32, its rule for that column):
+    # inferring them walks every token in Python, most of the default job's start-up
+    columns = ("input_ids", "position_ids", "labels") if fn is tokenize_pack else ("input_ids", "labels")
+    features = datasets.Features(
+        {c: datasets.Sequence(datasets.Value("int32" if c == "input_ids" else "int64")) for c in columns}
+    )
     out = {}
     with main_process_first(config):  # the other ranks read the main process's cache (file-backed data)
         for split, ds in raw.items():
@@ -272,6 +278,7 @@ def build(task: Task, config) -> dict:
                 batched=True,
                 num_proc=task.preprocessing_num_workers,
                 remove_columns=ds.column_names,
+                features=features,
                 desc=f"tokenizing {split}",
             )
     train = subsample(out["train"], task.max_train_samples)

@@ -83,6 +83,53 @@ def test_fast_engages_every_cuda_lever_on_packed_gpt2_and_hands_the_model_back(t
         assert model(input_ids=ids).logits.shape == (2, 16, 1000)
 
 
+def test_fast_steps_between_logs_make_no_host_device_sync(tmp_path):
+    """Under fast (the training set on the device, the recorded step) the steps between two logs make no call that
+    waits for the GPU (the loop's rule: syncs only at log boundaries): the profiler sees no cudaStreamSynchronize over
+    10 steps, and no cudaDeviceSynchronize but its own as it stops."""
+
+    class Profile(loop.Callback):
+        def __init__(self):
+            self.prof = None
+
+        def on_step_end(self, run):
+            step = run.state.global_step
+            if step == 15:
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
+                self.prof.__enter__()
+            elif step == 25:
+                self.prof.__exit__(None, None, None)
+
+    probe = Profile()
+    model = gpt2_small()
+    result = loop.train(
+        TrainConfig(
+            output_dir=str(tmp_path / "fast"),
+            max_steps=30,
+            per_device_train_batch_size=8,
+            logging_steps=30,
+            save_strategy="no",
+            bf16=True,
+            disable_tqdm=True,
+            report_to="none",
+            telemetry=False,
+            fast=True,
+        ),
+        model,
+        train_dataset=packed(400),
+        callbacks=[probe],
+    )
+    assert result.fast.dataset_on_device.on and result.fast.cuda_graph_step.on
+    names = [e.name for e in probe.prof.events()]
+    assert names.count("cudaGraphLaunch") >= 10  # the recorded step ran in the profiled window
+    # one cudaDeviceSynchronize is the profiler's own, as it stops
+    assert names.count("cudaStreamSynchronize") == 0 and names.count("cudaDeviceSynchronize") <= 1, [
+        n for n in names if "Synchronize" in n
+    ]
+
+
 def test_fast_path_stays_with_the_default_path_on_packed_gpt2(tmp_path):
     """Without dropout the fast path (fused loss, varlen attention, the recorded compiled step) follows the default
     path's loss curve within bf16 rounding."""
