@@ -50,7 +50,7 @@ def packed(n_docs, block=128, vocab=1000, seed=0):
     return [data[i] for i in range(len(data))]
 
 
-def _train(tmp_path, name, model, data, **fields):
+def _train(tmp_path, name, model, data, callbacks=None, **fields):
     cfg = dict(
         output_dir=str(tmp_path / name),
         max_steps=12,
@@ -63,7 +63,7 @@ def _train(tmp_path, name, model, data, **fields):
         report_to="none",
         telemetry=False,
     )
-    return loop.train(TrainConfig(**{**cfg, **fields}), model, train_dataset=data)
+    return loop.train(TrainConfig(**{**cfg, **fields}), model, train_dataset=data, callbacks=callbacks)
 
 
 def test_fast_engages_every_cuda_lever_on_packed_gpt2_and_hands_the_model_back(tmp_path):
@@ -103,24 +103,8 @@ def test_fast_steps_between_logs_make_no_host_device_sync(tmp_path):
                 self.prof.__exit__(None, None, None)
 
     probe = Profile()
-    model = gpt2_small()
-    result = loop.train(
-        TrainConfig(
-            output_dir=str(tmp_path / "fast"),
-            max_steps=30,
-            per_device_train_batch_size=8,
-            logging_steps=30,
-            save_strategy="no",
-            bf16=True,
-            disable_tqdm=True,
-            report_to="none",
-            telemetry=False,
-            fast=True,
-        ),
-        model,
-        train_dataset=packed(400),
-        callbacks=[probe],
-    )
+    fields = dict(max_steps=30, logging_steps=30, fast=True)  # one log, after the profiled steps
+    result = _train(tmp_path, "fast", gpt2_small(), packed(400), callbacks=[probe], **fields)
     assert result.fast.dataset_on_device.on and result.fast.cuda_graph_step.on
     names = [e.name for e in probe.prof.events()]
     assert names.count("cudaGraphLaunch") >= 10  # the recorded step ran in the profiled window
