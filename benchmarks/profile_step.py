@@ -125,10 +125,6 @@ def report(name, p):
         covered += hi - lo
         span = busy[-1][1] - busy[0][0]
         print(f"  device busy {covered / PROF / 1000:.2f} ms/step, idle {(span - covered) / PROF / 1000:.2f} ms/step")
-    for e in p.prof.key_averages(group_by_stack_n=12):  # where the host waits for the device
-        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize") and e.count >= PROF // 2:
-            frames = [f for f in e.stack if "torch/" not in f or "_tensor.py" in f][:6]
-            print(f"  sync x{e.count / PROF:.1f}/step from: " + " <- ".join(frames))
     cpu = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:10]
     print(
         "  host (CPU) time per step by op: "
